@@ -1,0 +1,94 @@
+"""Shared fixtures: the local test host (sshd + user tmremote) and sample client data.
+
+`testhost` (session scope) starts tools/testhost.py's sshd once per test session.
+Under CI (CI=true) a machine that cannot run it (not root, no /dev/fuse, no sshd)
+is a test failure; elsewhere those tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+TOOLS_DIR = REPO_DIR / "tools"
+STANDINS_DIR = TOOLS_DIR / "standins"
+if str(TOOLS_DIR) not in sys.path:
+    sys.path.insert(0, str(TOOLS_DIR))
+
+import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable(reason: str):
+    """Fail under CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"test host unavailable under CI: {reason}", pytrace=False)
+    pytest.skip(f"test host unavailable: {reason}")
+
+
+def _testhost_blocker() -> str | None:
+    if os.geteuid() != 0:
+        return "tests with the test host must run as root"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing (no FUSE in this kernel/container)"
+    if not os.path.exists(testhost_mod.SSHD):
+        return f"{testhost_mod.SSHD} is missing (apt-get install openssh-server)"
+    if not shutil.which("ssh"):
+        return "ssh client is missing (apt-get install openssh-client)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def testhost():
+    """A running test host: sshd on 127.0.0.1 for user tmremote (see tools/testhost.py)."""
+    reason = _testhost_blocker()
+    if reason:
+        _unavailable(reason)
+    try:
+        host = testhost_mod.start_testhost(log=lambda msg: print(msg, file=sys.stderr))
+    except testhost_mod.TestHostError as exc:
+        _unavailable(str(exc))
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture(scope="session")
+def samples_dir(tmp_path_factory) -> Path:
+    """Sample inputs from tools/make_samples.py, made once per session (do not modify)."""
+    from make_samples import make_samples
+
+    directory = tmp_path_factory.mktemp("samples")
+    make_samples(directory)
+    return directory
+
+
+def _other_users_can_reach(path: Path) -> bool:
+    """True if a user other than path's owner could traverse to path and read it."""
+    for p in [path, *path.parents]:
+        st = p.stat()
+        if st.st_uid == 0 and not (st.st_mode & stat.S_IXOTH) and p != Path("/"):
+            return False
+    return True
+
+
+@pytest.fixture
+def client_root(tmp_path, samples_dir) -> Path:
+    """A fresh local directory holding the samples that tmremote cannot read directly.
+
+    (It is below pytest's /tmp/pytest-of-root, which is 0700; the directory itself is
+    made 0700 too, so this holds wherever tmp_path lives.)
+    """
+    root = tmp_path / "client"
+    shutil.copytree(samples_dir, root)
+    os.chmod(root, 0o700)
+    assert not _other_users_can_reach(root), f"{root} is reachable by other users"
+    return root

@@ -1,0 +1,1 @@
+"""The remote side: mounts the client's root with FUSE and runs the command there."""

@@ -1,0 +1,61 @@
+"""Entry point on the remote host: ``python -m topyaz_mount.agent``.
+
+The ssh channel is this process's stdin and stdout. stdout is moved out of reach
+first (fd 1 then points at stderr), so a stray print can never corrupt the framing;
+everything human-readable goes to stderr, which the client logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from .. import proto
+from .session import AgentSession
+
+
+def default_base_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("topyaz-mount"))
+
+
+async def _serve(base_dir: Path, channel_in: int, channel_out: int) -> None:
+    stream = trio.StapledStream(
+        trio.lowlevel.FdStream(channel_out), trio.lowlevel.FdStream(channel_in)
+    )
+    await stream.send_all(proto.MAGIC)
+    await AgentSession(base_dir).serve(stream)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m topyaz_mount.agent")
+    parser.add_argument("--base-dir", type=Path, default=None)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="agent[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    channel_in = os.dup(0)
+    channel_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    base_dir = args.base_dir or default_base_dir()
+    try:
+        trio.run(_serve, base_dir, channel_in, channel_out)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""pyfuse3 adapter: kernel requests in, read cache / spool / client calls out.
+
+This module only translates. Inode bookkeeping lives in ``Inodes``; file contents come
+from ``ReadCache`` (client files) or ``Spool`` (what the job wrote); everything else is
+one call to the client. Every handler turns every failure into an errno, because one
+exception escaping a handler ends ``pyfuse3.main`` and with it the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .. import proto
+from .link import ClientLink
+from .readcache import CachedFile, ReadCache
+from .spool import Spool, SpoolFile
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+def _errno_of(e: BaseException) -> int:
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    return errno.EIO
+
+
+def handler(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure becomes a FUSEError; nothing else may leave a handler."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(_errno_of(e)) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class Node:
+    ino: int
+    path: bytes | None
+    lookups: int = 0
+
+
+class Inodes:
+    """Inode numbers for root-relative paths; entries live while the kernel knows them."""
+
+    def __init__(self) -> None:
+        self._by_ino: dict[int, Node] = {ROOT: Node(ROOT, b"", 1)}
+        self._by_path: dict[bytes, int] = {b"": ROOT}
+        self._next = ROOT + 1
+
+    def path(self, ino: int) -> bytes:
+        node = self._by_ino.get(ino)
+        if node is None or node.path is None:
+            raise OSError(errno.ENOENT, "stale inode")
+        return node.path
+
+    def ino(self, path: bytes) -> int:
+        ino = self._by_path.get(path)
+        if ino is None:
+            ino = self._next
+            self._next += 1
+            self._by_ino[ino] = Node(ino, path)
+            self._by_path[path] = ino
+        return ino
+
+    def looked_up(self, ino: int) -> None:
+        self._by_ino[ino].lookups += 1
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self._by_ino.get(ino)
+        if node is None or ino == ROOT:
+            return
+        node.lookups -= n
+        if node.lookups <= 0:
+            del self._by_ino[ino]
+            if node.path is not None and self._by_path.get(node.path) == ino:
+                del self._by_path[node.path]
+
+    def drop(self, path: bytes) -> None:
+        ino = self._by_path.pop(path, None)
+        if ino is not None and ino in self._by_ino:
+            self._by_ino[ino].path = None
+
+    def move(self, old: bytes, new: bytes) -> None:
+        self.drop(new)
+        prefix = old + b"/"
+        for path in [p for p in self._by_path if p == old or p.startswith(prefix)]:
+            ino = self._by_path.pop(path)
+            moved = new + path[len(old) :]
+            self._by_ino[ino].path = moved
+            self._by_path[moved] = ino
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+@dataclass
+class Handle:
+    cached: CachedFile | None = None
+    spool: SpoolFile | None = None
+    writable: bool = False
+
+
+@dataclass
+class DirHandle:
+    path: bytes
+    entries: list[tuple[bytes, proto.Attr]] | None = None
+
+
+@dataclass
+class FsStats:
+    """Counters for the job's exit report and the benchmarks."""
+
+    opens: int = 0
+    reads: int = 0
+    writes: int = 0
+    open_writers: int = 0
+    writers_gone: trio.Event = field(default_factory=trio.Event)
+
+
+class MountOps(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(
+        self, link: ClientLink, cache: ReadCache, spool: Spool, *, timeout: float = 5.0
+    ) -> None:
+        super().__init__()
+        self.link = link
+        self.cache = cache
+        self.spool = spool
+        self.timeout = timeout
+        self.inodes = Inodes()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
+        self.stats = FsStats()
+        self.stats.writers_gone.set()
+
+    # --- helpers --------------------------------------------------------------------
+
+    def entry(self, ino: int, attr: proto.Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = attr.mode
+        e.st_nlink = 2 if stat.S_ISDIR(attr.mode) else 1
+        e.st_uid = self.uid
+        e.st_gid = self.gid
+        e.st_rdev = 0
+        e.st_size = attr.size
+        e.st_blksize = 1 << 17
+        e.st_blocks = (attr.size + 511) // 512
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    async def attr_of(self, path: bytes) -> proto.Attr:
+        sf = self.spool.get(path)
+        if sf is not None:
+            return sf.attr()
+        res = await self.link.call(proto.Stat(path), proto.PRIO_URGENT)
+        return res.attr
+
+    def _add_handle(self, h: Handle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = h
+        return fh
+
+    def _file(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if not isinstance(h, Handle):
+            raise OSError(errno.EBADF, "bad file handle")
+        return h
+
+    def _writer_opened(self, sf: SpoolFile) -> None:
+        sf.writers += 1
+        self.stats.open_writers += 1
+        self.stats.writers_gone = trio.Event()
+
+    def _writer_closed(self, sf: SpoolFile) -> None:
+        self.stats.open_writers -= 1
+        if self.stats.open_writers <= 0:
+            self.stats.writers_gone.set()
+        self.spool.writer_closed(sf)
+
+    async def _adopt(self, path: bytes, truncate: bool) -> SpoolFile:
+        """Bring a client file into the spool so it can be modified."""
+        attr = (await self.link.call(proto.Stat(path), proto.PRIO_URGENT)).attr
+        if not stat.S_ISREG(attr.mode):
+            raise OSError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EACCES, "")
+        if truncate:
+            return self.spool.adopt(path, attr, None)
+        cached = await self.cache.open(path, attr)
+        try:
+            await cached.wait_complete()
+            return self.spool.adopt(path, cached.attr, cached.fd)
+        finally:
+            self.cache.release(cached)
+
+    # --- metadata -------------------------------------------------------------------
+
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
+        parent = self.inodes.path(parent_inode)
+        if name == b".":
+            path = parent
+        elif name == b"..":
+            path = parent.rpartition(b"/")[0]
+        else:
+            path = join(parent, name)
+        attr = await self.attr_of(path)
+        ino = self.inodes.ino(path)
+        self.inodes.looked_up(ino)
+        return self.entry(ino, attr)
+
+    @handler
+    async def getattr(self, inode: int, ctx: Any) -> Any:
+        return self.entry(inode, await self.attr_of(self.inodes.path(inode)))
+
+    @handler
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        path = self.inodes.path(inode)
+        sf = self.spool.get(path)
+        if fields.update_size:
+            if sf is None:
+                sf = await self._adopt(path, truncate=attr.st_size == 0)
+            async with sf.lock:
+                os.ftruncate(sf.fd, attr.st_size)
+                sf.dirty = True
+            if sf.writers == 0:
+                self.spool.schedule(sf)
+        mode = attr.st_mode & 0o7777 if fields.update_mode else None
+        atime = attr.st_atime_ns if fields.update_atime else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        if mode is not None or atime is not None or mtime is not None:
+            if sf is None:
+                req = proto.SetAttr(path, mode, atime, mtime)
+                res = await self.link.call(req, proto.PRIO_URGENT)
+                return self.entry(inode, res.attr)
+            async with sf.lock:
+                if mode is not None:
+                    sf.mode = mode
+                if mtime is not None:
+                    sf.mtime_ns = mtime
+                if not sf.dirty and sf.committed_path is not None:
+                    req = proto.SetAttr(sf.committed_path, mode, atime, mtime)
+                    await self.link.call(req, proto.PRIO_URGENT)
+        return self.entry(inode, await self.attr_of(path))
+
+    @handler
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        res = await self.link.call(proto.ReadLink(self.inodes.path(inode)), proto.PRIO_URGENT)
+        return res.target
+
+    @handler
+    async def statfs(self, ctx: Any) -> Any:
+        s = await self.link.call(proto.StatFs(), proto.PRIO_URGENT)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.block_size
+        out.f_frsize = s.block_size
+        out.f_blocks = s.blocks
+        out.f_bfree = s.blocks_free
+        out.f_bavail = s.blocks_avail
+        out.f_files = s.files
+        out.f_ffree = s.files_free
+        out.f_favail = s.files_free
+        out.f_namemax = s.name_max
+        return out
+
+    async def forget(self, inode_list: Any) -> None:
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    # --- directories ----------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        return self._add_handle(DirHandle(self.inodes.path(inode)))
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        h = self._handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise OSError(errno.EBADF, "bad directory handle")
+        if h.entries is None or start_id == 0:
+            listing = await self.link.call(proto.ListDir(h.path), proto.PRIO_URGENT)
+            merged = {e.name: e.attr for e in listing.entries}
+            for name, sf in self.spool.children(h.path).items():
+                merged[name] = sf.attr()
+            h.entries = sorted(merged.items())
+        for i in range(start_id, len(h.entries)):
+            name, attr = h.entries[i]
+            ino = self.inodes.ino(join(h.path, name))
+            if not pyfuse3.readdir_reply(token, name, self.entry(ino, attr), i + 1):
+                return
+            self.inodes.looked_up(ino)
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        path = join(self.inodes.path(parent_inode), name)
+        res = await self.link.call(proto.Mkdir(path, mode), proto.PRIO_URGENT)
+        ino = self.inodes.ino(path)
+        self.inodes.looked_up(ino)
+        return self.entry(ino, res.attr)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path = join(self.inodes.path(parent_inode), name)
+        await self.link.call(proto.Rmdir(path), proto.PRIO_URGENT)
+        self.inodes.drop(path)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        path = join(self.inodes.path(parent_inode), name)
+        res = await self.link.call(proto.Symlink(path, target), proto.PRIO_URGENT)
+        ino = self.inodes.ino(path)
+        self.inodes.looked_up(ino)
+        return self.entry(ino, res.attr)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path = join(self.inodes.path(parent_inode), name)
+        sf = self.spool.get(path)
+        if sf is None:
+            await self.link.call(proto.Unlink(path), proto.PRIO_URGENT)
+        else:
+            async with sf.lock:
+                if sf.committed_path is not None:
+                    try:
+                        await self.link.call(proto.Unlink(sf.committed_path), proto.PRIO_URGENT)
+                    except FileNotFoundError:
+                        pass
+                self.spool.forget(sf)
+        self.cache.drop_path(path)
+        self.inodes.drop(path)
+
+    @handler
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "only RENAME_NOREPLACE is supported")
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        old = join(self.inodes.path(parent_inode_old), name_old)
+        new = join(self.inodes.path(parent_inode_new), name_new)
+        src = self.spool.get(old)
+        dst = self.spool.get(new)
+        if noreplace and dst is not None:
+            raise OSError(errno.EEXIST, "destination exists")
+        if src is None:
+            await self.link.call(proto.Rename(old, new, noreplace), proto.PRIO_URGENT)
+            if dst is not None:
+                self.spool.forget(dst)  # the client's rename replaced its committed copy
+            self.spool.move(old, new)
+        else:
+            async with src.lock:
+                if src.committed_path is not None:
+                    req = proto.Rename(src.committed_path, new, noreplace)
+                    await self.link.call(req, proto.PRIO_URGENT)
+                    src.committed_path = new
+                if dst is not None and dst is not src:
+                    self.spool.forget(dst)
+                self.spool.move(old, new)
+                src.check = False  # the job chose to replace whatever is at ``new``
+        self.cache.drop_path(old)
+        self.cache.drop_path(new)
+        self.inodes.move(old, new)
+
+    # --- files ----------------------------------------------------------------------
+
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        path = join(self.inodes.path(parent_inode), name)
+        sf = self.spool.create(path, mode)
+        self._writer_opened(sf)
+        ino = self.inodes.ino(path)
+        self.inodes.looked_up(ino)
+        fh = self._add_handle(Handle(spool=sf, writable=True))
+        self.stats.opens += 1
+        return pyfuse3.FileInfo(fh=fh), self.entry(ino, sf.attr())
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        path = self.inodes.path(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        self.stats.opens += 1
+        sf = self.spool.get(path)
+        if writable:
+            if sf is None:
+                sf = await self._adopt(path, truncate=bool(flags & os.O_TRUNC))
+            async with sf.lock:  # wait out a commit in flight
+                if flags & os.O_TRUNC:
+                    os.ftruncate(sf.fd, 0)
+                    sf.dirty = True
+                self._writer_opened(sf)
+            return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf, writable=True)))
+        if sf is not None:
+            return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf)))
+        cached = await self.cache.open(path, None)
+        fh = self._add_handle(Handle(cached=cached))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._file(fh)
+        self.stats.reads += 1
+        if h.spool is not None:
+            return os.pread(h.spool.fd, size, off)
+        assert h.cached is not None
+        return await h.cached.read(off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._file(fh)
+        if not h.writable or h.spool is None:
+            raise OSError(errno.EBADF, "not open for writing")
+        self.stats.writes += 1
+        n = os.pwrite(h.spool.fd, buf, off)
+        h.spool.dirty = True
+        return n
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._file(fh)
+        if h.spool is not None:
+            os.fsync(h.spool.fd)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if not isinstance(h, Handle):
+            return
+        if h.cached is not None:
+            self.cache.release(h.cached)
+        elif h.spool is not None and h.writable:
+            self._writer_closed(h.spool)

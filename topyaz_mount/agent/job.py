@@ -1,0 +1,133 @@
+"""The user's command on the remote host: argv (no shell), own process group.
+
+stdout and stderr travel to the client as ``Output`` notices as they arrive. Signals
+from the client go to the whole process group, so a tool's helper processes stop too.
+When the main process ends, stragglers left in its group get SIGTERM, then SIGKILL,
+because an output is only complete once every process that could write it is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger(__name__)
+
+STRAGGLER_GRACE = 3.0
+
+OutputSink = Callable[[int, bytes], Awaitable[None]]
+
+
+def exit_code(returncode: int) -> int:
+    """A shell-style status: 128+N for death by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Job:
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], stdin: bool) -> None:
+        if not argv:
+            raise OSError(errno.EINVAL, "empty command")
+        self.argv = argv
+        self.cwd = cwd
+        self.env = {**os.environ, **env}
+        self.want_stdin = stdin
+        self.process: trio.Process | None = None
+
+    async def start(self) -> int:
+        # The child must not chdir into (or exec from) the mount while this process is
+        # stuck in fork: on Python >= 3.10 subprocess may vfork, which suspends the
+        # forking thread with the GIL held, so nobody could answer the kernel's FUSE
+        # request and both processes would hang. `env -C DIR` does the chdir and the
+        # PATH lookup in a process of its own, after our fork has returned.
+        argv = ["env", "-C", self.cwd, "--", *self.argv]
+        self.process = await trio.lowlevel.open_process(
+            argv,
+            env=self.env,
+            stdin=subprocess.PIPE if self.want_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        return self.process.pid
+
+    async def run(self, sink: OutputSink) -> int:
+        """Forward output until the process ends; returns its shell-style status."""
+        proc = self.process
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, proc.stdout, 1, sink)
+            nursery.start_soon(self._pump, proc.stderr, 2, sink)
+            await proc.wait()
+            await self._end_stragglers(proc.pid)
+        return exit_code(proc.returncode)
+
+    @staticmethod
+    async def _pump(stream: trio.abc.ReceiveStream, fd: int, sink: OutputSink) -> None:
+        async with stream:
+            while True:
+                data = await stream.receive_some(1 << 16)
+                if not data:
+                    return
+                await sink(fd, data)
+
+    async def _end_stragglers(self, pgid: int) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not _group_alive(pgid):
+                return
+            log.info("stopping processes left in the job's group with %s", sig.name)
+            _killpg(pgid, sig)
+            with trio.move_on_after(STRAGGLER_GRACE):
+                while _group_alive(pgid):
+                    await trio.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.returncode is None:
+            _killpg(self.process.pid, signum)
+
+    async def write_stdin(self, data: bytes) -> None:
+        if self.process is not None and self.process.stdin is not None:
+            try:
+                await self.process.stdin.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def close_stdin(self) -> None:
+        if self.process is not None and self.process.stdin is not None:
+            await self.process.stdin.aclose()
+
+    async def kill(self) -> None:
+        """Stop everything at once (connection lost, session ending)."""
+        if self.process is None:
+            return
+        pid = self.process.pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.process.returncode is not None and not _group_alive(pid):
+                return
+            _killpg(pid, sig)
+            with trio.move_on_after(STRAGGLER_GRACE):
+                await self.process.wait()
+                while _group_alive(pid):
+                    await trio.sleep(0.05)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,50 @@
+"""The agent's calls to the client, with deadlines, as plain OSErrors.
+
+A FUSE handler must never wait on the network forever (a reader in the kernel may be
+uninterruptible), so every call has a deadline, and a lost connection is an EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import trio
+
+from .. import proto
+from ..rpc import ConnectionLost, Peer
+
+DEFAULT_DEADLINE = 120.0
+
+
+class ClientLink:
+    def __init__(self, peer: Peer, deadline: float = DEFAULT_DEADLINE) -> None:
+        self.peer = peer
+        self.deadline = deadline
+
+    async def call(self, req: Any, prio: int = proto.PRIO_NORMAL) -> Any:
+        try:
+            with trio.fail_after(self.deadline):
+                return await self.peer.call(req, prio)
+        except ConnectionLost as e:
+            raise OSError(errno.EIO, f"connection to the client lost: {e}") from None
+        except trio.TooSlowError:
+            raise OSError(errno.EIO, f"the client did not answer {type(req).__name__}") from None
+
+    async def notify(self, msg: Any, prio: int = proto.PRIO_NORMAL) -> None:
+        try:
+            await self.peer.notify(msg, prio)
+        except ConnectionLost as e:
+            raise OSError(errno.EIO, f"connection to the client lost: {e}") from None
+
+    # The read cache's view of the client (see readcache.ChunkSource).
+    async def open_read(self, path: bytes) -> tuple[int, proto.Attr]:
+        res = await self.call(proto.OpenRead(path), proto.PRIO_URGENT)
+        return res.handle, res.attr
+
+    async def read_chunk(self, handle: int, offset: int, length: int, prio: int) -> bytes:
+        res = await self.call(proto.ReadChunk(handle, offset, length), prio)
+        return res.data
+
+    async def close_read(self, handle: int) -> None:
+        await self.call(proto.CloseRead(handle))

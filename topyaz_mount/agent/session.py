@@ -1,0 +1,322 @@
+"""One agent session: session dir, mount, job, and a teardown that always runs.
+
+Order of life: ``Hello`` checks FUSE, clears dead sessions, makes the session dir
+(0700) and mounts; ``Run`` starts the job; when the job ends, every output is committed
+before ``Exited`` goes out; ``Bye`` (or a lost connection) unmounts and removes the
+session dir. The teardown is idempotent and runs on every path out, shielded from
+cancellation, so no mount or session dir is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import proto
+from ..rpc import Peer
+from .job import Job
+from .link import ClientLink
+from .readcache import ReadCache
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CAPABILITIES = ["exec"]
+
+
+def fuse_problem() -> str | None:
+    """Why this host cannot mount a FUSE filesystem as this user, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist (load the fuse module or allow the device)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return (
+            f"/dev/fuse is not readable and writable by user {_user()} "
+            f"(fix with: chmod 0666 /dev/fuse)"
+        )
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (install the fuse3 package)"
+    return None
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.getuid())
+
+
+def mounted_fuse_points() -> set[str]:
+    points = set()
+    with open("/proc/mounts", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2].startswith(b"fuse"):
+                points.add(fields[1].decode("unicode_escape"))
+    return points
+
+
+def unmount(path: Path) -> None:
+    if str(path) in mounted_fuse_points():
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+
+
+def collect_dead_sessions(sessions_dir: Path) -> list[str]:
+    """Remove session dirs whose agent is gone (its lock is free); returns their ids."""
+    removed = []
+    if not sessions_dir.is_dir():
+        return removed
+    for entry in sessions_dir.iterdir():
+        lock_path = entry / "agent.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # being created right now, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            unmount(entry / "root")
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
+class Mount:
+    """The pyfuse3 main loop as a task, with an unmount that is safe to repeat."""
+
+    def __init__(self, ops: Any, mountpoint: Path) -> None:
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self.mounted = False
+        self.loop_done = trio.Event()
+
+    def mount(self) -> None:
+        import pyfuse3
+
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=topyaz-mount", "subtype=topyaz-mount", "auto_unmount"}
+        try:
+            pyfuse3.init(self.ops, str(self.mountpoint), options)
+        except RuntimeError as e:
+            raise OSError(errno.EIO, f"mounting {self.mountpoint} failed: {e}") from None
+        self.mounted = True
+
+    async def serve(self) -> None:
+        import pyfuse3
+
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=128)
+        finally:
+            self.loop_done.set()
+
+    async def unmount(self) -> None:
+        import pyfuse3
+
+        if not self.mounted:
+            return
+        self.mounted = False
+        pyfuse3.terminate()
+        with trio.move_on_after(10):
+            await self.loop_done.wait()
+        pyfuse3.close(unmount=True)
+
+
+class AgentSession:
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.sessions_dir = base_dir / "sessions"
+        self.dir: Path | None = None
+        self.mountpoint: Path | None = None
+        self.lock_fd = -1
+        self.mount: Mount | None = None
+        self.job: Job | None = None
+        self.cache: ReadCache | None = None
+        self.spool: Spool | None = None
+        self.ops: Any = None
+        self.finished = trio.Event()
+        self.torn_down = False
+        self.connection_lost = False
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                self.peer = Peer(stream, self.on_call, self.on_notice)
+                self.link = ClientLink(self.peer)
+                nursery.start_soon(self._run_peer)
+                await self.finished.wait()
+                with trio.CancelScope(shield=True):
+                    await self.teardown()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.teardown()
+
+    async def _run_peer(self) -> None:
+        try:
+            await self.peer.run()
+        finally:
+            if not self.torn_down:
+                self.connection_lost = True
+                log.warning("connection to the client ended")
+            self.finished.set()
+
+    # --- calls from the client ------------------------------------------------------
+
+    async def on_call(self, req: Any) -> Any:
+        if isinstance(req, proto.Hello):
+            return await self._hello(req)
+        if isinstance(req, proto.Run):
+            return await self._run(req)
+        if isinstance(req, proto.Bye):
+            await self.teardown()
+            return proto.Done()
+        raise OSError(errno.ENOSYS, f"the agent does not serve {type(req).__name__}")
+
+    async def on_notice(self, msg: Any) -> None:
+        job = self.job
+        if job is None:
+            return
+        if isinstance(msg, proto.Signal):
+            job.signal(msg.signum)
+        elif isinstance(msg, proto.StdinData):
+            await job.write_stdin(msg.data)
+        elif isinstance(msg, proto.StdinClose):
+            await job.close_stdin()
+
+    async def _hello(self, req: proto.Hello) -> proto.Welcome:
+        if req.version != proto.PROTOCOL_VERSION:
+            raise OSError(
+                errno.EPROTO,
+                f"protocol mismatch: client speaks {req.version}, "
+                f"agent speaks {proto.PROTOCOL_VERSION}; install the same topyaz-mount on both",
+            )
+        if self.dir is not None:
+            raise OSError(errno.EALREADY, "session already set up")
+        if not _SESSION_ID.match(req.session_id):
+            raise OSError(errno.EINVAL, "bad session id")
+        problem = fuse_problem()
+        if problem:
+            raise OSError(errno.ENODEV, f"FUSE is not usable on this host: {problem}")
+        for sid in collect_dead_sessions(self.sessions_dir):
+            log.info("removed dead session %s", sid)
+        self._make_session_dir(req.session_id)
+        assert self.dir is not None and self.mountpoint is not None
+        self._build_filesystem()
+        self.mount = Mount(self.ops, self.mountpoint)
+        self.mount.mount()
+        self.nursery.start_soon(self.mount.serve)
+        return proto.Welcome(
+            proto.PROTOCOL_VERSION, req.session_id, str(self.mountpoint), os.getpid(), CAPABILITIES
+        )
+
+    def _make_session_dir(self, session_id: str) -> None:
+        self.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.sessions_dir / session_id
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise OSError(errno.EEXIST, f"session {session_id} exists already") from None
+        self.dir = path
+        self.lock_fd = os.open(path / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        os.write(self.lock_fd, f"{os.getpid()}\n".encode())
+        for sub in ("root", "cache", "spool"):
+            (path / sub).mkdir(mode=0o700)
+        self.mountpoint = path / "root"
+
+    def _build_filesystem(self) -> None:
+        from .fs import MountOps
+
+        assert self.dir is not None
+        free = shutil.disk_usage(self.dir).free
+        self.cache = ReadCache(
+            self.dir / "cache", self.link, self.nursery, keep_bytes=min(4 << 30, free // 4)
+        )
+        kept = self.base_dir / "kept" / self.dir.name
+        self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
+        self.ops = MountOps(self.link, self.cache, self.spool)
+
+    async def _run(self, req: proto.Run) -> proto.Started:
+        if self.mount is None or not self.mount.mounted:
+            raise OSError(errno.ENOTCONN, "no mount: send Hello first")
+        if self.job is not None:
+            raise OSError(errno.EBUSY, "this session runs one command")
+        job = Job(req.argv, req.cwd, dict(req.env), req.stdin)
+        pid = await job.start()
+        self.job = job
+        self.nursery.start_soon(self._watch_job, job)
+        return proto.Started(pid)
+
+    async def _watch_job(self, job: Job) -> None:
+        async def sink(fd: int, data: bytes) -> None:
+            await self.link.notify(proto.Output(fd, data))
+
+        try:
+            code = await job.run(sink)
+            await self._settle_outputs()
+            assert self.spool is not None
+            for note in self.spool.notes:
+                await self.link.notify(proto.Log("warning", note))
+            await self.link.notify(proto.Exited(code, list(self.spool.lost)))
+        except OSError as e:
+            log.warning("could not report the job's end: %s", e)
+
+    async def _settle_outputs(self) -> None:
+        """Wait for the kernel to release the job's files, then for every commit."""
+        assert self.ops is not None and self.spool is not None
+        with trio.move_on_after(10):
+            await self.ops.stats.writers_gone.wait()
+        for sf in self.spool.dirty_files():
+            if sf.writers:
+                log.warning("committing %r although it is still open", sf.path)
+            self.spool.schedule(sf)
+        await self.spool.wait_idle()
+
+    # --- the end --------------------------------------------------------------------
+
+    async def teardown(self) -> None:
+        if self.torn_down:
+            return
+        self.torn_down = True
+        if self.job is not None:
+            await self.job.kill()
+        if self.spool is not None:
+            if self.connection_lost:
+                await self.spool.keep_uncommitted("connection to the client lost")
+            else:
+                with trio.move_on_after(60):
+                    await self.spool.wait_idle()
+                await self.spool.keep_uncommitted("session ended before it was committed")
+        if self.mount is not None:
+            await self.mount.unmount()
+        if self.cache is not None:
+            self.cache.close()
+        if self.spool is not None:
+            self.spool.close()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1

@@ -1,0 +1,239 @@
+"""Write-back buffer: what the job writes lands on the remote disk, then streams home.
+
+A ``SpoolFile`` is the agent's authoritative copy of one output. Writes go to a local
+file; when the last writer closes it, a commit streams it to the client (chunks as
+notifications, then one ``CommitEnd`` carrying size and blake3 for the client to
+verify). The job's exit is reported only after ``wait_idle``; an output that cannot be
+committed is kept on the remote under ``kept/`` and named in the exit report, never
+dropped.
+
+A spool file's lock is held for the whole of a commit; whoever wants to change the
+file (open for writing, truncate, rename, unlink) takes it first, so a commit always
+sends one consistent version.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import blake3
+import trio
+
+from .. import proto
+from .link import ClientLink
+
+log = logging.getLogger(__name__)
+
+
+class SpoolFile:
+    def __init__(self, path: bytes, fd: int, mode: int, expect: proto.Attr | None) -> None:
+        self.path: bytes | None = path  # None once unlinked
+        self.fd = fd
+        self.mode = mode & 0o7777
+        self.expect = expect  # the client's file as we last knew it (None: absent)
+        self.check = True  # refuse to overwrite a destination that changed meanwhile
+        self.writers = 0
+        self.dirty = False
+        self.mtime_ns: int | None = None  # set explicitly by the job (utime)
+        self.committed_path: bytes | None = None
+        self.lock = trio.Lock()
+
+    def attr(self) -> proto.Attr:
+        st = os.fstat(self.fd)
+        mtime = self.mtime_ns if self.mtime_ns is not None else st.st_mtime_ns
+        return proto.Attr(stat.S_IFREG | self.mode, st.st_size, mtime, st.st_ctime_ns, mtime)
+
+
+class Spool:
+    def __init__(
+        self, directory: Path, kept_dir: Path, link: ClientLink, nursery: trio.Nursery
+    ) -> None:
+        self.directory = directory
+        self.kept_dir = kept_dir
+        self.link = link
+        self.nursery = nursery
+        self.files: dict[bytes, SpoolFile] = {}
+        self._ids = itertools.count(1)
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.lost: list[str] = []
+        self.notes: list[str] = []
+        self.bytes_committed = 0
+
+    def get(self, path: bytes) -> SpoolFile | None:
+        return self.files.get(path)
+
+    def children(self, dir_path: bytes) -> dict[bytes, SpoolFile]:
+        prefix = dir_path + b"/" if dir_path else b""
+        return {
+            p[len(prefix) :]: sf
+            for p, sf in self.files.items()
+            if p.startswith(prefix) and b"/" not in p[len(prefix) :]
+        }
+
+    def _new_fd(self) -> int:
+        name = self.directory / str(next(self._ids))
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.unlink(name)  # lives as long as the fd; see keep() for failed commits
+        return fd
+
+    def create(self, path: bytes, mode: int, expect: proto.Attr | None = None) -> SpoolFile:
+        old = self.files.get(path)
+        if old is not None:
+            old.path = None
+        sf = SpoolFile(path, self._new_fd(), mode, expect)
+        sf.dirty = True  # even an empty new file must appear on the client
+        self.files[path] = sf
+        return sf
+
+    def adopt(self, path: bytes, attr: proto.Attr, source_fd: int | None) -> SpoolFile:
+        """Take over a client file to modify it, starting from its full content."""
+        sf = self.create(path, attr.mode, expect=attr)
+        sf.dirty = False
+        if source_fd is not None and attr.size:
+            os.copy_file_range(source_fd, sf.fd, attr.size, 0, 0)
+            copied = os.fstat(sf.fd).st_size
+            if copied != attr.size:  # copy_file_range may stop short; finish by hand
+                _copy_rest(source_fd, sf.fd, copied, attr.size)
+        return sf
+
+    def forget(self, sf: SpoolFile) -> None:
+        if sf.path is not None and self.files.get(sf.path) is sf:
+            del self.files[sf.path]
+        sf.path = None
+
+    def move(self, old: bytes, new: bytes) -> None:
+        """Rename a path or directory prefix in the spool (the client already did)."""
+        prefix = old + b"/"
+        for path in list(self.files):
+            if path == old or path.startswith(prefix):
+                sf = self.files.pop(path)
+                sf.path = new + path[len(old) :]
+                if sf.committed_path is not None and (
+                    sf.committed_path == old or sf.committed_path.startswith(prefix)
+                ):
+                    sf.committed_path = new + sf.committed_path[len(old) :]
+                self.files[sf.path] = sf
+
+    # --- commits --------------------------------------------------------------------
+
+    def writer_closed(self, sf: SpoolFile) -> None:
+        sf.writers -= 1
+        if sf.writers <= 0:
+            sf.writers = 0
+            if sf.dirty:
+                self.schedule(sf)
+
+    def schedule(self, sf: SpoolFile) -> None:
+        self._pending += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self.nursery.start_soon(self._commit_task, sf)
+
+    async def wait_idle(self) -> None:
+        while self._pending:
+            await self._idle.wait()
+
+    def dirty_files(self) -> list[SpoolFile]:
+        return [sf for sf in self.files.values() if sf.dirty]
+
+    async def _commit_task(self, sf: SpoolFile) -> None:
+        try:
+            async with sf.lock:
+                if sf.path is None or not sf.dirty:
+                    return
+                try:
+                    await self._commit(sf)
+                except OSError as e:
+                    self._keep(sf, e)
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+
+    async def _commit(self, sf: SpoolFile) -> None:
+        assert sf.path is not None
+        path = sf.path
+        sf.dirty = False
+        cid = next(self._ids)
+        check = sf.check
+        await self.link.call(proto.CommitBegin(cid, path, sf.mode, sf.expect, check))
+        hasher = blake3.blake3()
+        offset = 0
+        try:
+            while True:
+                data = os.pread(sf.fd, proto.CHUNK_SIZE, offset)
+                if not data:
+                    break
+                hasher.update(data)
+                await self.link.notify(proto.CommitChunk(cid, offset, data), proto.PRIO_BULK)
+                offset += len(data)
+            end = proto.CommitEnd(cid, offset, hasher.digest(), sf.mtime_ns)
+            res = await self.link.call(end, proto.PRIO_BULK)
+        except BaseException:
+            sf.dirty = True
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self.link.call(proto.CommitAbort(cid))
+                except OSError:
+                    pass
+            raise
+        self.bytes_committed += offset
+        if res.path != path:
+            note = (
+                f"{os.fsdecode(path)} changed on the client during the job; "
+                f"the remote output was saved as {os.fsdecode(res.path)}"
+            )
+            self.notes.append(note)
+        sf.committed_path = res.path
+        sf.expect = res.attr
+        sf.check = True
+
+    def _keep(self, sf: SpoolFile, error: OSError) -> None:
+        """A failed commit: keep the bytes on the remote and say where."""
+        assert sf.path is not None
+        dest = self.kept_dir / os.fsdecode(sf.path)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "wb") as out:
+                _copy_rest(sf.fd, out.fileno(), 0, os.fstat(sf.fd).st_size)
+            where = f"kept on the remote host at {dest}"
+        except OSError as e2:
+            where = f"could not be kept either ({e2.strerror})"
+        reason = error.strerror or str(error)
+        self.lost.append(f"{os.fsdecode(sf.path)}: not written on the client ({reason}); {where}")
+        log.error("commit of %r failed: %s", sf.path, error)
+
+    async def keep_uncommitted(self, why: str) -> None:
+        """At an abnormal end: everything not yet committed goes to ``kept/``."""
+        for sf in list(self.files.values()):
+            if sf.dirty and sf.path is not None:
+                self._keep(sf, OSError(errno.EIO, why))
+                sf.dirty = False
+
+    def close(self) -> None:
+        for sf in self.files.values():
+            if sf.fd >= 0:
+                os.close(sf.fd)
+                sf.fd = -1
+        self.files.clear()
+
+
+def _copy_rest(src: int, dst: int, start: int, end: int) -> None:
+    offset = start
+    while offset < end:
+        data = os.pread(src, min(proto.CHUNK_SIZE, end - offset), offset)
+        if not data:
+            break
+        os.pwrite(dst, data, offset)
+        offset += len(data)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

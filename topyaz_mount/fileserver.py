@@ -1,0 +1,294 @@
+"""The client's side of the mount: answers the agent's file requests inside the jail.
+
+Reads hand out chunks of files opened once per transfer. Outputs arrive as a commit:
+the data goes into a hidden temporary file beside the destination, then size and
+blake3 hash are checked, the file is fsynced and renamed into place, and the
+directory is fsynced, so a reader never sees half an output and a crash never leaves
+a damaged one. Temporary files of unfinished commits are removed when the session ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from . import proto
+from .jail import Jail, JailError, split_path
+
+log = logging.getLogger(__name__)
+
+MAX_OPEN_READS = 1024
+MAX_OPEN_COMMITS = 256
+TEMP_MARK = b".tmcommit-"
+
+
+def attr_of(st: os.stat_result) -> proto.Attr:
+    return proto.Attr(st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_atime_ns)
+
+
+@dataclass
+class _Commit:
+    path: bytes
+    temp: bytes  # root-relative
+    fd: int
+    mode: int
+    expect: proto.Attr | None
+    check: bool
+    hasher: blake3.blake3 = field(default_factory=blake3.blake3)
+    written: int = 0
+    error: OSError | None = None
+
+
+@dataclass
+class TransferStats:
+    """Counters kept where the bytes move, for ``--stats`` and the benchmarks."""
+
+    bytes_read: int = 0
+    files_opened: int = 0
+    bytes_committed: int = 0
+    files_committed: int = 0
+
+
+class FileServer:
+    def __init__(self, root: Path) -> None:
+        self.jail = Jail(root)
+        self._reads: dict[int, int] = {}
+        self._commits: dict[int, _Commit] = {}
+        self._next_handle = 1
+        self.stats = TransferStats()
+        self.committed: list[bytes] = []
+
+    def close(self) -> None:
+        """Drop open files and every unfinished commit's temporary file."""
+        for fd in self._reads.values():
+            os.close(fd)
+        self._reads.clear()
+        for cid in list(self._commits):
+            self._abort(cid)
+        self.jail.close()
+
+    # --- dispatch -------------------------------------------------------------------
+
+    async def handle(self, req: object) -> object:
+        method = _HANDLERS.get(type(req))
+        if method is None:
+            raise OSError(errno.ENOSYS, f"the client does not serve {type(req).__name__}")
+        return method(self, req)
+
+    def handle_chunk(self, msg: proto.CommitChunk) -> None:
+        c = self._commits.get(msg.commit)
+        if c is None or c.error is not None:
+            return
+        if msg.offset != c.written:
+            c.error = OSError(errno.EIO, "commit data out of order")
+            return
+        try:
+            _write_all(c.fd, msg.data)
+        except OSError as e:
+            c.error = e
+            return
+        c.hasher.update(msg.data)
+        c.written += len(msg.data)
+
+    # --- requests -------------------------------------------------------------------
+
+    def _stat(self, req: proto.Stat) -> proto.AttrReply:
+        return proto.AttrReply(attr_of(self.jail.lstat(req.path)))
+
+    def _listdir(self, req: proto.ListDir) -> proto.Listing:
+        entries = [
+            proto.DirEntry(name, attr_of(st))
+            for name, st in self.jail.listdir(req.path)
+            if TEMP_MARK not in name
+        ]
+        return proto.Listing(entries)
+
+    def _open_read(self, req: proto.OpenRead) -> proto.Opened:
+        if len(self._reads) >= MAX_OPEN_READS:
+            raise OSError(errno.EMFILE, "too many open files")
+        fd = self.jail.open_read(req.path)
+        handle = self._next_handle
+        self._next_handle += 1
+        self._reads[handle] = fd
+        self.stats.files_opened += 1
+        return proto.Opened(handle, attr_of(os.fstat(fd)))
+
+    def _read_chunk(self, req: proto.ReadChunk) -> proto.Data:
+        fd = self._reads.get(req.handle)
+        if fd is None:
+            raise OSError(errno.EBADF, "unknown read handle")
+        if req.length < 0 or req.length > proto.CHUNK_SIZE * 4 or req.offset < 0:
+            raise OSError(errno.EINVAL, "bad read range")
+        data = os.pread(fd, req.length, req.offset)
+        self.stats.bytes_read += len(data)
+        return proto.Data(data)
+
+    def _close_read(self, req: proto.CloseRead) -> proto.Done:
+        fd = self._reads.pop(req.handle, None)
+        if fd is not None:
+            os.close(fd)
+        return proto.Done()
+
+    def _mkdir(self, req: proto.Mkdir) -> proto.AttrReply:
+        self.jail.mkdir(req.path, req.mode)
+        return self._stat(proto.Stat(req.path))
+
+    def _rmdir(self, req: proto.Rmdir) -> proto.Done:
+        self.jail.rmdir(req.path)
+        return proto.Done()
+
+    def _unlink(self, req: proto.Unlink) -> proto.Done:
+        self.jail.unlink(req.path)
+        return proto.Done()
+
+    def _rename(self, req: proto.Rename) -> proto.Done:
+        self.jail.rename(req.old, req.new, req.noreplace)
+        return proto.Done()
+
+    def _setattr(self, req: proto.SetAttr) -> proto.AttrReply:
+        if req.mode is not None:
+            self.jail.chmod(req.path, req.mode)
+        if req.atime_ns is not None or req.mtime_ns is not None:
+            self.jail.utime(req.path, req.atime_ns, req.mtime_ns)
+        return self._stat(proto.Stat(req.path))
+
+    def _statfs(self, req: proto.StatFs) -> proto.FsStats:
+        s = self.jail.statvfs()
+        return proto.FsStats(
+            s.f_bsize, s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_namemax
+        )
+
+    def _readlink(self, req: proto.ReadLink) -> proto.LinkTarget:
+        return proto.LinkTarget(self.jail.readlink(req.path))
+
+    def _symlink(self, req: proto.Symlink) -> proto.AttrReply:
+        self.jail.symlink(req.path, req.target)
+        return self._stat(proto.Stat(req.path))
+
+    # --- commits --------------------------------------------------------------------
+
+    def _commit_begin(self, req: proto.CommitBegin) -> proto.Done:
+        if len(self._commits) >= MAX_OPEN_COMMITS:
+            raise OSError(errno.EMFILE, "too many outputs in flight")
+        if req.commit in self._commits:
+            raise OSError(errno.EEXIST, "commit id in use")
+        parts = split_path(req.path)
+        if not parts:
+            raise JailError(errno.EPERM, "cannot write the root")
+        name = parts[-1]
+        temp_name = b"." + name[:180] + TEMP_MARK + secrets.token_hex(6).encode()
+        temp = b"/".join([*parts[:-1], temp_name])
+        with self.jail.parent(temp) as (dfd, tname):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tname, flags, 0o600, dir_fd=dfd)
+        self._commits[req.commit] = _Commit(req.path, temp, fd, req.mode, req.expect, req.check)
+        return proto.Done()
+
+    def _commit_end(self, req: proto.CommitEnd) -> proto.Committed:
+        c = self._commits.get(req.commit)
+        if c is None:
+            raise OSError(errno.EBADF, "unknown commit")
+        try:
+            if c.error is not None:
+                raise c.error
+            if c.written != req.size:
+                raise OSError(errno.EIO, f"size mismatch: got {c.written}, sent {req.size}")
+            if c.hasher.digest() != req.blake3:
+                raise OSError(errno.EIO, "content hash mismatch")
+            os.fchmod(c.fd, c.mode & 0o7777)
+            if req.mtime_ns is not None:
+                os.utime(c.fd, ns=(req.mtime_ns, req.mtime_ns))
+            os.fsync(c.fd)
+            os.close(c.fd)
+            c.fd = -1
+            dest = self._destination(c)
+            self.jail.rename(c.temp, dest)
+            with self.jail.parent(dest) as (dfd, _):
+                _fsync_dir(dfd)
+        except BaseException:
+            self._abort(req.commit)
+            raise
+        del self._commits[req.commit]
+        self.stats.bytes_committed += c.written
+        self.stats.files_committed += 1
+        self.committed.append(dest)
+        return proto.Committed(dest, attr_of(self.jail.lstat(dest)))
+
+    def _destination(self, c: _Commit) -> bytes:
+        """The commit's path, or a sibling if the local file changed behind our back."""
+        if not c.check:
+            return c.path
+        try:
+            now: proto.Attr | None = attr_of(self.jail.lstat(c.path))
+        except FileNotFoundError:
+            now = None
+        same = (now is None and c.expect is None) or (
+            now is not None
+            and c.expect is not None
+            and (now.size, now.mtime_ns) == (c.expect.size, c.expect.mtime_ns)
+        )
+        if same:
+            return c.path
+        head, _, name = c.path.rpartition(b"/")
+        stem, dot, ext = name.rpartition(b".")
+        if not stem:
+            stem, dot, ext = name, b"", b""
+        alt = stem + b".remote-conflict" + dot + ext
+        log.warning("%s changed locally during the job; remote output kept as %s", c.path, alt)
+        return (head + b"/" if head else b"") + alt
+
+    def _commit_abort(self, req: proto.CommitAbort) -> proto.Done:
+        self._abort(req.commit)
+        return proto.Done()
+
+    def _abort(self, cid: int) -> None:
+        c = self._commits.pop(cid, None)
+        if c is None:
+            return
+        if c.fd >= 0:
+            os.close(c.fd)
+        try:
+            self.jail.unlink(c.temp)
+        except OSError:
+            pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(dir_path_fd: int) -> None:
+    fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_path_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_HANDLERS = {
+    proto.Stat: FileServer._stat,
+    proto.ListDir: FileServer._listdir,
+    proto.OpenRead: FileServer._open_read,
+    proto.ReadChunk: FileServer._read_chunk,
+    proto.CloseRead: FileServer._close_read,
+    proto.Mkdir: FileServer._mkdir,
+    proto.Rmdir: FileServer._rmdir,
+    proto.Unlink: FileServer._unlink,
+    proto.Rename: FileServer._rename,
+    proto.SetAttr: FileServer._setattr,
+    proto.StatFs: FileServer._statfs,
+    proto.ReadLink: FileServer._readlink,
+    proto.Symlink: FileServer._symlink,
+    proto.CommitBegin: FileServer._commit_begin,
+    proto.CommitEnd: FileServer._commit_end,
+    proto.CommitAbort: FileServer._commit_abort,
+}

@@ -1,0 +1,388 @@
+"""The wire between client and agent: messages and framing, with no I/O (sans-IO).
+
+Every frame is a 4-byte big-endian length followed by one msgpack-encoded message.
+Messages are frozen, tagged msgspec Structs, so decoding validates every field's type;
+either peer may be hostile, so sizes are capped before anything is buffered.
+
+Paths on the wire are root-relative ``bytes`` (``b""`` is the root): Linux file names
+are bytes, and pyfuse3 hands us bytes, so nothing is decoded on the way.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+# Bytes the agent writes before its first frame, so that anything a remote shell's
+# start-up files print on stdout can be skipped instead of breaking the framing.
+MAGIC = b"\x00TOPYAZ-MOUNT-AGENT\x00"
+CHUNK_SIZE = 1 << 20
+MAX_FRAME = 8 << 20
+_LEN = struct.Struct(">I")
+
+# Priorities for outgoing frames: on-demand work jumps ahead of bulk transfers.
+PRIO_URGENT = 0
+PRIO_NORMAL = 1
+PRIO_BULK = 2
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame or message."""
+
+
+class _Msg(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    pass
+
+
+class Attr(msgspec.Struct, frozen=True, array_like=True):
+    """What the agent needs of a client-side ``lstat``."""
+
+    mode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    atime_ns: int
+
+
+class DirEntry(msgspec.Struct, frozen=True, array_like=True):
+    name: bytes
+    attr: Attr
+
+
+# --- requests the client answers (agent -> client) ------------------------------------
+
+
+class Stat(_Msg):
+    path: bytes
+
+
+class ListDir(_Msg):
+    path: bytes
+
+
+class OpenRead(_Msg):
+    path: bytes
+
+
+class ReadChunk(_Msg):
+    handle: int
+    offset: int
+    length: int
+
+
+class CloseRead(_Msg):
+    handle: int
+
+
+class Mkdir(_Msg):
+    path: bytes
+    mode: int
+
+
+class Rmdir(_Msg):
+    path: bytes
+
+
+class Unlink(_Msg):
+    path: bytes
+
+
+class Rename(_Msg):
+    old: bytes
+    new: bytes
+    noreplace: bool = False
+
+
+class SetAttr(_Msg):
+    path: bytes
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class StatFs(_Msg):
+    pass
+
+
+class ReadLink(_Msg):
+    path: bytes
+
+
+class Symlink(_Msg):
+    path: bytes
+    target: bytes
+
+
+class CommitBegin(_Msg):
+    """Start writing an output: the client opens a temporary file beside ``path``.
+
+    ``expect`` is the destination as the agent last saw it (``None``: it did not exist);
+    ``check`` says whether a destination changed since then is a conflict.
+    """
+
+    commit: int
+    path: bytes
+    mode: int
+    expect: Attr | None = None
+    check: bool = False
+
+
+class CommitEnd(_Msg):
+    """All data sent; the client verifies size and hash, fsyncs and renames into place."""
+
+    commit: int
+    size: int
+    blake3: bytes
+    mtime_ns: int | None = None
+
+
+class CommitAbort(_Msg):
+    commit: int
+
+
+# --- requests the agent answers (client -> agent) -------------------------------------
+
+
+class Hello(_Msg):
+    version: int
+    session_id: str
+    capabilities: list[str] = []
+
+
+class Run(_Msg):
+    argv: list[str]
+    cwd: str
+    env: dict[str, str] = {}
+    stdin: bool = False
+
+
+class Bye(_Msg):
+    pass
+
+
+# --- replies --------------------------------------------------------------------------
+
+
+class Done(_Msg):
+    pass
+
+
+class AttrReply(_Msg):
+    attr: Attr
+
+
+class Listing(_Msg):
+    entries: list[DirEntry]
+
+
+class Opened(_Msg):
+    handle: int
+    attr: Attr
+
+
+class Data(_Msg):
+    data: bytes
+
+
+class FsStats(_Msg):
+    block_size: int
+    blocks: int
+    blocks_free: int
+    blocks_avail: int
+    files: int
+    files_free: int
+    name_max: int
+
+
+class LinkTarget(_Msg):
+    target: bytes
+
+
+class Committed(_Msg):
+    """Where the output landed (``path`` differs from the request on a conflict)."""
+
+    path: bytes
+    attr: Attr
+
+
+class Welcome(_Msg):
+    version: int
+    session_id: str
+    mountpoint: str
+    agent_pid: int
+    capabilities: list[str] = []
+
+
+class Started(_Msg):
+    pid: int
+
+
+# --- notifications (no reply) ---------------------------------------------------------
+
+
+class CommitChunk(_Msg):
+    commit: int
+    offset: int
+    data: bytes
+
+
+class Output(_Msg):
+    """Bytes the remote command wrote to its stdout (fd 1) or stderr (fd 2)."""
+
+    fd: int
+    data: bytes
+
+
+class Exited(_Msg):
+    """The command ended and every output it wrote is committed (or listed in ``lost``)."""
+
+    code: int
+    lost: list[str] = []
+
+
+class StdinData(_Msg):
+    data: bytes
+
+
+class StdinClose(_Msg):
+    pass
+
+
+class Signal(_Msg):
+    signum: int
+
+
+class Log(_Msg):
+    """A line for the user from the agent (warnings about outputs, for example)."""
+
+    level: str
+    text: str
+
+
+Request = Union[
+    Stat,
+    ListDir,
+    OpenRead,
+    ReadChunk,
+    CloseRead,
+    Mkdir,
+    Rmdir,
+    Unlink,
+    Rename,
+    SetAttr,
+    StatFs,
+    ReadLink,
+    Symlink,
+    CommitBegin,
+    CommitEnd,
+    CommitAbort,
+    Hello,
+    Run,
+    Bye,
+]
+Response = Union[
+    Done,
+    AttrReply,
+    Listing,
+    Opened,
+    Data,
+    FsStats,
+    LinkTarget,
+    Committed,
+    Welcome,
+    Started,
+]
+Notice = Union[CommitChunk, Output, Exited, StdinData, StdinClose, Signal, Log]
+
+
+class Call(_Msg):
+    rid: int
+    prio: int
+    req: Request
+
+
+class Reply(_Msg):
+    rid: int
+    res: Response
+
+
+class Fail(_Msg):
+    """A request failed; ``errno`` crosses as data and becomes an OSError or FUSEError."""
+
+    rid: int
+    errno: int
+    message: str
+
+
+class Notify(_Msg):
+    msg: Notice
+
+
+Frame = Union[Call, Reply, Fail, Notify]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+def encode(frame: Frame) -> bytes:
+    """One frame, length prefix included."""
+    body = _encoder.encode(frame)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte cap")
+    return _LEN.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames: ``feed(data)`` then iterate ``frames()``."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def frames(self) -> list[Frame]:
+        out: list[Frame] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 4:
+            (size,) = _LEN.unpack_from(buf, pos)
+            if size > self._max:
+                raise ProtocolError(f"peer announced a {size}-byte frame (cap {self._max})")
+            if len(buf) - pos - 4 < size:
+                break
+            body = memoryview(buf)[pos + 4 : pos + 4 + size]
+            try:
+                out.append(_decoder.decode(body))
+            except msgspec.DecodeError as e:
+                raise ProtocolError(f"malformed frame: {e}") from None
+            finally:
+                body.release()
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def strip_preamble(buf: bytearray, limit: int = 1 << 16) -> tuple[bool, bytes]:
+    """Drop bytes up to and including MAGIC; returns (found, skipped bytes).
+
+    Whatever a login shell printed before the agent started is returned so it can be
+    logged. Past ``limit`` bytes without MAGIC the peer is not our agent.
+    """
+    i = buf.find(MAGIC)
+    if i < 0:
+        if len(buf) > limit:
+            raise ProtocolError("the remote side never started a topyaz-mount agent")
+        return False, b""
+    skipped = bytes(buf[:i])
+    del buf[: i + len(MAGIC)]
+    return True, skipped

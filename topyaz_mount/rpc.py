@@ -1,0 +1,217 @@
+"""Many requests in flight over one byte stream, in both directions.
+
+A ``Peer`` owns a trio stream (the ssh pipes on the client, stdin/stdout on the agent).
+Outgoing frames queue by priority, so a read the job is waiting for overtakes bulk
+prefetch and output data. Incoming calls run as tasks, bounded in number; incoming
+notifications are handled in arrival order (output bytes and commit chunks rely on it).
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from . import proto
+
+log = logging.getLogger(__name__)
+
+CallHandler = Callable[[Any], Awaitable[Any]]
+NoticeHandler = Callable[[Any], Awaitable[None]]
+
+
+class RemoteError(OSError):
+    """The peer answered a request with an errno."""
+
+
+class ConnectionLost(Exception):
+    """The stream ended or broke; no reply will come."""
+
+
+class _Pending:
+    __slots__ = ("event", "result", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Peer:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        on_call: CallHandler,
+        on_notice: NoticeHandler,
+        *,
+        preamble: bytes = b"",
+        queue_limit: int = 32 << 20,
+        max_concurrent_calls: int = 128,
+    ) -> None:
+        self._stream = stream
+        self._on_call = on_call
+        self._on_notice = on_notice
+        self._decoder = proto.FrameDecoder()
+        if preamble:
+            self._decoder.feed(preamble)
+        self._pending: dict[int, _Pending] = {}
+        self._next_rid = 1
+        self._queues: list[deque[bytes]] = [deque(), deque(), deque()]
+        self._queued = 0
+        self._queue_limit = queue_limit
+        self._has_frames = trio.Event()
+        self._has_room = trio.Event()
+        self._has_room.set()
+        self._call_slots = trio.Semaphore(max_concurrent_calls)
+        self._closed: BaseException | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # --- public ---------------------------------------------------------------------
+
+    async def call(self, req: Any, prio: int = proto.PRIO_NORMAL) -> Any:
+        """Send a request and wait for its reply; raises RemoteError or ConnectionLost."""
+        if self._closed is not None:
+            raise ConnectionLost(str(self._closed))
+        rid = self._next_rid
+        self._next_rid += 1
+        pending = _Pending()
+        self._pending[rid] = pending
+        try:
+            await self._enqueue(proto.encode(proto.Call(rid, prio, req)), prio)
+            await pending.event.wait()
+        finally:
+            self._pending.pop(rid, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    async def notify(self, msg: Any, prio: int = proto.PRIO_NORMAL) -> None:
+        if self._closed is not None:
+            raise ConnectionLost(str(self._closed))
+        await self._enqueue(proto.encode(proto.Notify(msg)), prio)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    async def run(self) -> None:
+        """Move frames until the stream ends; then fail every pending call."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop)
+                await self._read_loop(nursery)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._lose(e)
+        except proto.ProtocolError as e:
+            log.error("protocol error from peer: %s", e)
+            self._lose(e)
+            raise
+        finally:
+            self._lose(ConnectionLost("connection closed"))
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far has been handed to the stream."""
+        while self._queued and self._closed is None:
+            await trio.sleep(0.005)
+
+    # --- internals ------------------------------------------------------------------
+
+    def _lose(self, why: BaseException) -> None:
+        if self._closed is None:
+            self._closed = why
+        for pending in self._pending.values():
+            if not pending.event.is_set():
+                pending.error = ConnectionLost(str(why) or type(why).__name__)
+                pending.event.set()
+        self._has_frames.set()
+        self._has_room.set()
+
+    async def _enqueue(self, frame: bytes, prio: int) -> None:
+        while self._queued >= self._queue_limit and self._closed is None:
+            self._has_room = trio.Event() if self._has_room.is_set() else self._has_room
+            await self._has_room.wait()
+        if self._closed is not None:
+            raise ConnectionLost(str(self._closed))
+        self._queues[min(max(prio, 0), 2)].append(frame)
+        self._queued += len(frame)
+        self._has_frames.set()
+
+    def _take_batch(self, limit: int = 1 << 20) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        for queue in self._queues:
+            while queue and size < limit:
+                frame = queue.popleft()
+                parts.append(frame)
+                size += len(frame)
+            if size >= limit:
+                break
+        self._queued -= size
+        if self._queued < self._queue_limit:
+            self._has_room.set()
+        return b"".join(parts)
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queued:
+                self._has_frames = trio.Event()
+                await self._has_frames.wait()
+                if self._closed is not None:
+                    return
+                continue
+            batch = self._take_batch()
+            await self._stream.send_all(batch)
+            self.bytes_sent += len(batch)
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        for frame in self._decoder.frames():
+            await self._dispatch(frame, nursery)
+        while True:
+            data = await self._stream.receive_some(1 << 18)
+            if not data:
+                return
+            self.bytes_received += len(data)
+            self._decoder.feed(data)
+            for frame in self._decoder.frames():
+                await self._dispatch(frame, nursery)
+
+    async def _dispatch(self, frame: Any, nursery: trio.Nursery) -> None:
+        if isinstance(frame, proto.Reply | proto.Fail):
+            pending = self._pending.get(frame.rid)
+            if pending is None:
+                return  # the caller gave up (cancelled); drop the late reply
+            if isinstance(frame, proto.Reply):
+                pending.result = frame.res
+            else:
+                pending.error = RemoteError(frame.errno, frame.message)
+            pending.event.set()
+        elif isinstance(frame, proto.Call):
+            await self._call_slots.acquire()
+            nursery.start_soon(self._serve, frame)
+        else:
+            await self._on_notice(frame.msg)
+
+    async def _serve(self, call: proto.Call) -> None:
+        try:
+            try:
+                res = await self._on_call(call.req)
+                out: Any = proto.Reply(call.rid, res)
+            except OSError as e:
+                code = e.errno or errno_mod.EIO
+                out = proto.Fail(call.rid, code, e.strerror or os.strerror(code))
+            except Exception as e:  # a handler bug must not end the connection
+                log.exception("handler for %s failed", type(call.req).__name__)
+                out = proto.Fail(call.rid, errno_mod.EIO, f"{type(e).__name__}: {e}")
+            try:
+                await self._enqueue(proto.encode(out), call.prio)
+            except ConnectionLost:
+                pass
+        finally:
+            self._call_slots.release()

@@ -1,0 +1,191 @@
+"""The system ``ssh`` client as our transport: one process, its pipes are the channel.
+
+Using OpenSSH itself keeps the user's ~/.ssh/config, agent, ProxyJump and
+ControlMaster working, as sshfs, rsync and mutagen do. The ssh process gets its own
+process group, so a Ctrl-C typed at the terminal reaches topyaz-mount (which forwards
+it to the remote job) instead of killing the connection the outputs still travel on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
+
+log = logging.getLogger(__name__)
+
+_REMOTE = re.compile(
+    r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s\[\]]+)(?::(?P<port>\d+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Remote:
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Remote:
+        """``[user@]host[:port]``; IPv6 literals in brackets (``[::1]:2222``)."""
+        m = _REMOTE.match(text.strip())
+        if not m or text.startswith("-"):
+            raise UsageError(f"--remote {text!r}: expected [user@]host[:port]")
+        port = int(m["port"]) if m["port"] else None
+        if port is not None and not 0 < port < 65536:
+            raise UsageError(f"--remote {text!r}: port out of range")
+        return cls(m["host"].strip("[]"), m["user"], port)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = f":{self.port}" if self.port else ""
+        return f"{self.user + '@' if self.user else ''}{host}{port}"
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    remote: Remote
+    options: tuple[str, ...] = ()  # values for ``-o``
+    config_file: str | None = None
+    remote_python: str = "python3"
+    agent_args: tuple[str, ...] = ()
+    ssh_program: str = "ssh"
+    agent_log_level: str = "WARNING"
+
+    def argv(self) -> list[str]:
+        argv = [self.ssh_program, "-T", "-x"]
+        if self.config_file:
+            argv += ["-F", self.config_file]
+        if self.remote.port:
+            argv += ["-p", str(self.remote.port)]
+        for opt in self.options:
+            argv += ["-o", opt]
+        # ssh takes the first value it sees for an option, so the user's come first
+        # and these only fill in what the user left unset.
+        argv += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        argv += ["--", self.remote.destination, self.remote_command()]
+        return argv
+
+    def remote_command(self) -> str:
+        words = [self.remote_python, "-m", "topyaz_mount.agent"]
+        words += ["--log-level", self.agent_log_level, *self.agent_args]
+        return "exec " + " ".join(shlex.quote(w) for w in words)
+
+
+@dataclass
+class SshProcess:
+    process: trio.Process
+    stream: trio.abc.Stream
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+
+    async def pump_stderr(self) -> None:
+        """Log what ssh and the agent say on stderr; keep the tail for error messages."""
+        assert self.process.stderr is not None
+        buf = b""
+        async with self.process.stderr:
+            while True:
+                try:
+                    data = await self.process.stderr.receive_some(1 << 14)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return
+                if not data:
+                    break
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._line(line)
+        if buf:
+            self._line(buf)
+
+    def _line(self, raw: bytes) -> None:
+        text = raw.decode(errors="replace").rstrip("\r")
+        if text:
+            self.stderr_tail.append(text)
+            log.info("remote: %s", text)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Close our end of the channel, then wait for ssh; kill it if it lingers."""
+        proc = self.process
+        if proc.stdin is not None:
+            try:
+                await proc.stdin.aclose()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+        with trio.move_on_after(grace):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def start_ssh(settings: SshSettings) -> SshProcess:
+    argv = settings.argv()
+    log.debug("starting %s", shlex.join(argv))
+    group: dict = (
+        {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    )
+    try:
+        proc = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **group,
+        )
+    except FileNotFoundError:
+        raise ConnectionFailed(
+            f"the ssh client {settings.ssh_program!r} is not installed"
+        ) from None
+    assert proc.stdin is not None and proc.stdout is not None
+    return SshProcess(proc, trio.StapledStream(proc.stdin, proc.stdout))
+
+
+def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception:
+    """Turn what ssh / the remote shell printed into one clear error."""
+    host = str(settings.remote)
+    text = "\n".join(tail)
+    last = next((line for line in reversed(tail) if line.strip()), "no message")
+    py = settings.remote_python
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        return AuthenticationFailed(f"cannot log in to {host}: {last}")
+    missing = re.search(r"No module named '?([\w.]+)'?", text)
+    if missing:
+        module = missing.group(1).split(".")[0]
+        if module == "topyaz_mount":
+            return AgentUnavailable(
+                f"topyaz-mount is not installed on {host} for {py}: install it there with "
+                f"`{py} -m pip install 'topyaz-mount[remote]'`, or pass --remote-python"
+            )
+        return AgentUnavailable(
+            f"{py} on {host} lacks the Python package {module!r}: install it there with "
+            f"`{py} -m pip install 'topyaz-mount[remote]'`"
+        )
+    if re.search(r"(command not found|No such file or directory|not found)", text) and py in text:
+        return AgentUnavailable(f"no Python interpreter {py!r} on {host}; pass --remote-python")
+    patterns = (
+        "Could not resolve hostname",
+        "Connection refused",
+        "Connection timed out",
+        "No route to host",
+        "Network is unreachable",
+        "Connection closed",
+        "Connection reset",
+        "kex_exchange_identification",
+        "Host key verification failed",
+    )
+    if any(p in text for p in patterns):
+        return ConnectionFailed(f"cannot connect to {host}: {last}")
+    return AgentUnavailable(f"the topyaz-mount agent on {host} did not start: {last}")
