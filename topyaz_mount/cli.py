@@ -12,7 +12,8 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 import trio
@@ -20,8 +21,15 @@ import trio
 from . import __version__
 from .client import RunResult, Session, open_session
 from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse
-from .translate import DEFAULT_PRODUCTS, PathMap, TranslationError, expand_product
-from .translate import translate_argv, translate_cwd, translate_env
+from .translate import (
+    DEFAULT_PRODUCTS,
+    PathMap,
+    TranslationError,
+    expand_product,
+    translate_argv,
+    translate_cwd,
+    translate_env,
+)
 from .transport import Remote, SshSettings
 
 log = logging.getLogger("topyaz_mount")
@@ -57,7 +65,7 @@ def _precheck(argv: list[str], root: str, cwd: str, env: dict[str, str], literal
     translate_env(env, pm, cwd)
 
 
-def _write(stream) -> callable:
+def _write(stream: Any) -> Callable[[bytes], None]:
     def sink(data: bytes) -> None:
         stream.write(data)
         stream.flush()

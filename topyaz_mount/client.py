@@ -235,7 +235,7 @@ class Session:
                     await self.peer.notify(proto.StdinData(stdin[i : i + proto.CHUNK_SIZE]))
             else:
                 while data := await stdin.receive_some(1 << 16):
-                    await self.peer.notify(proto.StdinData(data))
+                    await self.peer.notify(proto.StdinData(bytes(data)))
             await self.peer.notify(proto.StdinClose())
         except ConnectionLost:
             pass

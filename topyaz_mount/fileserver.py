@@ -15,6 +15,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -76,7 +77,7 @@ class FileServer:
     # --- dispatch -------------------------------------------------------------------
 
     async def handle(self, req: object) -> object:
-        method = _HANDLERS.get(type(req))
+        method: Any = _HANDLERS.get(type(req))  # type: ignore[call-overload]
         if method is None:
             raise OSError(errno.ENOSYS, f"the client does not serve {type(req).__name__}")
         return method(self, req)

@@ -144,10 +144,10 @@ class MountOps(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(
-        self, link: ClientLink, cache: ReadCache, spool: Spool, *, timeout: float = 5.0
+        self, client: ClientLink, cache: ReadCache, spool: Spool, *, timeout: float = 5.0
     ) -> None:
         super().__init__()
-        self.link = link
+        self.client = client
         self.cache = cache
         self.spool = spool
         self.timeout = timeout
@@ -184,7 +184,7 @@ class MountOps(pyfuse3.Operations):
         sf = self.spool.get(path)
         if sf is not None:
             return sf.attr()
-        res = await self.link.call(proto.Stat(path), proto.PRIO_URGENT)
+        res = await self.client.call(proto.Stat(path), proto.PRIO_URGENT)
         return res.attr
 
     def _add_handle(self, h: Handle | DirHandle) -> int:
@@ -212,7 +212,7 @@ class MountOps(pyfuse3.Operations):
 
     async def _adopt(self, path: bytes, truncate: bool) -> SpoolFile:
         """Bring a client file into the spool so it can be modified."""
-        attr = (await self.link.call(proto.Stat(path), proto.PRIO_URGENT)).attr
+        attr = (await self.client.call(proto.Stat(path), proto.PRIO_URGENT)).attr
         if not stat.S_ISREG(attr.mode):
             raise OSError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EACCES, "")
         if truncate:
@@ -262,7 +262,7 @@ class MountOps(pyfuse3.Operations):
         if mode is not None or atime is not None or mtime is not None:
             if sf is None:
                 req = proto.SetAttr(path, mode, atime, mtime)
-                res = await self.link.call(req, proto.PRIO_URGENT)
+                res = await self.client.call(req, proto.PRIO_URGENT)
                 return self.entry(inode, res.attr)
             async with sf.lock:
                 if mode is not None:
@@ -271,17 +271,17 @@ class MountOps(pyfuse3.Operations):
                     sf.mtime_ns = mtime
                 if not sf.dirty and sf.committed_path is not None:
                     req = proto.SetAttr(sf.committed_path, mode, atime, mtime)
-                    await self.link.call(req, proto.PRIO_URGENT)
+                    await self.client.call(req, proto.PRIO_URGENT)
         return self.entry(inode, await self.attr_of(path))
 
     @handler
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        res = await self.link.call(proto.ReadLink(self.inodes.path(inode)), proto.PRIO_URGENT)
+        res = await self.client.call(proto.ReadLink(self.inodes.path(inode)), proto.PRIO_URGENT)
         return res.target
 
     @handler
     async def statfs(self, ctx: Any) -> Any:
-        s = await self.link.call(proto.StatFs(), proto.PRIO_URGENT)
+        s = await self.client.call(proto.StatFs(), proto.PRIO_URGENT)
         out = pyfuse3.StatvfsData()
         out.f_bsize = s.block_size
         out.f_frsize = s.block_size
@@ -310,7 +310,7 @@ class MountOps(pyfuse3.Operations):
         if not isinstance(h, DirHandle):
             raise OSError(errno.EBADF, "bad directory handle")
         if h.entries is None or start_id == 0:
-            listing = await self.link.call(proto.ListDir(h.path), proto.PRIO_URGENT)
+            listing = await self.client.call(proto.ListDir(h.path), proto.PRIO_URGENT)
             merged = {e.name: e.attr for e in listing.entries}
             for name, sf in self.spool.children(h.path).items():
                 merged[name] = sf.attr()
@@ -329,7 +329,7 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
-        res = await self.link.call(proto.Mkdir(path, mode), proto.PRIO_URGENT)
+        res = await self.client.call(proto.Mkdir(path, mode), proto.PRIO_URGENT)
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
         return self.entry(ino, res.attr)
@@ -337,13 +337,13 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         path = join(self.inodes.path(parent_inode), name)
-        await self.link.call(proto.Rmdir(path), proto.PRIO_URGENT)
+        await self.client.call(proto.Rmdir(path), proto.PRIO_URGENT)
         self.inodes.drop(path)
 
     @handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
-        res = await self.link.call(proto.Symlink(path, target), proto.PRIO_URGENT)
+        res = await self.client.call(proto.Symlink(path, target), proto.PRIO_URGENT)
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
         return self.entry(ino, res.attr)
@@ -353,12 +353,12 @@ class MountOps(pyfuse3.Operations):
         path = join(self.inodes.path(parent_inode), name)
         sf = self.spool.get(path)
         if sf is None:
-            await self.link.call(proto.Unlink(path), proto.PRIO_URGENT)
+            await self.client.call(proto.Unlink(path), proto.PRIO_URGENT)
         else:
             async with sf.lock:
                 if sf.committed_path is not None:
                     try:
-                        await self.link.call(proto.Unlink(sf.committed_path), proto.PRIO_URGENT)
+                        await self.client.call(proto.Unlink(sf.committed_path), proto.PRIO_URGENT)
                     except FileNotFoundError:
                         pass
                 self.spool.forget(sf)
@@ -385,7 +385,7 @@ class MountOps(pyfuse3.Operations):
         if noreplace and dst is not None:
             raise OSError(errno.EEXIST, "destination exists")
         if src is None:
-            await self.link.call(proto.Rename(old, new, noreplace), proto.PRIO_URGENT)
+            await self.client.call(proto.Rename(old, new, noreplace), proto.PRIO_URGENT)
             if dst is not None:
                 self.spool.forget(dst)  # the client's rename replaced its committed copy
             self.spool.move(old, new)
@@ -393,7 +393,7 @@ class MountOps(pyfuse3.Operations):
             async with src.lock:
                 if src.committed_path is not None:
                     req = proto.Rename(src.committed_path, new, noreplace)
-                    await self.link.call(req, proto.PRIO_URGENT)
+                    await self.client.call(req, proto.PRIO_URGENT)
                     src.committed_path = new
                 if dst is not None and dst is not src:
                     self.spool.forget(dst)

@@ -65,6 +65,7 @@ class Job:
             nursery.start_soon(self._pump, proc.stderr, 2, sink)
             await proc.wait()
             await self._end_stragglers(proc.pid)
+        assert proc.returncode is not None
         return exit_code(proc.returncode)
 
     @staticmethod
@@ -74,7 +75,7 @@ class Job:
                 data = await stream.receive_some(1 << 16)
                 if not data:
                     return
-                await sink(fd, data)
+                await sink(fd, bytes(data))
 
     async def _end_stragglers(self, pgid: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):

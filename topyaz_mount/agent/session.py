@@ -79,7 +79,7 @@ def unmount(path: Path) -> None:
 
 def collect_dead_sessions(sessions_dir: Path) -> list[str]:
     """Remove session dirs whose agent is gone (its lock is free); returns their ids."""
-    removed = []
+    removed: list[str] = []
     if not sessions_dir.is_dir():
         return removed
     for entry in sessions_dir.iterdir():
