@@ -7,12 +7,14 @@ status passes through unchanged. Tracebacks are for ``-vv`` only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -30,7 +32,7 @@ from .translate import (
     translate_cwd,
     translate_env,
 )
-from .transport import Remote, SshSettings
+from .transport import Remote, SshSettings, run_remote_json
 
 log = logging.getLogger("topyaz_mount")
 
@@ -120,6 +122,120 @@ async def _exec_async(
     return None
 
 
+def parse_size(text: str) -> int:
+    """``500M``, ``20G``, ``1.5T`` or plain bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise UsageError(f"{text!r}: expected a size like 500M or 20G") from None
+    if value < 0:
+        raise UsageError(f"{text!r}: a size cannot be negative")
+    return int(value * units[unit])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _stats_line(stats: dict) -> str:
+    return (
+        f"sent {_human(stats.get('content_bytes_sent', 0))} of content, "
+        f"received {_human(stats.get('content_bytes_received', 0))} in "
+        f"{stats.get('files_committed', 0)} outputs; cache {stats.get('cache_hits', 0)} hits, "
+        f"{stats.get('cache_misses', 0)} misses, saved {_human(stats.get('bytes_saved', 0))}; "
+        f"wire {_human(stats.get('wire_bytes_sent', 0))} up, "
+        f"{_human(stats.get('wire_bytes_received', 0))} down; "
+        f"{stats.get('wall_seconds', 0):.2f} s"
+    )
+
+
+def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every command that talks to a remote host shares."""
+    options = [
+        click.option(
+            "--remote",
+            "-r",
+            envvar="TOPYAZ_MOUNT_REMOTE",
+            required=True,
+            metavar="[USER@]HOST[:PORT]",
+            help="The GPU host (ssh destination).",
+        ),
+        click.option(
+            "--ssh-option",
+            "-o",
+            "ssh_options",
+            multiple=True,
+            metavar="OPT",
+            help="Passed to ssh as -o OPT (repeatable).",
+        ),
+        click.option("--ssh-config", "-F", default=None, help="ssh configuration file (ssh -F)."),
+        click.option(
+            "--remote-python",
+            default="python3",
+            envvar="TOPYAZ_MOUNT_REMOTE_PYTHON",
+            show_default=True,
+            help="Python on the remote that has topyaz-mount.",
+        ),
+        click.option(
+            "--cache-cap",
+            default=None,
+            metavar="SIZE",
+            help="Size cap of the remote content cache (e.g. 20G; default: a quarter "
+            "of the free space, at most 50G).",
+        ),
+        click.option("--verbose", "-v", count=True, help="-v: progress; -vv: debug."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(
+    remote: str,
+    ssh_options: Sequence[str],
+    ssh_config: str | None,
+    remote_python: str,
+    cache_cap: str | None,
+    verbose: int,
+) -> SshSettings:
+    agent_args: tuple[str, ...] = ()
+    if cache_cap is not None:
+        agent_args = ("--cache-cap", str(parse_size(cache_cap)))
+    return SshSettings(
+        Remote.parse(remote),
+        tuple(ssh_options),
+        ssh_config,
+        remote_python,
+        agent_args=agent_args,
+        agent_log_level="INFO" if verbose else "WARNING",
+    )
+
+
+def _report(err: BaseException, verbose: int) -> int:
+    """The one place an exception becomes a line on stderr and an exit status."""
+    err = collapse(err)
+    if isinstance(err, TranslationError):
+        return _fail(str(err), 2)
+    if isinstance(err, TopyazMountError):
+        return _fail(str(err), err.exit_code)
+    if isinstance(err, KeyboardInterrupt):
+        return _fail("interrupted", 130)
+    if isinstance(err, SystemExit):
+        raise err
+    if verbose >= 2:
+        log.error("internal error", exc_info=err)
+    return _fail(
+        f"internal error: {type(err).__name__}: {err} (run with -vv for details)", EXIT_FAILURE
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="topyaz-mount")
 def main() -> None:
@@ -130,35 +246,12 @@ def main() -> None:
     "exec",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
-@click.option(
-    "--remote",
-    "-r",
-    envvar="TOPYAZ_MOUNT_REMOTE",
-    required=True,
-    metavar="[USER@]HOST[:PORT]",
-    help="The GPU host to run on (ssh destination).",
-)
+@remote_options
 @click.option(
     "--root",
     type=click.Path(file_okay=False),
     default=None,
     help="Local directory to mount on the remote (default: the current directory).",
-)
-@click.option(
-    "--ssh-option",
-    "-o",
-    "ssh_options",
-    multiple=True,
-    metavar="OPT",
-    help="Passed to ssh as -o OPT (repeatable).",
-)
-@click.option("--ssh-config", "-F", default=None, help="ssh configuration file (ssh -F).")
-@click.option(
-    "--remote-python",
-    default="python3",
-    envvar="TOPYAZ_MOUNT_REMOTE_PYTHON",
-    show_default=True,
-    help="Python interpreter on the remote that has topyaz-mount.",
 )
 @click.option(
     "--env",
@@ -181,6 +274,15 @@ def main() -> None:
     help="Pass this argument through untranslated (repeatable).",
 )
 @click.option(
+    "--stats",
+    "stats_format",
+    is_flag=False,
+    flag_value="text",
+    default=None,
+    type=click.Choice(["text", "json"]),
+    help="Print a transfer summary on stderr (--stats, or --stats=json).",
+)
+@click.option(
     "--photo-cmd",
     default=shlex.join(DEFAULT_PRODUCTS["photo"]),
     envvar="TOPYAZ_MOUNT_PHOTO_CMD",
@@ -201,21 +303,22 @@ def main() -> None:
     show_default=True,
     help="Remote program for `exec video`.",
 )
-@click.option("--verbose", "-v", count=True, help="-v: progress; -vv: debug.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
     remote: str,
-    root: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
     remote_python: str,
+    cache_cap: str | None,
+    verbose: int,
+    root: str | None,
     env_pairs: tuple[str, ...],
     forward_stdin: bool,
     literal: tuple[str, ...],
+    stats_format: str | None,
     photo_cmd: str,
     giga_cmd: str,
     video_cmd: str,
-    verbose: int,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND on the remote host with the local root mounted there.
@@ -225,75 +328,79 @@ def exec_(
     topyaz-mount exec --remote gpu-box photo shots/a.jpg
     """
     _setup_logging(verbose)
-    sys.exit(
-        _exec(
-            remote,
-            root,
-            ssh_options,
-            ssh_config,
-            remote_python,
-            env_pairs,
-            forward_stdin,
-            literal,
-            {"photo": photo_cmd, "giga": giga_cmd, "video": video_cmd},
-            verbose,
-            list(command),
-        )
-    )
-
-
-def _exec(
-    remote: str,
-    root: str | None,
-    ssh_options: Sequence[str],
-    ssh_config: str | None,
-    remote_python: str,
-    env_pairs: Sequence[str],
-    forward_stdin: bool,
-    literal: Sequence[str],
-    product_cmds: dict[str, str],
-    verbose: int,
-    command: list[str],
-) -> int:
     try:
-        products = {name: shlex.split(cmd) for name, cmd in product_cmds.items()}
-        argv = expand_product(command, products)
+        products = {
+            "photo": shlex.split(photo_cmd),
+            "giga": shlex.split(giga_cmd),
+            "video": shlex.split(video_cmd),
+        }
+        argv = expand_product(list(command), products)
         cwd = os.getcwd()
         root_dir = os.path.realpath(root or cwd)
         if not os.path.isdir(root_dir):
             raise UsageError(f"--root {root}: not a directory")
         env = _parse_env(env_pairs)
         _precheck(argv, root_dir, cwd, env, literal)
-        settings = SshSettings(
-            Remote.parse(remote),
-            tuple(ssh_options),
-            ssh_config,
-            remote_python,
-            agent_log_level="INFO" if verbose else "WARNING",
-        )
+        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
         result = trio.run(_exec_async, settings, root_dir, argv, cwd, env, forward_stdin, literal)
-    except TranslationError as e:
-        return _fail(str(e), 2)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except BaseException as e:  # noqa: BLE001 - the one place errors become exit codes
-        err = collapse(e)
-        if isinstance(err, TopyazMountError):
-            return _fail(str(err), err.exit_code)
-        if isinstance(err, (SystemExit, KeyboardInterrupt)):
-            raise
-        if verbose >= 2:
-            log.exception("internal error")
-        return _fail(
-            f"internal error: {type(err).__name__}: {err} (run with -vv for details)", EXIT_FAILURE
-        )
+    except BaseException as e:  # noqa: BLE001 - errors become one line and a status
+        sys.exit(_report(e, verbose))
     if result is None:
-        return _fail("aborted; the remote session was torn down", 130)
+        sys.exit(_fail("aborted; the remote session was torn down", 130))
     for line in result.lost:
         click.echo(f"topyaz-mount: error: {line}", err=True)
-    if result.lost and result.exit_code == 0:
-        return EXIT_FAILURE
-    return result.exit_code
+    if stats_format == "json":
+        click.echo(json.dumps(result.stats, sort_keys=True), err=True)
+    elif stats_format == "text":
+        click.echo(f"topyaz-mount: {_stats_line(result.stats)}", err=True)
+    sys.exit(EXIT_FAILURE if result.lost and result.exit_code == 0 else result.exit_code)
+
+
+@main.command("cache")
+@remote_options
+@click.option("--clear", is_flag=True, help="Remove every cached object not in use.")
+@click.option(
+    "--prune",
+    "prune_to",
+    default=None,
+    metavar="SIZE",
+    help="Evict least recently used objects until the cache is at most SIZE.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def cache_(
+    remote: str,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str,
+    cache_cap: str | None,
+    verbose: int,
+    clear: bool,
+    prune_to: str | None,
+    as_json: bool,
+) -> None:
+    """Show (and prune or clear) the remote host's content cache."""
+    _setup_logging(verbose)
+    try:
+        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        extra = ["--cache-stats"] + (["--clear"] if clear else [])
+        if prune_to is not None:
+            extra += ["--prune-to", str(parse_size(prune_to))]
+        settings = replace(settings, agent_args=settings.agent_args + tuple(extra))
+        out = run_remote_json(settings)
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    if as_json:
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    click.echo(f"cache at {out['path']} on {settings.remote}")
+    click.echo(f"  objects  {out['objects']}")
+    click.echo(f"  size     {_human(out['bytes'])} of {_human(out['cap'])} cap")
+    click.echo(
+        f"  hit rate {out['hit_rate'] * 100:.1f} % ({out['hits']} hits, "
+        f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again"
+    )
+    if clear or prune_to is not None:
+        click.echo(f"  freed    {_human(out['freed'])}")
 
 
 if __name__ == "__main__":

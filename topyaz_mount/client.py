@@ -29,6 +29,8 @@ from .errors import (
     UsageError,
 )
 from .fileserver import FileServer
+from .hashindex import MANIFEST_HASH_BUDGET
+from .inputs import input_files
 from .rpc import ConnectionLost, Peer, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, explain_startup_failure, start_ssh
@@ -43,6 +45,7 @@ class RunResult:
     exit_code: int
     lost: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    stats: dict[str, int | float] = field(default_factory=dict)
 
 
 class Session:
@@ -180,6 +183,8 @@ class Session:
             argv, os.path.abspath(cwd or str(self.root)), env or {}, literal
         )
         self._sinks = {1: stdout, 2: stderr}
+        started_at = trio.current_time()
+        await self._send_manifest(argv, os.path.abspath(cwd or str(self.root)))
         run = proto.Run(remote_argv, remote_cwd, remote_env, stdin is not None)
         try:
             await self.peer.call(run)
@@ -206,7 +211,35 @@ class Session:
             raise self._lost_error()
         if timed_out:
             raise JobTimeout(f"the command ran past its {timeout:g} s limit and was killed")
-        return RunResult(self._exited.code, list(self._exited.lost), list(self.warnings))
+        stats: dict[str, int | float] = dict(self._exited.stats)
+        stats.update(
+            content_bytes_sent=self.server.stats.bytes_read,
+            content_bytes_received=self.server.stats.bytes_committed,
+            files_committed=self.server.stats.files_committed,
+            wire_bytes_sent=self.peer.bytes_sent,
+            wire_bytes_received=self.peer.bytes_received,
+            hashed_bytes=self.server.index.hashed_bytes,
+            wall_seconds=round(trio.current_time() - started_at, 3),
+        )
+        stats.pop("content_bytes_committed", None)
+        return RunResult(self._exited.code, list(self._exited.lost), list(self.warnings), stats)
+
+    async def _send_manifest(self, argv: Sequence[str], cwd: str) -> None:
+        """Tell the agent which inputs are coming so it can fetch what it lacks now."""
+        assert self.peer is not None and self.pathmap is not None
+        local = PathMap(str(self.root), self.pathmap.remote_root)
+        paths = input_files(argv, local, cwd)
+        if not paths:
+            return
+        entries = await trio.to_thread.run_sync(self.server.manifest, paths, MANIFEST_HASH_BUDGET)
+        try:
+            missing = await self.peer.call(proto.Manifest(entries))
+        except RemoteError as e:
+            log.info("manifest refused: %s", e)
+            return
+        except ConnectionLost:
+            raise self._lost_error() from None
+        log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
 
     async def _wait_exit(self) -> None:
         async with trio.open_nursery() as nursery:

@@ -20,6 +20,7 @@ from typing import Any
 import blake3
 
 from . import proto
+from .hashindex import QUICK_HASH_LIMIT, HashIndex
 from .jail import Jail, JailError, split_path
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,16 @@ class _Commit:
 
 
 @dataclass
+class _Read:
+    """An open input; big files not hashed yet are hashed in order as chunks go out."""
+
+    fd: int
+    st: os.stat_result
+    hasher: blake3.blake3 | None = None
+    hashed_to: int = 0
+
+
+@dataclass
 class TransferStats:
     """Counters kept where the bytes move, for ``--stats`` and the benchmarks."""
 
@@ -57,9 +68,10 @@ class TransferStats:
 
 
 class FileServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, index: HashIndex | None = None) -> None:
         self.jail = Jail(root)
-        self._reads: dict[int, int] = {}
+        self.index = index if index is not None else HashIndex()
+        self._reads: dict[int, _Read] = {}
         self._commits: dict[int, _Commit] = {}
         self._next_handle = 1
         self.stats = TransferStats()
@@ -67,12 +79,13 @@ class FileServer:
 
     def close(self) -> None:
         """Drop open files and every unfinished commit's temporary file."""
-        for fd in self._reads.values():
-            os.close(fd)
+        for r in self._reads.values():
+            os.close(r.fd)
         self._reads.clear()
         for cid in list(self._commits):
             self._abort(cid)
         self.jail.close()
+        self.index.close()
 
     # --- dispatch -------------------------------------------------------------------
 
@@ -114,26 +127,61 @@ class FileServer:
         if len(self._reads) >= MAX_OPEN_READS:
             raise OSError(errno.EMFILE, "too many open files")
         fd = self.jail.open_read(req.path)
+        st = os.fstat(fd)
+        read = _Read(fd, st)
+        digest = self.index.lookup(st)
+        if digest is None and st.st_size <= QUICK_HASH_LIMIT:
+            digest = self.index.hash_of(fd)
+        elif digest is None:
+            read.hasher = blake3.blake3()
         handle = self._next_handle
         self._next_handle += 1
-        self._reads[handle] = fd
+        self._reads[handle] = read
         self.stats.files_opened += 1
-        return proto.Opened(handle, attr_of(os.fstat(fd)))
+        return proto.Opened(handle, attr_of(st), digest)
+
+    def manifest(self, paths: list[bytes], budget: int) -> list[proto.ManifestEntry]:
+        """The inputs' sizes, mtimes and hashes; unknown hashes computed within ``budget``."""
+        entries = []
+        for rel in paths:
+            try:
+                fd = self.jail.open_read(rel)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                digest = self.index.lookup(st)
+                if digest is None and st.st_size <= budget:
+                    digest = self.index.hash_of(fd)
+                    budget -= st.st_size
+            finally:
+                os.close(fd)
+            entries.append(proto.ManifestEntry(rel, st.st_size, st.st_mtime_ns, digest))
+        return entries
 
     def _read_chunk(self, req: proto.ReadChunk) -> proto.Data:
-        fd = self._reads.get(req.handle)
-        if fd is None:
+        r = self._reads.get(req.handle)
+        if r is None:
             raise OSError(errno.EBADF, "unknown read handle")
         if req.length < 0 or req.length > proto.CHUNK_SIZE * 4 or req.offset < 0:
             raise OSError(errno.EINVAL, "bad read range")
-        data = os.pread(fd, req.length, req.offset)
+        data = os.pread(r.fd, req.length, req.offset)
+        if r.hasher is not None and req.offset == r.hashed_to:
+            r.hasher.update(data)
+            r.hashed_to += len(data)
         self.stats.bytes_read += len(data)
         return proto.Data(data)
 
     def _close_read(self, req: proto.CloseRead) -> proto.Done:
-        fd = self._reads.pop(req.handle, None)
-        if fd is not None:
-            os.close(fd)
+        r = self._reads.pop(req.handle, None)
+        if r is None:
+            return proto.Done()
+        try:
+            unchanged = os.fstat(r.fd).st_mtime_ns == r.st.st_mtime_ns
+            if r.hasher is not None and r.hashed_to == r.st.st_size and unchanged:
+                self.index.remember(r.st, r.hasher.digest())
+        finally:
+            os.close(r.fd)
         return proto.Done()
 
     def _mkdir(self, req: proto.Mkdir) -> proto.AttrReply:

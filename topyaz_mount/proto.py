@@ -163,6 +163,19 @@ class Bye(_Msg):
     pass
 
 
+class ManifestEntry(msgspec.Struct, frozen=True, array_like=True):
+    path: bytes
+    size: int
+    mtime_ns: int
+    blake3: bytes | None = None
+
+
+class Manifest(_Msg):
+    """The inputs the command will read, in the order it will read them."""
+
+    entries: list[ManifestEntry]
+
+
 # --- replies --------------------------------------------------------------------------
 
 
@@ -179,8 +192,11 @@ class Listing(_Msg):
 
 
 class Opened(_Msg):
+    """A read handle; ``blake3`` is the content hash when the client knows it."""
+
     handle: int
     attr: Attr
+    blake3: bytes | None = None
 
 
 class Data(_Msg):
@@ -220,6 +236,12 @@ class Started(_Msg):
     pid: int
 
 
+class Missing(_Msg):
+    """Indices of manifest entries whose content the remote cache lacks."""
+
+    indices: list[int]
+
+
 # --- notifications (no reply) ---------------------------------------------------------
 
 
@@ -241,6 +263,7 @@ class Exited(_Msg):
 
     code: int
     lost: list[str] = []
+    stats: dict[str, int] = {}
 
 
 class StdinData(_Msg):
@@ -282,6 +305,7 @@ Request = Union[
     Hello,
     Run,
     Bye,
+    Manifest,
 ]
 Response = Union[
     Done,
@@ -294,6 +318,7 @@ Response = Union[
     Committed,
     Welcome,
     Started,
+    Missing,
 ]
 Notice = Union[CommitChunk, Output, Exited, StdinData, StdinClose, Signal, Log]
 

@@ -189,3 +189,27 @@ def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception
     if any(p in text for p in patterns):
         return ConnectionFailed(f"cannot connect to {host}: {last}")
     return AgentUnavailable(f"the topyaz-mount agent on {host} did not start: {last}")
+
+
+def run_remote_json(settings: SshSettings, timeout: float = 120) -> dict:
+    """Run the agent in a one-shot mode that prints one JSON object (``cache``)."""
+    import json
+
+    try:
+        done = subprocess.run(
+            settings.argv(), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
+        )
+    except FileNotFoundError:
+        raise ConnectionFailed(
+            f"the ssh client {settings.ssh_program!r} is not installed"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise ConnectionFailed(f"no answer from {settings.remote} in {timeout:.0f} s") from None
+    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    if done.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except ValueError:
+            pass
+    tail = done.stderr.decode(errors="replace").splitlines()[-40:]
+    raise explain_startup_failure(settings, tail)

@@ -8,6 +8,7 @@ everything human-readable goes to stderr, which the client logs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import trio
 
 from .. import proto
 from .session import AgentSession
+from .store import ContentStore
 
 
 def default_base_dir() -> Path:
@@ -25,33 +27,54 @@ def default_base_dir() -> Path:
     return Path(platformdirs.user_cache_dir("topyaz-mount"))
 
 
-async def _serve(base_dir: Path, channel_in: int, channel_out: int) -> None:
+async def _serve(base_dir: Path, cache_cap: int | None, channel_in: int, channel_out: int) -> None:
     stream = trio.StapledStream(
         trio.lowlevel.FdStream(channel_out), trio.lowlevel.FdStream(channel_in)
     )
     await stream.send_all(proto.MAGIC)
-    await AgentSession(base_dir).serve(stream)
+    await AgentSession(base_dir, cache_cap).serve(stream)
+
+
+def _cache_command(base_dir: Path, cap: int | None, clear: bool, prune_to: int | None) -> int:
+    """``topyaz-mount cache``'s remote half: one JSON object on stdout."""
+    store = ContentStore(base_dir, cap)
+    freed = 0
+    if clear:
+        freed = store.clear()
+    elif prune_to is not None:
+        freed = store.enforce_cap(prune_to)
+    out = store.stats().as_dict()
+    out["freed"] = freed
+    out["path"] = str(store.root)  # type: ignore[assignment]
+    print(json.dumps(out))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m topyaz_mount.agent")
     parser.add_argument("--base-dir", type=Path, default=None)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--cache-cap", type=int, default=None, help="bytes")
+    parser.add_argument("--cache-stats", action="store_true", help="print cache JSON, exit")
+    parser.add_argument("--clear", action="store_true", help="with --cache-stats")
+    parser.add_argument("--prune-to", type=int, default=None, help="with --cache-stats")
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),
         format="agent[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    base_dir = args.base_dir or default_base_dir()
+    if args.cache_stats:
+        return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
     channel_in = os.dup(0)
     channel_out = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     os.close(devnull)
-    base_dir = args.base_dir or default_base_dir()
     try:
-        trio.run(_serve, base_dir, channel_in, channel_out)
+        trio.run(_serve, base_dir, args.cache_cap, channel_in, channel_out)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -434,6 +434,7 @@ class MountOps(pyfuse3.Operations):
         if sf is not None:
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf)))
         cached = await self.cache.open(path, None)
+        self.cache.job_opened(cached)
         fh = self._add_handle(Handle(cached=cached))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 

@@ -38,9 +38,9 @@ class ClientLink:
             raise OSError(errno.EIO, f"connection to the client lost: {e}") from None
 
     # The read cache's view of the client (see readcache.ChunkSource).
-    async def open_read(self, path: bytes) -> tuple[int, proto.Attr]:
+    async def open_read(self, path: bytes) -> tuple[int, proto.Attr, bytes | None]:
         res = await self.call(proto.OpenRead(path), proto.PRIO_URGENT)
-        return res.handle, res.attr
+        return res.handle, res.attr, res.blake3
 
     async def read_chunk(self, handle: int, offset: int, length: int, prio: int) -> bytes:
         res = await self.call(proto.ReadChunk(handle, offset, length), prio)

@@ -1,20 +1,20 @@
-"""Local copies of client files, pulled whole and ahead of the reader.
+"""Client files on the remote disk: from the content store, or pulled whole.
 
-Opening a file starts a transfer of all of it in 1 MiB chunks with a window of
-requests in flight, into a sparse cache file on the remote disk. A read waits only
-for the chunks it covers; a chunk nobody has asked for yet is requested at once with
-urgent priority, so a reader that seeks never waits behind the prefetch.
+Opening a file asks the client for it; the answer carries the content hash when the
+client knows it. Content the store (``store.py``) has is served from there and nothing
+moves. Otherwise the whole file is pulled in 1 MiB chunks with a window of requests in
+flight, into a sparse temporary file that becomes a store object once complete and
+hashed. A read waits only for the chunks it covers; a chunk nobody has asked for yet is
+requested at once with urgent priority, so a reader that seeks never waits behind the
+prefetch.
 
-Entries are keyed by (path, size, mtime_ns): a file changed on the client is a new
-entry. Closed entries stay for reuse until ``keep_bytes`` is exceeded, then the least
-recently used go. The one interface the rest of the agent sees is ``open`` /
-``CachedFile.read`` / ``release``, so a content-addressed store can take its place.
+Open entries are keyed by (path, size, mtime_ns): a file changed on the client is a new
+entry. Closed entries stay open for reuse until ``keep_bytes`` is exceeded.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -24,19 +24,27 @@ from typing import Protocol
 import trio
 
 from .. import proto
+from .store import ContentStore
 
 log = logging.getLogger(__name__)
 
 
 class ChunkSource(Protocol):
-    async def open_read(self, path: bytes) -> tuple[int, proto.Attr]: ...
+    async def open_read(self, path: bytes) -> tuple[int, proto.Attr, bytes | None]: ...
     async def read_chunk(self, handle: int, offset: int, length: int, prio: int) -> bytes: ...
     async def close_read(self, handle: int) -> None: ...
 
 
 class CachedFile:
     def __init__(
-        self, cache: ReadCache, path: bytes, attr: proto.Attr, handle: int, fd: int
+        self,
+        cache: ReadCache,
+        path: bytes,
+        attr: proto.Attr,
+        handle: int,
+        fd: int,
+        *,
+        complete: bool = False,
     ) -> None:
         self.cache = cache
         self.path = path
@@ -54,7 +62,15 @@ class CachedFile:
         self.error: OSError | None = None
         self.users = 0
         self.done = trio.Event()
-        if self.count == 0:
+        self.temp: Path | None = None  # where the bytes go until they become an object
+        self.expect: bytes | None = None  # the client's hash of them, if it sent one
+        self.opened_by_job = False
+        self.prefetched = False
+        if complete:
+            self.have = bytearray(b"\x01" * self.count)
+            self.requested = bytearray(b"\x01" * self.count)
+            self.arrived = self.count
+        if self.arrived == self.count:
             self.done.set()
 
     @property
@@ -149,7 +165,7 @@ class CachedFile:
 class ReadCache:
     def __init__(
         self,
-        directory: Path,
+        store: ContentStore,
         source: ChunkSource,
         nursery: trio.Nursery,
         *,
@@ -157,7 +173,7 @@ class ReadCache:
         chunk_size: int = proto.CHUNK_SIZE,
         keep_bytes: int = 4 << 30,
     ) -> None:
-        self.directory = directory
+        self.store = store
         self.source = source
         self.nursery = nursery
         self.window = window
@@ -165,8 +181,9 @@ class ReadCache:
         self.keep_bytes = keep_bytes
         self._entries: dict[tuple[bytes, int, int], CachedFile] = {}
         self._idle: OrderedDict[tuple[bytes, int, int], CachedFile] = OrderedDict()
-        self._names = itertools.count(1)
         self._closed_handles: set[int] = set()
+        self._ahead = 0  # bytes prefetched that the job has not opened yet
+        self._room = trio.Event()
         self.bytes_fetched = 0
 
     async def open(self, path: bytes, attr: proto.Attr | None) -> CachedFile:
@@ -177,18 +194,28 @@ class ReadCache:
                 self._idle.pop(entry.key, None)
                 entry.users += 1
                 return entry
-        handle, actual = await self.source.open_read(path)
+        handle, actual, digest = await self.source.open_read(path)
         entry = self._entries.get((path, actual.size, actual.mtime_ns))
         if entry is not None and entry.error is None:
             await self._close_handle(handle)
             self._idle.pop(entry.key, None)
             entry.users += 1
             return entry
-        name = self.directory / str(next(self._names))
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.unlink(name)  # the fd keeps it; nothing to clean up if we die
-        os.ftruncate(fd, actual.size)
+        if digest is not None:
+            fd = await trio.to_thread.run_sync(self.store.open, digest, actual.size)
+            if fd is not None:
+                await self._close_handle(handle)
+                self.store.hits += 1
+                self.store.bytes_saved += actual.size
+                entry = CachedFile(self, path, actual, handle, fd, complete=True)
+                entry.users = 1
+                self._entries[entry.key] = entry
+                return entry
+        self.store.misses += 1
+        fd, temp = self.store.new_temp(actual.size)
         entry = CachedFile(self, path, actual, handle, fd)
+        entry.temp = temp
+        entry.expect = digest
         entry.users = 1
         self._entries[entry.key] = entry
         if entry.count:
@@ -196,6 +223,30 @@ class ReadCache:
         else:
             self.nursery.start_soon(self.finished, entry)
         return entry
+
+    async def prefetch(self, wanted: list[tuple[bytes, proto.Attr]], window: int) -> None:
+        """Pull the manifest's missing inputs in order, staying ``window`` bytes ahead
+        of what the job has opened, so a huge batch does not flood the remote disk."""
+        for path, attr in wanted:
+            while self._ahead > window:
+                self._room = trio.Event()
+                await self._room.wait()
+            try:
+                entry = await self.open(path, attr)
+            except OSError as e:
+                log.info("prefetch of %r skipped: %s", path, e)
+                continue
+            if not entry.opened_by_job and not entry.prefetched:
+                entry.prefetched = True
+                self._ahead += entry.size
+            self.release(entry)
+
+    def job_opened(self, entry: CachedFile) -> None:
+        if not entry.opened_by_job:
+            entry.opened_by_job = True
+            if entry.prefetched:
+                self._ahead -= entry.size
+                self._room.set()
 
     def release(self, entry: CachedFile) -> None:
         entry.users -= 1
@@ -213,8 +264,17 @@ class ReadCache:
                 self._discard(entry)
 
     async def finished(self, entry: CachedFile) -> None:
-        """The transfer ended (all data or an error): give the client its fd back."""
+        """The transfer ended: give the client its fd back; store or drop the bytes."""
         await self._close_handle(entry.handle)
+        temp, entry.temp = entry.temp, None
+        if entry.error is None and temp is not None:
+            try:
+                await trio.to_thread.run_sync(self.store.add, temp, entry.fd, entry.expect)
+            except OSError as e:
+                entry.fail(e)
+                return
+        elif temp is not None:
+            self.store.discard_temp(temp)
         if entry.error is not None and self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
             if entry.users == 0:
@@ -249,6 +309,9 @@ class ReadCache:
 
     def close(self) -> None:
         for entry in list(self._entries.values()) + list(self._idle.values()):
+            if entry.temp is not None:
+                self.store.discard_temp(entry.temp)
+                entry.temp = None
             if entry.fd >= 0:
                 os.close(entry.fd)
                 entry.fd = -1

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from .job import Job
 from .link import ClientLink
 from .readcache import ReadCache
 from .spool import Spool
+from .store import ContentStore
 
 log = logging.getLogger(__name__)
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CAPABILITIES = ["exec"]
+CAPABILITIES = ["exec", "manifest"]
+PREFETCH_WINDOW = 2 << 30
 
 
 def fuse_problem() -> str | None:
@@ -143,8 +146,10 @@ class Mount:
 
 
 class AgentSession:
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, cache_cap: int | None = None) -> None:
         self.base_dir = base_dir
+        self.cache_cap = cache_cap
+        self.store: ContentStore | None = None
         self.sessions_dir = base_dir / "sessions"
         self.dir: Path | None = None
         self.mountpoint: Path | None = None
@@ -189,6 +194,8 @@ class AgentSession:
             return await self._hello(req)
         if isinstance(req, proto.Run):
             return await self._run(req)
+        if isinstance(req, proto.Manifest):
+            return self._manifest(req)
         if isinstance(req, proto.Bye):
             await self.teardown()
             return proto.Done()
@@ -242,7 +249,7 @@ class AgentSession:
         self.lock_fd = os.open(path / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
         os.write(self.lock_fd, f"{os.getpid()}\n".encode())
-        for sub in ("root", "cache", "spool"):
+        for sub in ("root", "spool"):
             (path / sub).mkdir(mode=0o700)
         self.mountpoint = path / "root"
 
@@ -250,13 +257,43 @@ class AgentSession:
         from .fs import MountOps
 
         assert self.dir is not None
-        free = shutil.disk_usage(self.dir).free
-        self.cache = ReadCache(
-            self.dir / "cache", self.link, self.nursery, keep_bytes=min(4 << 30, free // 4)
-        )
+        self.store = ContentStore(self.base_dir, self.cache_cap)
+        self.store.clear_stale_temps()
+        self.cache = ReadCache(self.store, self.link, self.nursery)
         kept = self.base_dir / "kept" / self.dir.name
         self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
         self.ops = MountOps(self.link, self.cache, self.spool)
+
+    def _manifest(self, req: proto.Manifest) -> proto.Missing:
+        if self.cache is None or self.store is None:
+            raise OSError(errno.ENOTCONN, "no mount: send Hello first")
+        missing = [
+            i
+            for i, e in enumerate(req.entries)
+            if e.blake3 is None or not self.store.has(e.blake3, e.size)
+        ]
+        wanted = [
+            (e.path, proto.Attr(stat.S_IFREG | 0o644, e.size, e.mtime_ns, 0, 0))
+            for e in (req.entries[i] for i in missing)
+        ]
+        if wanted:
+            self.nursery.start_soon(self.cache.prefetch, wanted, PREFETCH_WINDOW)
+        return proto.Missing(missing)
+
+    def transfer_stats(self) -> dict[str, int]:
+        """Counters kept by the code that moves the bytes."""
+        stats = {"content_bytes_received": 0, "content_bytes_committed": 0}
+        if self.cache is not None:
+            stats["content_bytes_received"] = self.cache.bytes_fetched
+        if self.store is not None:
+            stats.update(
+                cache_hits=self.store.hits,
+                cache_misses=self.store.misses,
+                bytes_saved=self.store.bytes_saved,
+            )
+        if self.spool is not None:
+            stats["content_bytes_committed"] = self.spool.bytes_committed
+        return stats
 
     async def _run(self, req: proto.Run) -> proto.Started:
         if self.mount is None or not self.mount.mounted:
@@ -279,7 +316,8 @@ class AgentSession:
             assert self.spool is not None
             for note in self.spool.notes:
                 await self.link.notify(proto.Log("warning", note))
-            await self.link.notify(proto.Exited(code, list(self.spool.lost)))
+            stats = self.transfer_stats()
+            await self.link.notify(proto.Exited(code, list(self.spool.lost), stats))
         except OSError as e:
             log.warning("could not report the job's end: %s", e)
 
@@ -313,6 +351,11 @@ class AgentSession:
             await self.mount.unmount()
         if self.cache is not None:
             self.cache.close()
+        if self.store is not None:
+            try:
+                self.store.save_counters()
+            except OSError as e:
+                log.warning("could not save cache counters: %s", e)
         if self.spool is not None:
             self.spool.close()
         if self.dir is not None:

@@ -1,0 +1,248 @@
+"""Content-addressed cache on the remote disk, shared by all sessions of the user.
+
+Objects live at ``objects/<hex[:2]>/<hex>``, named by their blake3. They are written
+under ``tmp/``, hashed, and renamed into place, so two sessions fetching the same
+content at once both end with one good object. An object is verified against its name
+the first time a process uses it; a bad one is deleted and fetched again. While a
+session reads an object it holds a shared ``flock`` on it; eviction (least recently
+used first, by mtime, which ``use`` refreshes) skips objects someone holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+log = logging.getLogger(__name__)
+
+
+def default_cap(path: Path) -> int:
+    """A sensible default: a quarter of the free space, at most 50 GiB."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return 10 << 30
+    return min(free // 4, 50 << 30)
+
+
+@dataclass
+class StoreStats:
+    objects: int
+    bytes: int
+    cap: int
+    hits: int
+    misses: int
+    bytes_saved: int
+
+    def as_dict(self) -> dict[str, int | float]:
+        total = self.hits + self.misses
+        return {
+            "objects": self.objects,
+            "bytes": self.bytes,
+            "cap": self.cap,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hits / total, 4) if total else 0.0,
+            "bytes_saved": self.bytes_saved,
+        }
+
+
+class ContentStore:
+    def __init__(self, root: Path, cap: int | None = None) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.cap = cap if cap is not None else default_cap(root)
+        self._verified: set[bytes] = set()
+        self.hits = 0
+        self.misses = 0
+        self.bytes_saved = 0
+
+    def path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.objects / h[:2] / h
+
+    def has(self, digest: bytes, size: int) -> bool:
+        """Cheap existence check (no verification) for answering a manifest."""
+        try:
+            return os.stat(self.path(digest)).st_size == size
+        except OSError:
+            return False
+
+    def open(self, digest: bytes, size: int) -> int | None:
+        """A read fd (holding a shared lock) of a good object, or None if we lack it."""
+        path = self.path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if os.fstat(fd).st_size != size or not self._verify(fd, digest):
+                log.warning("cache object %s is damaged; fetching it again", path.name)
+                os.close(fd)
+                self._remove(path)
+                return None
+            os.utime(path)  # least recently used = oldest mtime
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _verify(self, fd: int, digest: bytes) -> bool:
+        if digest in self._verified:
+            return True
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if os.fstat(fd).st_size:
+            hasher.update_mmap(f"/proc/self/fd/{fd}")
+        ok = hasher.digest() == digest
+        if ok:
+            self._verified.add(digest)
+        return ok
+
+    def new_temp(self, size: int) -> tuple[int, Path]:
+        name = self.tmp / f"{os.getpid()}-{time.monotonic_ns()}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, size)
+        return fd, name
+
+    def add(self, temp: Path, fd: int, expect: bytes | None) -> bytes:
+        """Hash a finished temp file and move it into place; returns its digest.
+
+        ``expect`` is the hash the client announced, if any: a mismatch means the bytes
+        changed on the way, and nothing is stored.
+        """
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if os.fstat(fd).st_size:
+            hasher.update_mmap(f"/proc/self/fd/{fd}")
+        digest = hasher.digest()
+        if expect is not None and digest != expect:
+            self._remove(temp)
+            raise OSError(errno.EIO, "received content does not match the client's hash")
+        final = self.path(digest)
+        final.parent.mkdir(exist_ok=True, mode=0o700)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # ours before anyone can see it: not evictable
+        os.rename(temp, final)  # atomic; a concurrent identical object is simply replaced
+        self._verified.add(digest)
+        self.enforce_cap()
+        return digest
+
+    def discard_temp(self, temp: Path) -> None:
+        self._remove(temp)
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    # --- size, eviction, statistics -------------------------------------------------
+
+    def _scan(self) -> list[tuple[float, int, Path]]:
+        entries = []
+        for sub in self.objects.iterdir() if self.objects.is_dir() else []:
+            try:
+                with os.scandir(sub) as it:
+                    for e in it:
+                        try:
+                            st = e.stat()
+                        except FileNotFoundError:
+                            continue
+                        entries.append((st.st_mtime, st.st_size, Path(e.path)))
+            except NotADirectoryError:
+                continue
+        return entries
+
+    def enforce_cap(self, cap: int | None = None) -> int:
+        """Evict least recently used objects nobody holds until under ``cap``."""
+        cap = self.cap if cap is None else cap
+        entries = sorted(self._scan())
+        total = sum(size for _, size, _ in entries)
+        freed = 0
+        for _, size, path in entries:
+            if total <= cap:
+                break
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # a session is reading it
+            try:
+                self._remove(path)
+                total -= size
+                freed += size
+            finally:
+                os.close(fd)
+        return freed
+
+    def clear_stale_temps(self, older_than: float = 3600) -> None:
+        now = time.time()
+        for entry in self.tmp.iterdir():
+            try:
+                if now - entry.stat().st_mtime > older_than:
+                    entry.unlink()
+            except OSError:
+                pass
+
+    def stats(self) -> StoreStats:
+        entries = self._scan()
+        persisted = self._load_counters()
+        return StoreStats(
+            len(entries),
+            sum(size for _, size, _ in entries),
+            self.cap,
+            persisted["hits"] + self.hits,
+            persisted["misses"] + self.misses,
+            persisted["bytes_saved"] + self.bytes_saved,
+        )
+
+    def _counters_path(self) -> Path:
+        return self.root / "counters.json"
+
+    def _load_counters(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._counters_path().read_text())
+            return {k: int(data.get(k, 0)) for k in ("hits", "misses", "bytes_saved")}
+        except (OSError, ValueError):
+            return {"hits": 0, "misses": 0, "bytes_saved": 0}
+
+    def save_counters(self) -> None:
+        """Add this process's counters to the persisted ones (under a lock)."""
+        lock = os.open(self.root / "counters.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._load_counters()
+            data["hits"] += self.hits
+            data["misses"] += self.misses
+            data["bytes_saved"] += self.bytes_saved
+            tmp = self._counters_path().with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self._counters_path())
+            self.hits = self.misses = self.bytes_saved = 0
+        finally:
+            os.close(lock)
+
+    def clear(self) -> int:
+        """Remove every object nobody holds; returns bytes freed."""
+        freed = self.enforce_cap(0)
+        try:
+            self._counters_path().unlink()
+        except FileNotFoundError:
+            pass
+        return freed

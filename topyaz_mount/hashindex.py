@@ -1,0 +1,102 @@
+"""The client's memory of content hashes: (device, inode, size, mtime_ns) -> blake3.
+
+An unchanged file is never hashed twice; a file whose size or mtime changed is hashed
+again. Kept in SQLite in the user's cache dir so it survives runs, and safe to share
+between concurrent topyaz-mount processes (SQLite's own locking, short transactions).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import blake3
+
+log = logging.getLogger(__name__)
+
+# A file the job opens that we have not hashed yet is hashed on the spot up to this size
+# (blake3 runs at several GB/s, so this is a few tens of milliseconds); a larger one
+# starts streaming at once and is hashed in order as its chunks go out.
+QUICK_HASH_LIMIT = 64 << 20
+# Before the command starts, unhashed inputs named in its arguments are hashed up to this
+# many bytes in all, so that renamed, copied or touched inputs are cache hits.
+MANIFEST_HASH_BUDGET = 1 << 30
+
+
+def default_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("topyaz-mount")) / "hashes.sqlite"
+
+
+def hash_fd(fd: int) -> bytes:
+    """blake3 of a whole open file, multi-threaded, without moving the fd's offset."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if os.fstat(fd).st_size:
+        hasher.update_mmap(f"/proc/self/fd/{fd}")
+    return hasher.digest()
+
+
+class HashIndex:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_path()
+        self.hashed_bytes = 0  # what this process had to hash (for --stats and tests)
+        self.hashed_files = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db: sqlite3.Connection | None = sqlite3.connect(
+                self.path, timeout=10, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS files (dev INTEGER, ino INTEGER, size INTEGER,"
+                " mtime_ns INTEGER, hash BLOB, PRIMARY KEY (dev, ino))"
+            )
+        except sqlite3.Error as e:
+            log.warning("hash index %s unusable (%s); hashing without memory", self.path, e)
+            self._db = None
+
+    def lookup(self, st: os.stat_result) -> bytes | None:
+        if self._db is None:
+            return None
+        try:
+            row = self._db.execute(
+                "SELECT size, mtime_ns, hash FROM files WHERE dev=? AND ino=?",
+                (st.st_dev, st.st_ino),
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+            return bytes(row[2])
+        return None
+
+    def remember(self, st: os.stat_result, digest: bytes) -> None:
+        if self._db is None:
+            return
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest),
+            )
+        except sqlite3.Error as e:
+            log.debug("could not remember a hash: %s", e)
+
+    def hash_of(self, fd: int) -> bytes:
+        """The file's hash, from memory if it is unchanged, else computed and remembered."""
+        st = os.fstat(fd)
+        known = self.lookup(st)
+        if known is not None:
+            return known
+        digest = hash_fd(fd)
+        self.hashed_bytes += st.st_size
+        self.hashed_files += 1
+        if os.fstat(fd).st_mtime_ns == st.st_mtime_ns:  # not changed while we read it
+            self.remember(st, digest)
+        return digest
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
