@@ -183,6 +183,14 @@ class Session:
             argv, os.path.abspath(cwd or str(self.root)), env or {}, literal
         )
         self._sinks = {1: stdout, 2: stderr}
+        self._exited = None
+        self._exit_event = trio.Event()
+        self.warnings = []
+        sent_before = self.server.stats.bytes_read
+        committed_before = self.server.stats.bytes_committed
+        files_before = self.server.stats.files_committed
+        wire_before = (self.peer.bytes_sent, self.peer.bytes_received)
+        hashed_before = self.server.index.hashed_bytes
         started_at = trio.current_time()
         await self._send_manifest(argv, os.path.abspath(cwd or str(self.root)))
         run = proto.Run(remote_argv, remote_cwd, remote_env, stdin is not None)
@@ -213,12 +221,12 @@ class Session:
             raise JobTimeout(f"the command ran past its {timeout:g} s limit and was killed")
         stats: dict[str, int | float] = dict(self._exited.stats)
         stats.update(
-            content_bytes_sent=self.server.stats.bytes_read,
-            content_bytes_received=self.server.stats.bytes_committed,
-            files_committed=self.server.stats.files_committed,
-            wire_bytes_sent=self.peer.bytes_sent,
-            wire_bytes_received=self.peer.bytes_received,
-            hashed_bytes=self.server.index.hashed_bytes,
+            content_bytes_sent=self.server.stats.bytes_read - sent_before,
+            content_bytes_received=self.server.stats.bytes_committed - committed_before,
+            files_committed=self.server.stats.files_committed - files_before,
+            wire_bytes_sent=self.peer.bytes_sent - wire_before[0],
+            wire_bytes_received=self.peer.bytes_received - wire_before[1],
+            hashed_bytes=self.server.index.hashed_bytes - hashed_before,
             wall_seconds=round(trio.current_time() - started_at, 3),
         )
         stats.pop("content_bytes_committed", None)

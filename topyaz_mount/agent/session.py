@@ -299,14 +299,24 @@ class AgentSession:
         if self.mount is None or not self.mount.mounted:
             raise OSError(errno.ENOTCONN, "no mount: send Hello first")
         if self.job is not None:
-            raise OSError(errno.EBUSY, "this session runs one command")
+            raise OSError(errno.EBUSY, "a command is running in this session already")
         job = Job(req.argv, req.cwd, dict(req.env), req.stdin)
-        pid = await job.start()
         self.job = job
-        self.nursery.start_soon(self._watch_job, job)
+        try:
+            pid = await job.start()
+        except BaseException:
+            self.job = None
+            raise
+        self.nursery.start_soon(self._watch_job, job, self.transfer_stats())
         return proto.Started(pid)
 
-    async def _watch_job(self, job: Job) -> None:
+    async def _watch_job(self, job: Job, before: dict[str, int]) -> None:
+        """Forward the job's output; when it ends, commit its outputs, then report.
+
+        Commands in one session run one after another; the counters reported are this
+        command's share (the difference from ``before``).
+        """
+
         async def sink(fd: int, data: bytes) -> None:
             await self.link.notify(proto.Output(fd, data))
 
@@ -314,10 +324,14 @@ class AgentSession:
             code = await job.run(sink)
             await self._settle_outputs()
             assert self.spool is not None
-            for note in self.spool.notes:
+            notes, self.spool.notes = self.spool.notes, []
+            lost, self.spool.lost = self.spool.lost, []
+            for note in notes:
                 await self.link.notify(proto.Log("warning", note))
-            stats = self.transfer_stats()
-            await self.link.notify(proto.Exited(code, list(self.spool.lost), stats))
+            after = self.transfer_stats()
+            stats = {k: v - before.get(k, 0) for k, v in after.items()}
+            self.job = None
+            await self.link.notify(proto.Exited(code, lost, stats))
         except OSError as e:
             log.warning("could not report the job's end: %s", e)
 

@@ -1,0 +1,274 @@
+"""The library way in: run commands on a remote host through the mount from Python.
+
+Two faces over one session object:
+
+- trio code: ``async with open_remote(host, root) as remote: await remote.run(argv)``
+- plain synchronous code: ``with RemoteMount(host, root) as remote: remote.run(argv)``,
+  which runs the trio side in a thread of its own, so the caller never sees trio.
+
+Commands in one session run one after another over one ssh connection and one mount.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .client import Session, open_session
+from .errors import TopyazMountError, collapse
+from .translate import PathMap, translate_value
+from .transport import Remote, SshSettings
+
+
+@dataclass(frozen=True)
+class RemoteHost:
+    """Where to run: an ssh destination plus how to reach it."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    ssh_key: str | None = None
+    ssh_options: tuple[str, ...] = ()
+    ssh_config: str | None = None
+    remote_python: str = "python3"
+    connection_timeout: float = 30.0
+
+    @classmethod
+    def parse(cls, destination: str, **kwargs: Any) -> RemoteHost:
+        r = Remote.parse(destination)
+        return cls(r.host, kwargs.pop("user", r.user), kwargs.pop("port", r.port), **kwargs)
+
+    def settings(self) -> SshSettings:
+        options = list(self.ssh_options)
+        if self.ssh_key:
+            options += [f"IdentityFile={os.path.expanduser(self.ssh_key)}", "IdentitiesOnly=yes"]
+        options.append(f"ConnectTimeout={max(1, int(self.connection_timeout))}")
+        return SshSettings(
+            Remote(self.host, self.user, self.port),
+            tuple(options),
+            self.ssh_config,
+            self.remote_python,
+        )
+
+
+@dataclass
+class CompletedRun:
+    """What a command left behind: its status and its captured output."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    lost: list[str] = field(default_factory=list)
+    stats: dict[str, int | float] = field(default_factory=dict)
+
+
+class AsyncRemote:
+    """A session for trio code; get one from ``open_remote``."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._lock = trio.Lock()
+
+    @property
+    def root(self) -> Path:
+        return self._session.root
+
+    @property
+    def mountpoint(self) -> str:
+        return self._session.mountpoint
+
+    def to_remote(self, local_path: str | os.PathLike[str]) -> str:
+        """The remote path of a local path under the root (ValueError outside it)."""
+        pm: PathMap = self._session.pathmap  # type: ignore[assignment]
+        path = os.path.abspath(local_path)
+        remote = pm.to_remote(path)
+        if remote is None:
+            raise ValueError(f"{path} is outside the root {pm.local_root}")
+        return remote
+
+    def to_local(self, remote_path: str) -> str:
+        """The local path of a remote path under the mountpoint (ValueError outside it)."""
+        pm: PathMap = self._session.pathmap  # type: ignore[assignment]
+        local = pm.to_local(remote_path)
+        if local is None:
+            raise ValueError(f"{remote_path} is outside the mountpoint {pm.remote_root}")
+        return local
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> CompletedRun:
+        """Run ``argv`` remotely; paths under the root are translated both in ``argv``
+        and in ``env`` values. Output is captured, and also streamed to ``on_stdout`` /
+        ``on_stderr`` if given. Raises ``JobTimeout`` after killing the command when
+        ``timeout`` runs out."""
+        out: list[bytes] = []
+        err: list[bytes] = []
+
+        def tee(buf: list[bytes], cb: Callable[[bytes], None] | None) -> Callable[[bytes], None]:
+            def sink(data: bytes) -> None:
+                buf.append(data)
+                if cb is not None:
+                    cb(data)
+
+            return sink
+
+        data = input.encode() if isinstance(input, str) else input
+        async with self._lock:
+            result = await self._session.run(
+                list(argv),
+                cwd=os.fspath(cwd) if cwd is not None else None,
+                env=dict(env or {}),
+                stdout=tee(out, on_stdout),
+                stderr=tee(err, on_stderr),
+                stdin=data,
+                timeout=timeout,
+            )
+        return CompletedRun(
+            result.exit_code, b"".join(out), b"".join(err), result.lost, result.stats
+        )
+
+
+@asynccontextmanager
+async def open_remote(
+    host: RemoteHost | str, root: str | os.PathLike[str] | None = None
+) -> AsyncIterator[AsyncRemote]:
+    """Connect to ``host`` and mount ``root`` (default: the current directory) there."""
+    remote = host if isinstance(host, RemoteHost) else RemoteHost.parse(host)
+    settings = remote.settings()
+    try:
+        async with open_session(
+            settings, os.fspath(root or os.getcwd()), connect_timeout=remote.connection_timeout
+        ) as session:
+            yield AsyncRemote(session)
+    except BaseException as e:
+        err = collapse(e)
+        if isinstance(err, TopyazMountError) and err is not e:
+            raise err from None
+        raise
+
+
+class RemoteMount:
+    """The same session for synchronous code: trio runs in a thread of its own.
+
+    ``with RemoteMount("gpu-box", "/photos") as remote: remote.run(["tpai", ...])``
+    """
+
+    def __init__(self, host: RemoteHost | str, root: str | os.PathLike[str] | None = None) -> None:
+        self.host = host if isinstance(host, RemoteHost) else RemoteHost.parse(host)
+        self.root = os.fspath(root or os.getcwd())
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._remote: AsyncRemote | None = None
+        self._close: trio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RemoteMount:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._remote is not None and self._thread is not None and self._thread.is_alive()
+
+    def open(self) -> None:
+        if self.is_open:
+            return
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._main, name="topyaz-mount", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._thread.join()
+            raise error
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as e:  # reported to the caller of open()
+            self._error = collapse(e)
+        finally:
+            self._remote = None
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._close = trio.Event()
+        async with open_remote(self.host, self.root) as remote:
+            self._remote = remote
+            self._ready.set()
+            await self._close.wait()
+
+    def close(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        if self._token is not None and self._close is not None and thread.is_alive():
+            try:
+                trio.from_thread.run_sync(self._close.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        thread.join()
+        self._thread = None
+        self._remote = None
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.is_open:
+            raise RuntimeError("the remote session is not open")
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+        except BaseException as e:
+            raise collapse(e) from None
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+    ) -> CompletedRun:
+        assert self._remote is not None or not self.is_open
+        remote = self._remote
+
+        async def go() -> CompletedRun:
+            assert remote is not None
+            return await remote.run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
+
+        return self._call(go)
+
+    def to_remote(self, local_path: str | os.PathLike[str]) -> str:
+        if self._remote is None:
+            raise RuntimeError("the remote session is not open")
+        return self._remote.to_remote(local_path)
+
+    def to_local(self, remote_path: str) -> str:
+        if self._remote is None:
+            raise RuntimeError("the remote session is not open")
+        return self._remote.to_local(remote_path)
+
+
+def translate_path(value: str, root: str, mountpoint: str, cwd: str | None = None) -> str:
+    """A single value as the remote sees it, without a session (pure prefix swap)."""
+    return translate_value(value, PathMap(root, mountpoint), cwd or root)
