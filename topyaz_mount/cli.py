@@ -186,6 +186,7 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--cache-cap",
             default=None,
+            envvar="TOPYAZ_MOUNT_CACHE_CAP",
             metavar="SIZE",
             help="Size cap of the remote content cache (e.g. 20G; default: a quarter "
             "of the free space, at most 50G).",

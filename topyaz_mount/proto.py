@@ -405,7 +405,8 @@ def strip_preamble(buf: bytearray, limit: int = 1 << 16) -> tuple[bool, bytes]:
     """
     i = buf.find(MAGIC)
     if i < 0:
-        if len(buf) > limit:
+        # The last len(MAGIC)-1 bytes may be the start of a MAGIC still arriving.
+        if len(buf) - (len(MAGIC) - 1) > limit:
             raise ProtocolError("the remote side never started a topyaz-mount agent")
         return False, b""
     skipped = bytes(buf[:i])
