@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
+from .pipes import widen
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ async def start_ssh(settings: SshSettings) -> SshProcess:
             f"the ssh client {settings.ssh_program!r} is not installed"
         ) from None
     assert proc.stdin is not None and proc.stdout is not None
+    for pipe in (proc.stdin, proc.stdout):
+        widen(pipe.fileno())  # type: ignore[union-attr]
     return SshProcess(proc, trio.StapledStream(proc.stdin, proc.stdout))
 
 

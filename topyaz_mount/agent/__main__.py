@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from .. import proto
+from ..pipes import widen
 from .session import AgentSession
 from .store import ContentStore
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
     channel_in = os.dup(0)
     channel_out = os.dup(1)
+    widen(channel_in)
+    widen(channel_out)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
