@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from .client import Session, open_session
-from .errors import TopyazMountError, collapse
+from .errors import collapse
 from .translate import PathMap, translate_value
 from .transport import Remote, SshSettings
 
@@ -118,12 +118,16 @@ class AsyncRemote:
         ``timeout`` runs out."""
         out: list[bytes] = []
         err: list[bytes] = []
+        callback_errors: list[BaseException] = []
 
         def tee(buf: list[bytes], cb: Callable[[bytes], None] | None) -> Callable[[bytes], None]:
             def sink(data: bytes) -> None:
                 buf.append(data)
-                if cb is not None:
-                    cb(data)
+                if cb is not None and not callback_errors:
+                    try:
+                        cb(data)
+                    except Exception as e:  # the caller's bug: report it, keep the session
+                        callback_errors.append(e)
 
             return sink
 
@@ -138,9 +142,15 @@ class AsyncRemote:
                 stdin=data,
                 timeout=timeout,
             )
+        if callback_errors:
+            raise callback_errors[0]
         return CompletedRun(
             result.exit_code, b"".join(out), b"".join(err), result.lost, result.stats
         )
+
+    @property
+    def connected(self) -> bool:
+        return not self._session.lost.is_set()
 
 
 @asynccontextmanager
@@ -156,8 +166,10 @@ async def open_remote(
         ) as session:
             yield AsyncRemote(session)
     except BaseException as e:
+        # trio wraps whatever leaves a nursery in an ExceptionGroup; callers want the
+        # error itself (ours, or their own from inside the block).
         err = collapse(e)
-        if isinstance(err, TopyazMountError) and err is not e:
+        if err is not e:
             raise err from None
         raise
 
@@ -187,7 +199,12 @@ class RemoteMount:
 
     @property
     def is_open(self) -> bool:
-        return self._remote is not None and self._thread is not None and self._thread.is_alive()
+        return (
+            self._remote is not None
+            and self._remote.connected
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
 
     def open(self) -> None:
         if self.is_open:
@@ -217,7 +234,14 @@ class RemoteMount:
         async with open_remote(self.host, self.root) as remote:
             self._remote = remote
             self._ready.set()
-            await self._close.wait()
+            async with trio.open_nursery() as nursery:
+                # End on close() or when the connection dies, whichever comes first.
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until, self._close)
+                nursery.start_soon(until, remote._session.lost)
 
     def close(self) -> None:
         thread = self._thread

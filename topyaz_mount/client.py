@@ -68,6 +68,11 @@ class Session:
         self.on_warning: Callable[[str], None] = lambda text: log.warning("%s", text)
 
     @property
+    def lost(self) -> trio.Event:
+        """Set when the connection to the agent has ended."""
+        return self._lost
+
+    @property
     def root(self) -> Path:
         return self.server.jail.root
 
@@ -120,6 +125,8 @@ class Session:
         assert self.peer is not None
         try:
             await self.peer.run()
+        except proto.ProtocolError:
+            pass  # logged by the peer; the session reports the lost connection
         finally:
             self._lost.set()
 

@@ -15,7 +15,13 @@ from typing import Any
 
 from . import __version__
 from .api import RemoteHost, RemoteMount
-from .errors import AuthenticationFailed, ConnectionFailed, JobTimeout, TopyazMountError
+from .errors import (
+    EXIT_FAILURE,
+    AuthenticationFailed,
+    ConnectionFailed,
+    JobTimeout,
+    TopyazMountError,
+)
 
 __all__ = [
     "AuthenticationFailed",
@@ -101,9 +107,11 @@ class MountExecutor:
             timeout=float(limit) if limit else None,
         )
         stderr = result.stderr.decode(errors="replace")
+        code = result.returncode
         if result.lost:
             stderr += "".join(f"topyaz-mount: error: {line}\n" for line in result.lost)
-        return result.returncode, result.stdout.decode(errors="replace"), stderr
+            code = code or EXIT_FAILURE  # as the CLI: a job whose outputs are lost failed
+        return code, result.stdout.decode(errors="replace"), stderr
 
     def is_available(self) -> bool:
         """Can we connect and mount? (Connects if not yet connected.)"""

@@ -37,7 +37,8 @@ def attr_of(st: os.stat_result) -> proto.Attr:
 @dataclass
 class _Commit:
     path: bytes
-    temp: bytes  # root-relative
+    dir_fd: int  # O_PATH fd of the temp file's directory: follows it if it is renamed
+    temp_name: bytes
     fd: int
     mode: int
     expect: proto.Attr | None
@@ -232,11 +233,13 @@ class FileServer:
             raise JailError(errno.EPERM, "cannot write the root")
         name = parts[-1]
         temp_name = b"." + name[:180] + TEMP_MARK + secrets.token_hex(6).encode()
-        temp = b"/".join([*parts[:-1], temp_name])
-        with self.jail.parent(temp) as (dfd, tname):
+        with self.jail.parent(req.path) as (dfd, _):
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(tname, flags, 0o600, dir_fd=dfd)
-        self._commits[req.commit] = _Commit(req.path, temp, fd, req.mode, req.expect, req.check)
+            fd = os.open(temp_name, flags, 0o600, dir_fd=dfd)
+            dir_fd = os.dup(dfd)
+        self._commits[req.commit] = _Commit(
+            req.path, dir_fd, temp_name, fd, req.mode, req.expect, req.check
+        )
         return proto.Done()
 
     def _commit_end(self, req: proto.CommitEnd) -> proto.Committed:
@@ -257,13 +260,15 @@ class FileServer:
             os.close(c.fd)
             c.fd = -1
             dest = self._destination(c)
-            self.jail.rename(c.temp, dest)
-            with self.jail.parent(dest) as (dfd, _):
+            with self.jail.parent(dest) as (dfd, dname):
+                os.rename(c.temp_name, dname, src_dir_fd=c.dir_fd, dst_dir_fd=dfd)
+                c.temp_name = b""
                 _fsync_dir(dfd)
         except BaseException:
             self._abort(req.commit)
             raise
         del self._commits[req.commit]
+        os.close(c.dir_fd)
         self.stats.bytes_committed += c.written
         self.stats.files_committed += 1
         self.committed.append(dest)
@@ -288,7 +293,9 @@ class FileServer:
         stem, dot, ext = name.rpartition(b".")
         if not stem:
             stem, dot, ext = name, b"", b""
-        alt = stem + b".remote-conflict" + dot + ext
+        mark = b".remote-conflict"
+        stem = stem[: max(1, 255 - len(mark) - len(dot) - len(ext))]
+        alt = stem + mark + dot + ext
         log.warning("%s changed locally during the job; remote output kept as %s", c.path, alt)
         return (head + b"/" if head else b"") + alt
 
@@ -302,10 +309,12 @@ class FileServer:
             return
         if c.fd >= 0:
             os.close(c.fd)
-        try:
-            self.jail.unlink(c.temp)
-        except OSError:
-            pass
+        if c.temp_name:
+            try:
+                os.unlink(c.temp_name, dir_fd=c.dir_fd)
+            except OSError:
+                pass
+        os.close(c.dir_fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

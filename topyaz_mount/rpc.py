@@ -101,20 +101,35 @@ class Peer:
         return self._closed is not None
 
     async def run(self) -> None:
-        """Move frames until the stream ends; then fail every pending call."""
+        """Move frames until the stream ends; then fail every pending call.
+
+        A broken or closed stream is the normal way to end and returns quietly; a peer
+        that breaks the protocol raises ProtocolError (after the connection is closed).
+        """
+        error: BaseException | None = None
+
+        async def until_broken(loop: Callable[..., Awaitable[None]], *args: Any) -> None:
+            nonlocal error
+            try:
+                await loop(*args)
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+                proto.ProtocolError,
+            ) as e:
+                error = error or e
+            nursery.cancel_scope.cancel()  # one direction ending ends both
+
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop)
-                await self._read_loop(nursery)
-                nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            self._lose(e)
-        except proto.ProtocolError as e:
-            log.error("protocol error from peer: %s", e)
-            self._lose(e)
-            raise
+                nursery.start_soon(until_broken, self._write_loop)
+                await until_broken(self._read_loop, nursery)
         finally:
-            self._lose(ConnectionLost("connection closed"))
+            self._lose(error or ConnectionLost("connection closed"))
+        if isinstance(error, proto.ProtocolError):
+            log.error("protocol error from peer: %s", error)
+            raise error
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been handed to the stream."""
@@ -202,15 +217,19 @@ class Peer:
         try:
             try:
                 res = await self._on_call(call.req)
-                out: Any = proto.Reply(call.rid, res)
+                frame = proto.encode(proto.Reply(call.rid, res))
             except OSError as e:
                 code = e.errno or errno_mod.EIO
-                out = proto.Fail(call.rid, code, e.strerror or os.strerror(code))
+                frame = proto.encode(proto.Fail(call.rid, code, e.strerror or os.strerror(code)))
+            except proto.ProtocolError as e:  # the reply is too big for a frame
+                frame = proto.encode(proto.Fail(call.rid, errno_mod.EFBIG, str(e)))
             except Exception as e:  # a handler bug must not end the connection
                 log.exception("handler for %s failed", type(call.req).__name__)
-                out = proto.Fail(call.rid, errno_mod.EIO, f"{type(e).__name__}: {e}")
+                frame = proto.encode(
+                    proto.Fail(call.rid, errno_mod.EIO, f"{type(e).__name__}: {e}")
+                )
             try:
-                await self._enqueue(proto.encode(out), call.prio)
+                await self._enqueue(frame, call.prio)
             except ConnectionLost:
                 pass
         finally:

@@ -38,7 +38,8 @@ class Remote:
     @classmethod
     def parse(cls, text: str) -> Remote:
         """``[user@]host[:port]``; IPv6 literals in brackets (``[::1]:2222``)."""
-        m = _REMOTE.match(text.strip())
+        text = text.strip()
+        m = _REMOTE.match(text)
         if not m or text.startswith("-"):
             raise UsageError(f"--remote {text!r}: expected [user@]host[:port]")
         port = int(m["port"]) if m["port"] else None
@@ -176,7 +177,11 @@ def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception
             f"{py} on {host} lacks the Python package {module!r}: install it there with "
             f"`{py} -m pip install 'topyaz-mount[remote]'`"
         )
-    if re.search(r"(command not found|No such file or directory|not found)", text) and py in text:
+    shell_says = (
+        rf"{re.escape(py)}: (command )?not found|command not found: {re.escape(py)}"
+        rf"|{re.escape(py)}: No such file or directory|exec: {re.escape(py)}: not found"
+    )
+    if re.search(shell_says, text):
         return AgentUnavailable(f"no Python interpreter {py!r} on {host}; pass --remote-python")
     patterns = (
         "Could not resolve hostname",
