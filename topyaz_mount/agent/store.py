@@ -65,6 +65,7 @@ class ContentStore:
         self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.cap = cap if cap is not None else default_cap(root)
         self._verified: set[bytes] = set()
+        self._total: int | None = None  # bytes in objects/, as last counted by us
         self.hits = 0
         self.misses = 0
         self.bytes_saved = 0
@@ -133,9 +134,15 @@ class ContentStore:
         final = self.path(digest)
         final.parent.mkdir(exist_ok=True, mode=0o700)
         fcntl.flock(fd, fcntl.LOCK_SH)  # ours before anyone can see it: not evictable
+        existed = final.exists()
         os.rename(temp, final)  # atomic; a concurrent identical object is simply replaced
         self._verified.add(digest)
-        self.enforce_cap()
+        if self._total is None:
+            self._total = sum(size for _, size, _ in self._scan())
+        elif not existed:
+            self._total += os.fstat(fd).st_size
+        if self._total > self.cap:  # scan (and evict) only when over the cap
+            self.enforce_cap()
         return digest
 
     def discard_temp(self, temp: Path) -> None:
@@ -189,6 +196,7 @@ class ContentStore:
                 freed += size
             finally:
                 os.close(fd)
+        self._total = total
         return freed
 
     def clear_stale_temps(self, older_than: float = 3600) -> None:
