@@ -1,0 +1,333 @@
+"""Helpers for the end-to-end tests: run the real `topyaz-mount exec` CLI as a subprocess.
+
+`start_exec(...)` starts `python -m topyaz_mount.cli exec --remote ... -F ...
+--remote-python ... --root ROOT -- COMMAND...` (the same entry point as the
+`topyaz-mount` script, from this checkout) and returns an `ExecProcess` whose stdout and
+stderr are collected by reader threads, so a test can wait for a line, send signals and
+still get everything at the end. `run_exec(...)` is start + wait with a timeout and
+returns a `subprocess.CompletedProcess` with bytes stdout/stderr.
+
+Every process started here is ended by its pid in `ExecProcess.close()`, including the
+`ssh` child of a topyaz-mount process that was killed (found by its parent pid while
+the parent still lived).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+STANDINS_DIR = REPO_DIR / "tools" / "standins"
+REMOTE_USER = "tmremote"
+TEMP_MARK = ".tmcommit-"
+
+CLI = [sys.executable, "-m", "topyaz_mount.cli"]
+
+
+def client_env() -> dict[str, str]:
+    """Our environment without TOPYAZ_MOUNT_* settings, with this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPYAZ_MOUNT_")}
+    env["PYTHONPATH"] = str(REPO_DIR) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    env.pop("PYTHONSTARTUP", None)
+    return env
+
+
+def exec_argv(testhost, root: Path | str | None, command, *, options=(), remote=None,
+              remote_python=None, dashdash: bool = True) -> list[str]:
+    argv = [*CLI, "exec", "--remote", remote or testhost.remote,
+            "-F", str(testhost.ssh_config),
+            "--remote-python", remote_python or testhost.remote_python]
+    if root is not None:
+        argv += ["--root", str(root)]
+    argv += [str(o) for o in options]
+    if dashdash:
+        argv.append("--")
+    argv += [str(a) for a in command]
+    return argv
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def proc_stat(pid: int) -> tuple[int, int, str, str] | None:
+    """(ppid, pgrp, state, comm) of pid, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), int(fields[2]), fields[0], comm
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def pid_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    st = proc_stat(pid)
+    return st is not None and st[2] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for p in all_pids():
+        st = proc_stat(p)
+        if st is not None and st[0] == pid:
+            out.append(p)
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    table = {}
+    for p in all_pids():
+        st = proc_stat(p)
+        if st is not None:
+            table[p] = st[0]
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        nxt = {p for p, pp in table.items() if pp in frontier and p not in found}
+        found |= nxt
+        frontier = nxt
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is pgid."""
+    out = []
+    for p in all_pids():
+        st = proc_stat(p)
+        if st is not None and st[1] == pgid and st[2] != "Z":
+            out.append(p)
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def _kill_by_pid(pid: int, comm: str, sig: int = signal.SIGKILL) -> None:
+    """Kill pid if it is still the process we think it is (guards pid reuse)."""
+    st = proc_stat(pid)
+    if st is None or st[2] == "Z" or st[3] != comm:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+class ExecProcess:
+    """A running `topyaz-mount exec` with its output collected in the background."""
+
+    def __init__(self, argv: list[str], *, cwd: Path | str, stdin_data: bytes | None = None):
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=str(cwd),
+            env=client_env(),
+            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.pid = self.proc.pid
+        self._out = bytearray()
+        self._err = bytearray()
+        self._cond = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self._err), daemon=True),
+        ]
+        if stdin_data is not None:
+            self._threads.append(
+                threading.Thread(target=self._feed, args=(stdin_data,), daemon=True)
+            )
+        for t in self._threads:
+            t.start()
+        # ssh children seen so far (pid -> comm), for cleanup after a SIGKILL
+        self.ssh_children: dict[int, str] = {}
+
+    def _pump(self, stream, buf: bytearray) -> None:
+        while True:
+            data = stream.read1(1 << 16)
+            if not data:
+                break
+            with self._cond:
+                buf += data
+                self._cond.notify_all()
+        stream.close()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+
+    @property
+    def stdout(self) -> bytes:
+        with self._cond:
+            return bytes(self._out)
+
+    @property
+    def stderr(self) -> bytes:
+        with self._cond:
+            return bytes(self._err)
+
+    def wait_for_stdout(self, needle: bytes, timeout: float) -> bool:
+        """Wait until stdout contains needle (False on timeout or if the process ended)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while needle not in self._out:
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._threads[0].is_alive()):
+                    return needle in self._out
+                self._cond.wait(min(left, 0.1))
+            return True
+
+    def wait_for_stderr(self, needle: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while needle not in self._err:
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._threads[1].is_alive()):
+                    return needle in self._err
+                self._cond.wait(min(left, 0.1))
+            return True
+
+    def remember_ssh(self) -> dict[int, str]:
+        """Record the ssh child (by parent pid) while this process is alive."""
+        for child in children(self.pid):
+            st = proc_stat(child)
+            if st is not None and st[3] == "ssh":
+                self.ssh_children[child] = st[3]
+        return self.ssh_children
+
+    def send_signal(self, sig: int) -> None:
+        self.remember_ssh()
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for the end; on timeout, kill everything and raise AssertionError."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out, err = self.stdout, self.stderr
+            self.close()
+            raise AssertionError(
+                f"topyaz-mount did not finish within {timeout} s: {self.argv}\n"
+                f"stdout: {out[-2000:]!r}\nstderr: {err[-2000:]!r}"
+            ) from None
+        for t in self._threads:
+            t.join(timeout=30)
+        return subprocess.CompletedProcess(self.argv, self.proc.returncode, self.stdout,
+                                           self.stderr)
+
+    def close(self) -> None:
+        """End this process and any ssh child it left behind, by pid."""
+        if self.proc.poll() is None:
+            self.remember_ssh()
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        for pid, comm in list(self.ssh_children.items()):
+            if pid_alive(pid):
+                _kill_by_pid(pid, comm, signal.SIGTERM)
+                if not wait_until(lambda p=pid: not pid_alive(p), 5):
+                    _kill_by_pid(pid, comm, signal.SIGKILL)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def __enter__(self) -> ExecProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_exec(testhost, root, *command, cwd=None, options=(), remote=None, remote_python=None,
+               dashdash: bool = True, stdin_data: bytes | None = None) -> ExecProcess:
+    argv = exec_argv(testhost, root, command, options=options, remote=remote,
+                     remote_python=remote_python, dashdash=dashdash)
+    return ExecProcess(argv, cwd=cwd if cwd is not None else root, stdin_data=stdin_data)
+
+
+def run_exec(testhost, root, *command, cwd=None, timeout: float = 60, options=(), remote=None,
+             remote_python=None, dashdash: bool = True,
+             stdin_data: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run `topyaz-mount exec` to the end; returns CompletedProcess (bytes stdout/stderr)."""
+    with start_exec(testhost, root, *command, cwd=cwd, options=options, remote=remote,
+                    remote_python=remote_python, dashdash=dashdash,
+                    stdin_data=stdin_data) as p:
+        return p.wait(timeout)
+
+
+def describe(r: subprocess.CompletedProcess) -> str:
+    return (f"exit {r.returncode}\nstdout: {r.stdout[-3000:]!r}\n"
+            f"stderr: {r.stderr[-3000:].decode(errors='replace')}")
+
+
+# --------------------------------------------------------------------------- remote state
+
+
+def remote_home() -> Path:
+    return Path(pwd.getpwnam(REMOTE_USER).pw_dir)
+
+
+def sessions_dir() -> Path:
+    return remote_home() / ".cache" / "topyaz-mount" / "sessions"
+
+
+def session_dirs() -> set[str]:
+    try:
+        return {str(p) for p in sessions_dir().iterdir()}
+    except FileNotFoundError:
+        return set()
+
+
+def session_agent_pid(session: Path | str) -> int | None:
+    try:
+        return int((Path(session) / "agent.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Commit temporaries (names containing .tmcommit-) anywhere below root."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            if TEMP_MARK in name:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def unmount_lazy(path: str) -> None:
+    r = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+    if r.returncode != 0:
+        subprocess.run(["umount", "-l", path], capture_output=True)
