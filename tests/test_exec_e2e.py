@@ -386,12 +386,6 @@ def test_killed_client_remote_cleans_up(testhost, client_root):
         assert not pid_alive(pid)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="a client killed mid-commit leaves its hidden .NAME.tmcommit-XXXX temporary in "
-    "the client root: FileServer names the temporary in the destination directory from "
-    "CommitBegin on, and only FileServer.close() (never reached after SIGKILL) removes it",
-)
 def test_killed_client_during_a_commit_leaves_no_temp_file(testhost, client_root):
     before = session_dirs()
     size = 150 * MiB
@@ -399,10 +393,17 @@ def test_killed_client_during_a_commit_leaves_no_temp_file(testhost, client_root
     session = None
     try:
         with start_exec(testhost, client_root, "sh", "-c", script) as p:
-            seen = wait_until(lambda: temp_files(client_root) or p.proc.poll() is not None,
-                              60, 0.002)
-            temps = temp_files(client_root)
-            assert seen and temps, f"no commit seen in flight: {p.stdout!r} {p.stderr!r}"
+            def commit_in_flight() -> bool:
+                # a named temp file, or an unnamed (O_TMPFILE) one held open by the client
+                return bool(temp_files(client_root)) or any(
+                    t.startswith(str(client_root)) and "(deleted)" in t
+                    for t in open_files(p.proc.pid)
+                )
+
+            seen = wait_until(lambda: commit_in_flight() or p.proc.poll() is not None, 60, 0.002)
+            assert seen and p.proc.poll() is None, (
+                f"no commit seen in flight: {p.stdout!r} {p.stderr!r}"
+            )
             ours = descendants(testhost.pid)
             new = [s for s in session_dirs() - before if session_agent_pid(s) in ours]
             session = new[0] if new else None
@@ -424,6 +425,20 @@ def test_killed_client_during_a_commit_leaves_no_temp_file(testhost, client_root
         if session is not None:
             kept = sessions_dir().parent / "kept" / Path(session).name
             shutil.rmtree(kept, ignore_errors=True)
+
+
+def open_files(pid: int) -> list[str]:
+    out = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
 
 
 # --------------------------------------------------------------------------- names

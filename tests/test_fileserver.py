@@ -145,11 +145,10 @@ def test_commit_is_atomic_replacement(world):
         new = b"new content" * 1000
         server.handle_chunk(proto.CommitChunk(5, 0, new))
         assert dest.read_bytes() == b"old"
-        assert len(temps(root / "out")) == 1
-        # the temp file is hidden, private and beside the destination
-        (tname,) = temps(root / "out")
-        assert tname.startswith(".a.png")
-        assert stat.S_IMODE(os.stat(root / "out" / tname).st_mode) == 0o600
+        # the temp file is unnamed (O_TMPFILE) or hidden, private and beside the destination
+        for tname in temps(root / "out"):
+            assert tname.startswith(".a.png")
+            assert stat.S_IMODE(os.stat(root / "out" / tname).st_mode) == 0o600
         call(server, proto.CommitEnd(5, len(new), digest(new)))
         assert reader.read() == b"old"
     assert dest.read_bytes() == new
@@ -219,7 +218,7 @@ def test_abort_removes_the_temp_file(world):
     (root / "out" / "a.png").write_bytes(b"keep")
     call(server, proto.CommitBegin(3, b"out/a.png", 0o644))
     server.handle_chunk(proto.CommitChunk(3, 0, b"partial"))
-    assert len(temps(root / "out")) == 1
+    assert len(temps(root / "out")) <= 1  # 0 where the temp file is unnamed (O_TMPFILE)
     assert call(server, proto.CommitAbort(3)) == proto.Done()
     assert temps(root / "out") == []
     assert (root / "out" / "a.png").read_bytes() == b"keep"
@@ -238,7 +237,7 @@ def test_close_removes_temp_files_of_unfinished_commits(tmp_path):
     call(server, proto.CommitBegin(2, b"d/b", 0o644))
     server.handle_chunk(proto.CommitChunk(2, 0, b"half"))
     commit(server, 3, b"done", b"complete")
-    assert len(all_temps(root)) == 2
+    assert len(all_temps(root)) in (0, 2)  # 0 where temp files are unnamed (O_TMPFILE)
     server.close()
     assert all_temps(root) == []
     assert sorted(os.listdir(root)) == ["d", "done"]
@@ -267,9 +266,9 @@ def test_no_temp_file_left_when_the_directory_was_renamed(tmp_path, finish):
 
 def test_listings_hide_temp_files(world):
     server, root, _ = world
-    call(server, proto.CommitBegin(1, b"out/a.png", 0o644))
-    call(server, proto.CommitBegin(2, b"b.png", 0o644))
-    assert len(temps(root / "out")) == 1 and len(temps(root)) == 1
+    # a named temp file, as on file systems without O_TMPFILE
+    (root / "out" / ".a.png.tmcommit-0123456789ab").write_bytes(b"x")
+    (root / ".b.png.tmcommit-0123456789ab").write_bytes(b"x")
     names = {e.name for e in call(server, proto.ListDir(b"out")).entries}
     assert names == set()
     names = {e.name for e in call(server, proto.ListDir(b"")).entries}

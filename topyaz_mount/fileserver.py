@@ -38,11 +38,12 @@ def attr_of(st: os.stat_result) -> proto.Attr:
 class _Commit:
     path: bytes
     dir_fd: int  # O_PATH fd of the temp file's directory: follows it if it is renamed
-    temp_name: bytes
+    temp_name: bytes  # b"" while the temp file has no name (O_TMPFILE)
     fd: int
     mode: int
     expect: proto.Attr | None
     check: bool
+    name_when_done: bytes = b""  # the name an O_TMPFILE gets once its content is verified
     hasher: blake3.blake3 = field(default_factory=blake3.blake3)
     written: int = 0
     error: OSError | None = None
@@ -234,11 +235,20 @@ class FileServer:
         name = parts[-1]
         temp_name = b"." + name[:180] + TEMP_MARK + secrets.token_hex(6).encode()
         with self.jail.parent(req.path) as (dfd, _):
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(temp_name, flags, 0o600, dir_fd=dfd)
+            try:
+                # Unnamed until it is complete: a client killed mid-commit leaves nothing.
+                fd = os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                unnamed = temp_name
+                temp_name = b""
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(temp_name, flags, 0o600, dir_fd=dfd)
+                unnamed = b""
             dir_fd = os.dup(dfd)
         self._commits[req.commit] = _Commit(
-            req.path, dir_fd, temp_name, fd, req.mode, req.expect, req.check
+            req.path, dir_fd, temp_name, fd, req.mode, req.expect, req.check, unnamed
         )
         return proto.Done()
 
@@ -257,6 +267,14 @@ class FileServer:
             if req.mtime_ns is not None:
                 os.utime(c.fd, ns=(req.mtime_ns, req.mtime_ns))
             os.fsync(c.fd)
+            if c.name_when_done:
+                os.link(
+                    f"/proc/self/fd/{c.fd}",
+                    c.name_when_done,
+                    dst_dir_fd=c.dir_fd,
+                    follow_symlinks=True,
+                )
+                c.temp_name = c.name_when_done
             os.close(c.fd)
             c.fd = -1
             dest = self._destination(c)

@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,18 @@ def collect_dead_sessions(sessions_dir: Path) -> list[str]:
         lock_path = entry / "agent.lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # No lock: half created (young) or half removed (old). Only the old go.
+            try:
+                if time.time() - entry.stat().st_mtime > 60:
+                    unmount(entry / "root")
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.name)
+            except OSError:
+                pass
+            continue
         except OSError:
-            continue  # being created right now, or not ours
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -365,6 +376,8 @@ class AgentSession:
                 await self.spool.keep_uncommitted("session ended before it was committed")
         if self.mount is not None:
             await self.mount.unmount()
+        if self.mountpoint is not None:
+            unmount(self.mountpoint)  # if pyfuse3 could not, detach it lazily ourselves
         if self.cache is not None:
             self.cache.close()
         if self.store is not None:
