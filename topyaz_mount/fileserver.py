@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import trio
 
 from . import proto
 from .hashindex import QUICK_HASH_LIMIT, HashIndex
@@ -92,6 +93,8 @@ class FileServer:
     # --- dispatch -------------------------------------------------------------------
 
     async def handle(self, req: object) -> object:
+        if isinstance(req, proto.CloseRead):
+            return await self._close_read(req)
         method: Any = _HANDLERS.get(type(req))  # type: ignore[call-overload]
         if method is None:
             raise OSError(errno.ENOSYS, f"the client does not serve {type(req).__name__}")
@@ -174,14 +177,17 @@ class FileServer:
         self.stats.bytes_read += len(data)
         return proto.Data(data)
 
-    def _close_read(self, req: proto.CloseRead) -> proto.Done:
+    async def _close_read(self, req: proto.CloseRead) -> proto.Done:
+        """Close an input; a big one hashed on the way out gets its hash remembered."""
         r = self._reads.pop(req.handle, None)
         if r is None:
             return proto.Done()
         try:
-            unchanged = os.fstat(r.fd).st_mtime_ns == r.st.st_mtime_ns
-            if r.hasher is not None and r.hashed_to == r.st.st_size and unchanged:
-                self.index.remember(r.st, r.hasher.digest())
+            if r.hasher is not None and os.fstat(r.fd).st_ctime_ns == r.st.st_ctime_ns:
+                if r.hashed_to == r.st.st_size:
+                    self.index.remember(r.st, r.hasher.digest())
+                else:  # its chunks went out of order: hash it now, off the event loop
+                    await trio.to_thread.run_sync(self.index.hash_of, r.fd)
         finally:
             os.close(r.fd)
         return proto.Done()
@@ -355,7 +361,6 @@ _HANDLERS = {
     proto.ListDir: FileServer._listdir,
     proto.OpenRead: FileServer._open_read,
     proto.ReadChunk: FileServer._read_chunk,
-    proto.CloseRead: FileServer._close_read,
     proto.Mkdir: FileServer._mkdir,
     proto.Rmdir: FileServer._rmdir,
     proto.Unlink: FileServer._unlink,

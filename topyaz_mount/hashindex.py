@@ -1,8 +1,12 @@
-"""The client's memory of content hashes: (device, inode, size, mtime_ns) -> blake3.
+"""The client's memory of content hashes: (device, inode, size, mtime, ctime) -> blake3.
 
-An unchanged file is never hashed twice; a file whose size or mtime changed is hashed
-again. Kept in SQLite in the user's cache dir so it survives runs, and safe to share
-between concurrent topyaz-mount processes (SQLite's own locking, short transactions).
+An unchanged file is never hashed twice; a file whose size, mtime or ctime changed is
+hashed again. The ctime matters: tools that edit in place and then restore the mtime
+(``touch -r``, ``exiftool -P``, ``rsync -t`` onto the same inode) cannot restore it,
+so an edit is never mistaken for the old content. (A rename also changes the ctime;
+that costs one re-hash and is still a cache hit.) Kept in SQLite in the user's cache dir
+so it survives runs, and safe to share between concurrent topyaz-mount processes
+(SQLite's own locking, short transactions).
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ class HashIndex:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS files (dev INTEGER, ino INTEGER, size INTEGER,"
-                " mtime_ns INTEGER, hash BLOB, PRIMARY KEY (dev, ino))"
+                "CREATE TABLE IF NOT EXISTS file_hashes (dev INTEGER, ino INTEGER,"
+                " size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, hash BLOB,"
+                " PRIMARY KEY (dev, ino))"
             )
         except sqlite3.Error as e:
             log.warning("hash index %s unusable (%s); hashing without memory", self.path, e)
@@ -63,13 +68,13 @@ class HashIndex:
             return None
         try:
             row = self._db.execute(
-                "SELECT size, mtime_ns, hash FROM files WHERE dev=? AND ino=?",
+                "SELECT size, mtime_ns, ctime_ns, hash FROM file_hashes WHERE dev=? AND ino=?",
                 (st.st_dev, st.st_ino),
             ).fetchone()
         except sqlite3.Error:
             return None
-        if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
-            return bytes(row[2])
+        if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return bytes(row[3])
         return None
 
     def remember(self, st: os.stat_result, digest: bytes) -> None:
@@ -77,8 +82,8 @@ class HashIndex:
             return
         try:
             self._db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest),
+                "INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?)",
+                (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest),
             )
         except sqlite3.Error as e:
             log.debug("could not remember a hash: %s", e)
@@ -92,7 +97,7 @@ class HashIndex:
         digest = hash_fd(fd)
         self.hashed_bytes += st.st_size
         self.hashed_files += 1
-        if os.fstat(fd).st_mtime_ns == st.st_mtime_ns:  # not changed while we read it
+        if os.fstat(fd).st_ctime_ns == st.st_ctime_ns:  # not changed while we read it
             self.remember(st, digest)
         return digest
 

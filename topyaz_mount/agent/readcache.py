@@ -182,12 +182,25 @@ class ReadCache:
         self._entries: dict[tuple[bytes, int, int], CachedFile] = {}
         self._idle: OrderedDict[tuple[bytes, int, int], CachedFile] = OrderedDict()
         self._closed_handles: set[int] = set()
+        self._opening: dict[bytes, trio.Lock] = {}
         self._ahead = 0  # bytes prefetched that the job has not opened yet
         self._room = trio.Event()
         self.bytes_fetched = 0
 
     async def open(self, path: bytes, attr: proto.Attr | None) -> CachedFile:
-        """A file to read, reusing a copy of the same (path, size, mtime) if we have one."""
+        """A file to read, reusing a copy of the same (path, size, mtime) if we have one.
+
+        Opens of one path are serialized, so concurrent readers (or the prefetcher and
+        the job) share one transfer instead of each pulling the whole file."""
+        lock = self._opening.setdefault(path, trio.Lock())
+        try:
+            async with lock:
+                return await self._open(path, attr)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._opening.pop(path, None)
+
+    async def _open(self, path: bytes, attr: proto.Attr | None) -> CachedFile:
         if attr is not None:
             entry = self._entries.get((path, attr.size, attr.mtime_ns))
             if entry is not None and entry.error is None:

@@ -160,6 +160,7 @@ class AgentSession:
     def __init__(self, base_dir: Path, cache_cap: int | None = None) -> None:
         self.base_dir = base_dir
         self.cache_cap = cache_cap
+        self._baseline: dict[str, int] | None = None
         self.store: ContentStore | None = None
         self.sessions_dir = base_dir / "sessions"
         self.dir: Path | None = None
@@ -280,6 +281,8 @@ class AgentSession:
     def _manifest(self, req: proto.Manifest) -> proto.Missing:
         if self.cache is None or self.store is None:
             raise OSError(errno.ENOTCONN, "no mount: send Hello first")
+        if self.job is None:  # the command's counters start here, with its prefetch
+            self._baseline = self.transfer_stats()
         missing = [
             i
             for i, e in enumerate(req.entries)
@@ -320,7 +323,8 @@ class AgentSession:
         except BaseException:
             self.job = None
             raise
-        self.nursery.start_soon(self._watch_job, job, self.transfer_stats())
+        before, self._baseline = self._baseline or self.transfer_stats(), None
+        self.nursery.start_soon(self._watch_job, job, before)
         return proto.Started(pid)
 
     async def _watch_job(self, job: Job, before: dict[str, int]) -> None:

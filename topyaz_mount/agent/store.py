@@ -17,6 +17,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +67,7 @@ class ContentStore:
         self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.cap = cap if cap is not None else default_cap(root)
         self._verified: set[bytes] = set()
-        self._total: int | None = None  # bytes in objects/, as last counted by us
+
         self.hits = 0
         self.misses = 0
         self.bytes_saved = 0
@@ -137,11 +139,8 @@ class ContentStore:
         existed = final.exists()
         os.rename(temp, final)  # atomic; a concurrent identical object is simply replaced
         self._verified.add(digest)
-        if self._total is None:
-            self._total = sum(size for _, size, _ in self._scan())
-        elif not existed:
-            self._total += os.fstat(fd).st_size
-        if self._total > self.cap:  # scan (and evict) only when over the cap
+        total = self._add_to_total(0 if existed else os.fstat(fd).st_size)
+        if total > self.cap:  # scan (and evict) only when over the cap
             self.enforce_cap()
         return digest
 
@@ -196,8 +195,36 @@ class ContentStore:
                 freed += size
             finally:
                 os.close(fd)
-        self._total = total
+        self._write_total(total)
         return freed
+
+    # The store's size is kept in one small file that every session updates under a
+    # lock, so no session has to scan objects/ on every insert (quadratic for a batch
+    # of small files) and each still sees what the others added.
+
+    def _add_to_total(self, delta: int) -> int:
+        with self._locked():
+            try:
+                total = int((self.root / "objects.size").read_text()) + delta
+            except (OSError, ValueError):
+                total = sum(size for _, size, _ in self._scan())
+            self._write_total(total)
+        return total
+
+    def _write_total(self, total: int) -> None:
+        path = self.root / "objects.size"
+        tmp = path.with_name(f"objects.size.{os.getpid()}")
+        tmp.write_text(str(total))
+        os.replace(tmp, path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / "counters.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def clear_stale_temps(self, older_than: float = 3600) -> None:
         now = time.time()
@@ -232,9 +259,7 @@ class ContentStore:
 
     def save_counters(self) -> None:
         """Add this process's counters to the persisted ones (under a lock)."""
-        lock = os.open(self.root / "counters.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._locked():
             data = self._load_counters()
             data["hits"] += self.hits
             data["misses"] += self.misses
@@ -243,8 +268,6 @@ class ContentStore:
             tmp.write_text(json.dumps(data))
             os.replace(tmp, self._counters_path())
             self.hits = self.misses = self.bytes_saved = 0
-        finally:
-            os.close(lock)
 
     def clear(self) -> int:
         """Remove every object nobody holds; returns bytes freed."""
