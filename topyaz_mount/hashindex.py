@@ -16,7 +16,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-import blake3
+from .hashing import hash_fd
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ def default_path() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("topyaz-mount")) / "hashes.sqlite"
-
-
-def hash_fd(fd: int) -> bytes:
-    """blake3 of a whole open file, multi-threaded, without moving the fd's offset."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if os.fstat(fd).st_size:
-        hasher.update_mmap(f"/proc/self/fd/{fd}")
-    return hasher.digest()
 
 
 class HashIndex:

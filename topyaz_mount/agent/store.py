@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
+from ..hashing import hash_fd
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,7 @@ class ContentStore:
     def _verify(self, fd: int, digest: bytes) -> bool:
         if digest in self._verified:
             return True
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        if os.fstat(fd).st_size:
-            hasher.update_mmap(f"/proc/self/fd/{fd}")
-        ok = hasher.digest() == digest
+        ok = hash_fd(fd) == digest
         if ok:
             self._verified.add(digest)
         return ok
@@ -126,10 +123,7 @@ class ContentStore:
         ``expect`` is the hash the client announced, if any: a mismatch means the bytes
         changed on the way, and nothing is stored.
         """
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        if os.fstat(fd).st_size:
-            hasher.update_mmap(f"/proc/self/fd/{fd}")
-        digest = hasher.digest()
+        digest = hash_fd(fd)
         if expect is not None and digest != expect:
             self._remove(temp)
             raise OSError(errno.EIO, "received content does not match the client's hash")
