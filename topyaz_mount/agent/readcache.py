@@ -183,6 +183,7 @@ class ReadCache:
         self._idle: OrderedDict[tuple[bytes, int, int], CachedFile] = OrderedDict()
         self._closed_handles: set[int] = set()
         self._opening: dict[bytes, trio.Lock] = {}
+        self._storing = 0  # complete files being hashed into the store right now
         self._ahead = 0  # bytes prefetched that the job has not opened yet
         self._room = trio.Event()
         self.bytes_fetched = 0
@@ -281,11 +282,14 @@ class ReadCache:
         await self._close_handle(entry.handle)
         temp, entry.temp = entry.temp, None
         if entry.error is None and temp is not None:
+            self._storing += 1
             try:
                 await trio.to_thread.run_sync(self.store.add, temp, entry.fd, entry.expect)
             except OSError as e:
                 entry.fail(e)
                 return
+            finally:
+                self._storing -= 1
         elif temp is not None:
             self.store.discard_temp(temp)
         if entry.error is not None and self._entries.get(entry.key) is entry:
@@ -319,6 +323,13 @@ class ReadCache:
         if entry.fd >= 0:
             os.close(entry.fd)
             entry.fd = -1
+
+    async def wait_stored(self) -> None:
+        """Let files that arrived in full finish becoming store objects (teardown would
+        otherwise close their fds under the hashing thread, and the next run would
+        fetch them again)."""
+        while self._storing:
+            await trio.sleep(0.02)
 
     def close(self) -> None:
         for entry in list(self._entries.values()) + list(self._idle.values()):

@@ -383,6 +383,8 @@ class AgentSession:
         if self.mountpoint is not None:
             unmount(self.mountpoint)  # if pyfuse3 could not, detach it lazily ourselves
         if self.cache is not None:
+            with trio.move_on_after(120):
+                await self.cache.wait_stored()
             self.cache.close()
         if self.store is not None:
             try:
