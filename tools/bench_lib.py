@@ -1,0 +1,548 @@
+"""Helpers for tools/bench: timed runs, per-process CPU and memory, machine facts.
+
+Nothing here knows about topyaz-mount's internals: a run is an argv (or two processes
+joined by a socketpair, for the sshfs baseline), timed by the wall clock, with
+
+* the exact CPU time and peak RSS of the local processes, from ``wait4`` (a child's
+  rusage includes the descendants it waited for, e.g. topyaz-mount's ssh);
+* a sampled view of every process below given roots (the test host's sshd and the
+  local client), read from /proc every 50 ms: CPU time and VmHWM per process. A
+  process's last 50 ms before it exits are not seen, so sampled CPU under-counts by
+  at most that much per process.
+
+Also: order statistics, machine and git facts, folding py-spy raw output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one thing (seconds, or anything)."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, v: float) -> None:
+        self.values.append(v)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+
+def mbps(nbytes: int, seconds: float) -> float:
+    """Decimal megabytes per second."""
+    return nbytes / 1e6 / seconds if seconds > 0 else float("inf")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def proc_stat(pid: int) -> tuple[int, str, int, int, str] | None:
+    """(ppid, comm, cpu_ticks, starttime, state) of a process, or None if gone."""
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
+        return None
+    head, _, rest = raw.rpartition(b")")
+    comm = head.partition(b"(")[2].decode(errors="replace")
+    f = rest.split()
+    # after ")": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+    #            utime(11) stime(12) cutime cstime priority nice threads itreal starttime(19)
+    return int(f[1]), comm, int(f[11]) + int(f[12]), int(f[19]), f[0].decode()
+
+
+def proc_mem_kib(pid: int) -> tuple[int, int]:
+    """(VmHWM, RssAnon) in KiB; zeros if unknown."""
+    raw = _read(f"/proc/{pid}/status")
+    if raw is None:
+        return 0, 0
+    hwm = re.search(rb"^VmHWM:\s+(\d+) kB", raw, re.M)
+    anon = re.search(rb"^RssAnon:\s+(\d+) kB", raw, re.M)
+    return (int(hwm.group(1)) if hwm else 0), (int(anon.group(1)) if anon else 0)
+
+
+def system_busy_ticks() -> int:
+    """CPU ticks all CPUs spent not idle (user, nice, system, irq, softirq, steal)."""
+    raw = _read("/proc/stat") or b"cpu 0"
+    f = [int(x) for x in raw.split(b"\n", 1)[0].split()[1:]]
+    f += [0] * (8 - len(f))
+    return f[0] + f[1] + f[2] + f[5] + f[6] + f[7]
+
+
+def proc_argv(pid: int) -> list[bytes]:
+    raw = _read(f"/proc/{pid}/cmdline") or b""
+    return [a for a in raw.split(b"\0") if a]
+
+
+def all_pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Every live process below any of roots (roots excluded)."""
+    children: dict[int, list[int]] = {}
+    for pid in all_pids():
+        st = proc_stat(pid)
+        if st is not None:
+            children.setdefault(st[0], []).append(pid)
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+@dataclass
+class ProcInfo:
+    pid: int
+    comm: str
+    argv: list[bytes]
+    side: str  # "local" or "remote"
+    cpu_ticks: int = 0
+    hwm_kib: int = 0
+    anon_kib: int = 0  # peak RssAnon seen (private memory, no file pages)
+
+    @property
+    def cpu_s(self) -> float:
+        return self.cpu_ticks / CLK_TCK
+
+    def is_agent(self) -> bool:
+        return b"topyaz_mount.agent" in self.argv
+
+    def is_sshfs(self) -> bool:
+        return bool(self.argv) and os.path.basename(self.argv[0]) == b"sshfs"
+
+    def label(self) -> str:
+        if self.is_agent():
+            return "agent (python)"
+        if self.is_sshfs():
+            return "sshfs"
+        if self.comm.startswith("sshd"):
+            return "sshd"
+        if self.comm.startswith("python") or self.comm.startswith("topyaz"):
+            return "client (python)"
+        return self.comm
+
+
+class ProcSampler(threading.Thread):
+    """Samples CPU time and VmHWM of every process below the given roots.
+
+    ``remote_root``'s descendants are the remote side (the test host's sshd is the
+    root; it is not counted itself); ``local_roots`` and their descendants are local.
+    """
+
+    def __init__(
+        self,
+        remote_root: int,
+        local_roots: list[int] = (),
+        interval: float = 0.05,
+        rescan_every: int = 2,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.remote_root = remote_root
+        self.local_roots = list(local_roots)
+        self.interval = interval
+        self.rescan_every = rescan_every
+        self.procs: dict[tuple[int, int], ProcInfo] = {}  # (pid, starttime) -> info
+        self._live: dict[int, tuple[int, int]] = {}
+        self._halt = threading.Event()
+
+    def add_local_root(self, pid: int) -> None:
+        self.local_roots.append(pid)
+
+    def _rescan(self) -> None:
+        remote = descendants({self.remote_root})
+        local = set(self.local_roots) | descendants(set(self.local_roots))
+        for side, pids in (("remote", remote), ("local", local)):
+            for pid in pids:
+                if pid in self._live:
+                    continue
+                st = proc_stat(pid)
+                if st is None:
+                    continue
+                key = (pid, st[3])
+                if key not in self.procs:
+                    self.procs[key] = ProcInfo(pid, st[1], proc_argv(pid), side)
+                self._live[pid] = key
+
+    def _sample(self) -> None:
+        for pid, key in list(self._live.items()):
+            st = proc_stat(pid)
+            if st is None or st[3] != key[1] or st[4] in "ZX":
+                if st is not None and st[3] == key[1]:
+                    self.procs[key].cpu_ticks = max(self.procs[key].cpu_ticks, st[2])
+                del self._live[pid]
+                continue
+            info = self.procs[key]
+            info.cpu_ticks = max(info.cpu_ticks, st[2])
+            if info.comm != st[1]:  # exec'd since first seen
+                info.comm = st[1]
+                info.argv = proc_argv(pid)
+            hwm, anon = proc_mem_kib(pid)
+            info.hwm_kib = max(info.hwm_kib, hwm)
+            info.anon_kib = max(info.anon_kib, anon)
+
+    def run(self) -> None:
+        i = 0
+        while not self._halt.is_set():
+            if i % self.rescan_every == 0:
+                self._rescan()
+            self._sample()
+            i += 1
+            self._halt.wait(self.interval)
+        self._rescan()
+        self._sample()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+    def by_label(self, side: str | None = None) -> dict[str, tuple[float, int, int]]:
+        """label -> (cpu seconds summed, largest VmHWM, largest RssAnon; KiB)."""
+        out: dict[str, tuple[float, int, int]] = {}
+        for info in self.procs.values():
+            if side is not None and info.side != side:
+                continue
+            cpu, hwm, anon = out.get(info.label(), (0.0, 0, 0))
+            out[info.label()] = (cpu + info.cpu_s, max(hwm, info.hwm_kib), max(anon, info.anon_kib))
+        return out
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    wall: float
+    local_cpu: float  # exact (wait4): the local processes and what they waited for
+    local_maxrss_kib: int
+    sampled: dict[str, tuple[float, int, int]]  # label -> (cpu s, VmHWM, RssAnon KiB)
+    remote_cpu: float  # sampled
+    system_cpu: float  # every process on the machine (and the kernel), from /proc/stat
+    stderr: str = ""
+    stats: dict | None = None  # topyaz-mount --stats=json, when asked for
+
+    def cpu_of(self, label: str) -> float:
+        return self.sampled.get(label, (0.0, 0, 0))[0]
+
+    def hwm_of(self, label: str) -> int:
+        return self.sampled.get(label, (0.0, 0, 0))[1]
+
+    def anon_of(self, label: str) -> int:
+        return self.sampled.get(label, (0.0, 0, 0))[2]
+
+
+# Processes this module started and has not yet reaped, so a signal handler (or a
+# finally) can end exactly those, by pid.
+_RUNNING: dict[int, str] = {}
+
+
+def kill_running() -> None:
+    for pid in list(_RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while _RUNNING and time.monotonic() < deadline:
+        for pid in list(_RUNNING):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                _RUNNING.pop(pid, None)
+        time.sleep(0.05)
+    for pid in list(_RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        _RUNNING.pop(pid, None)
+
+
+def _spawn(
+    argv: list[str], *, cwd: str | None, stdin, stdout, stderr, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    p = subprocess.Popen(argv, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, env=env)
+    _RUNNING[p.pid] = argv[0]
+    return p
+
+
+def _reap(p: subprocess.Popen, deadline: float) -> tuple[int, float, int]:
+    """wait4 the process (killing it past the deadline): (exit code, cpu s, maxrss KiB)."""
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.kill(p.pid, signal.SIGKILL)
+            pid, status, ru = os.wait4(p.pid, 0)
+            _RUNNING.pop(p.pid, None)
+            p.returncode = -9
+            raise RunFailed(f"{p.args[0]} ran past its time limit and was killed")
+        time.sleep(0.002)
+    _RUNNING.pop(p.pid, None)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+
+
+def timed_run(
+    argv: list[str],
+    *,
+    remote_root: int,
+    cwd: str | None = None,
+    stdin_path: str | None = None,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+) -> RunResult:
+    """Run argv to completion; wall clock from just before spawn to its reaping."""
+    with tempfile.TemporaryFile() as err, contextlib.ExitStack() as stack:
+        stdin = stack.enter_context(open(stdin_path, "rb")) if stdin_path else subprocess.DEVNULL
+        sampler = ProcSampler(remote_root)
+        sampler.start()
+        busy0 = system_busy_ticks()
+        t0 = time.perf_counter()
+        p = _spawn(argv, cwd=cwd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        sampler.add_local_root(p.pid)
+        try:
+            code, cpu, maxrss = _reap(p, time.monotonic() + timeout)
+        finally:
+            wall = time.perf_counter() - t0
+            _settle(remote_root)
+            sampler.stop()
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    if code != 0:
+        raise RunFailed(f"{' '.join(argv[:6])} ... exited {code}: {text.strip()[-800:]}")
+    return _result(wall, cpu, maxrss, sampler, text, busy0)
+
+
+def timed_pair_run(
+    left: list[str],
+    right: list[str],
+    *,
+    remote_root: int,
+    cwd: str | None = None,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+) -> RunResult:
+    """``left`` and ``right`` with stdin+stdout of each joined by a socketpair.
+
+    For the sshfs baseline: left is the local sftp-server, right the ssh that starts
+    ``sshfs -o passive`` on the remote. Wall clock ends when both are reaped.
+    """
+    a, b = socket.socketpair()
+    with tempfile.TemporaryFile() as err:
+        sampler = ProcSampler(remote_root)
+        sampler.start()
+        busy0 = system_busy_ticks()
+        t0 = time.perf_counter()
+        try:
+            pl = _spawn(left, cwd=cwd, stdin=a, stdout=a, stderr=subprocess.DEVNULL, env=env)
+            sampler.add_local_root(pl.pid)
+            pr = _spawn(right, cwd=cwd, stdin=b, stdout=b, stderr=err, env=env)
+            sampler.add_local_root(pr.pid)
+        finally:
+            a.close()
+            b.close()
+        try:
+            deadline = time.monotonic() + timeout
+            code_r, cpu_r, rss_r = _reap(pr, deadline)
+            code_l, cpu_l, rss_l = _reap(pl, deadline)
+        finally:
+            wall = time.perf_counter() - t0
+            _settle(remote_root)
+            sampler.stop()
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    if code_r != 0:
+        raise RunFailed(f"{' '.join(right[:6])} ... exited {code_r}: {text.strip()[-800:]}")
+    return _result(wall, cpu_r + cpu_l, max(rss_r, rss_l), sampler, text, busy0)
+
+
+def _result(wall, cpu, maxrss, sampler: ProcSampler, text: str, busy0: int) -> RunResult:
+    system_cpu = (system_busy_ticks() - busy0) / CLK_TCK
+    sampled = sampler.by_label()
+    remote_cpu = sum(v[0] for v in sampler.by_label("remote").values())
+    stats = None
+    for line in reversed(text.splitlines()):
+        if line.startswith("{") and line.endswith("}"):
+            with contextlib.suppress(ValueError):
+                stats = json.loads(line)
+            break
+    return RunResult(wall, cpu, maxrss, sampled, remote_cpu, system_cpu, text, stats)
+
+
+def _settle(remote_root: int, timeout: float = 5.0) -> None:
+    """Wait for the remote side of a finished connection to go away."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = [
+            p
+            for p in descendants({remote_root})
+            if (st := proc_stat(p)) is not None and st[4] not in "ZX"
+        ]
+        if not live:
+            return
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def wait_quiet(
+    threshold_cores: float = 0.25, window: float = 0.5, timeout: float = 60.0
+) -> tuple[float, bool]:
+    """Wait until the whole machine is nearly idle (less than ``threshold_cores`` busy over
+    ``window`` seconds), at most ``timeout`` s. Returns (seconds waited, quiet reached)."""
+    t0 = time.monotonic()
+    while True:
+        b0 = system_busy_ticks()
+        time.sleep(window)
+        busy = (system_busy_ticks() - b0) / CLK_TCK / window
+        if busy < threshold_cores:
+            return time.monotonic() - t0, True
+        if time.monotonic() - t0 > timeout:
+            return time.monotonic() - t0, False
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    out = (p.stdout.strip() or p.stderr.strip()).splitlines()
+    return out[0] if out else "?"
+
+
+def machine_info() -> dict[str, str]:
+    cpu_model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    os_name = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu_model + (" (AES-NI)" if re.search(r"\baes\b", flags) else " (no AES-NI)"),
+        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "os": os_name,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "ssh": first_line(["ssh", "-V"]),
+        "sshfs": _sshfs_version(),
+    }
+
+
+def _sshfs_version() -> str:
+    try:
+        p = subprocess.run(["sshfs", "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = p.stdout + p.stderr
+    m = re.search(r"SSHFS version (\S+)", text)
+    f = re.search(r"FUSE library version (\S+)", text)
+    return (m.group(1) if m else "?") + (f" (libfuse {f.group(1)})" if f else "")
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def git_state(repo: Path) -> str:
+    def git(*args: str) -> str:
+        p = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "topyaz_mount")
+    return head + (" + uncommitted changes in topyaz_mount/" if dirty else "")
+
+
+def negotiated_cipher(ssh_argv: list[str], extra: list[str] = ()) -> str:
+    """The client->server cipher ssh negotiates (from ``ssh -v``)."""
+    argv = [ssh_argv[0], "-v", *extra, *ssh_argv[1:], "true"]
+    p = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+    m = re.search(r"kex: client->server cipher: (\S+)", p.stderr)
+    return m.group(1) if m else "unknown"
+
+
+# --------------------------------------------------------------------------- py-spy
+
+
+def fold_pyspy_raw(path: Path, top: int = 8) -> tuple[int, list[tuple[float, str]]]:
+    """(samples, [(percent, frame)]) of the frames with most self time in a raw profile."""
+    counts: Counter[str] = Counter()
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            frame = stack.split(";")[-1]
+            frame = re.sub(r"\(/\S*/(site-packages|lib/python3[.\d]*)/", "(", frame)
+            frame = re.sub(r"\(/\S*/(topyaz_mount/)", r"(\1", frame)
+            counts[frame] += int(n)
+            total += int(n)
+    return total, [(100 * n / total, f) for f, n in counts.most_common(top)] if total else []
