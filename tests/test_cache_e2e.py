@@ -492,8 +492,10 @@ def test_cache_command_reports_clears_and_prunes(testhost, root, empty_cache):
     assert out["bytes"] <= 10 * MiB, out
     assert out["freed"] >= out3["bytes"] - out["bytes"] >= 8 * MiB, (out3, out)
     left = store_objects()
-    # least recently used first: x (used before y and z were stored), then y
-    assert mine["x"] not in left and mine["y"] not in left, left
+    # least recently used first: x (used before y and z were stored); y and z were
+    # fetched by one job at once (in either order), so one of them goes too
+    assert mine["x"] not in left, left
+    assert (mine["y"] in left) + (mine["z"] in left) == 1, left
 
     out = cache_cmd(testhost, "--clear")
     left = store_objects()

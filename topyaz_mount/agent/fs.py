@@ -152,6 +152,9 @@ class MountOps(pyfuse3.Operations):
         self.spool = spool
         self.timeout = timeout
         self.inodes = Inodes()
+        # The client's attributes as last seen (lookup, getattr, readdir): an open can
+        # then find a prefetched file without another round trip to the client.
+        self.known: dict[bytes, proto.Attr] = {}
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, Handle | DirHandle] = {}
@@ -185,7 +188,13 @@ class MountOps(pyfuse3.Operations):
         if sf is not None:
             return sf.attr()
         res = await self.client.call(proto.Stat(path), proto.PRIO_URGENT)
+        self.known[path] = res.attr
         return res.attr
+
+    def _forget_known(self, path: bytes) -> None:
+        prefix = path + b"/"
+        for p in [p for p in self.known if p == path or p.startswith(prefix)]:
+            del self.known[p]
 
     def _add_handle(self, h: Handle | DirHandle) -> int:
         fh = self._next_fh
@@ -247,6 +256,7 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
         path = self.inodes.path(inode)
+        self.known.pop(path, None)
         sf = self.spool.get(path)
         if fields.update_size:
             if sf is None:
@@ -312,6 +322,8 @@ class MountOps(pyfuse3.Operations):
         if h.entries is None or start_id == 0:
             listing = await self.client.call(proto.ListDir(h.path), proto.PRIO_URGENT)
             merged = {e.name: e.attr for e in listing.entries}
+            for name, attr in merged.items():
+                self.known[join(h.path, name)] = attr
             for name, sf in self.spool.children(h.path).items():
                 merged[name] = sf.attr()
             h.entries = sorted(merged.items())
@@ -363,6 +375,7 @@ class MountOps(pyfuse3.Operations):
                         pass
                 self.spool.forget(sf)
         self.cache.drop_path(path)
+        self.known.pop(path, None)
         self.inodes.drop(path)
 
     @handler
@@ -401,6 +414,8 @@ class MountOps(pyfuse3.Operations):
                 src.check = False  # the job chose to replace whatever is at ``new``
         self.cache.drop_path(old)
         self.cache.drop_path(new)
+        self._forget_known(old)
+        self._forget_known(new)
         self.inodes.move(old, new)
 
     # --- files ----------------------------------------------------------------------
@@ -433,7 +448,7 @@ class MountOps(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf, writable=True)))
         if sf is not None:
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf)))
-        cached = await self.cache.open(path, None)
+        cached = await self.cache.open(path, self.known.get(path))
         self.cache.job_opened(cached)
         fh = self._add_handle(Handle(cached=cached))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)

@@ -65,7 +65,7 @@ class CachedFile:
         self.temp: Path | None = None  # where the bytes go until they become an object
         self.expect: bytes | None = None  # the client's hash of them, if it sent one
         self.opened_by_job = False
-        self.prefetched = False
+        self.prefetched = 0  # bytes of prefetch window this entry holds until opened
         if complete:
             self.have = bytearray(b"\x01" * self.count)
             self.requested = bytearray(b"\x01" * self.count)
@@ -238,29 +238,48 @@ class ReadCache:
             self.nursery.start_soon(self.finished, entry)
         return entry
 
-    async def prefetch(self, wanted: list[tuple[bytes, proto.Attr]], window: int) -> None:
+    async def prefetch(
+        self, wanted: list[tuple[bytes, proto.Attr]], window: int, parallel: int = 8
+    ) -> None:
         """Pull the manifest's missing inputs in order, staying ``window`` bytes ahead
-        of what the job has opened, so a huge batch does not flood the remote disk."""
-        for path, attr in wanted:
-            while self._ahead > window:
-                self._room = trio.Event()
-                await self._room.wait()
-            try:
-                entry = await self.open(path, attr)
-            except OSError as e:
-                log.info("prefetch of %r skipped: %s", path, e)
-                continue
-            if not entry.opened_by_job and not entry.prefetched:
-                entry.prefetched = True
-                self._ahead += entry.size
-            self.release(entry)
+        of what the job has opened, so a huge batch does not flood the remote disk.
+
+        Several opens are in flight at once, so a batch of small files costs no round
+        trip per file on a long link."""
+        slots = trio.Semaphore(parallel)
+        async with trio.open_nursery() as nursery:
+            for path, attr in wanted:
+                while self._ahead > window:
+                    self._room = trio.Event()
+                    await self._room.wait()
+                await slots.acquire()
+                self._ahead += attr.size  # reserved now, returned when the job opens it
+                nursery.start_soon(self._prefetch_one, path, attr, slots)
+
+    async def _prefetch_one(self, path: bytes, attr: proto.Attr, slots: trio.Semaphore) -> None:
+        try:
+            entry = await self.open(path, attr)
+        except OSError as e:
+            log.info("prefetch of %r skipped: %s", path, e)
+            self._give_back(attr.size)
+            return
+        finally:
+            slots.release()
+        if entry.opened_by_job or entry.prefetched:
+            self._give_back(attr.size)
+        else:
+            entry.prefetched = attr.size
+        self.release(entry)
+
+    def _give_back(self, size: int) -> None:
+        self._ahead -= size
+        self._room.set()
 
     def job_opened(self, entry: CachedFile) -> None:
         if not entry.opened_by_job:
             entry.opened_by_job = True
             if entry.prefetched:
-                self._ahead -= entry.size
-                self._room.set()
+                self._give_back(entry.prefetched)
 
     def release(self, entry: CachedFile) -> None:
         entry.users -= 1
@@ -278,20 +297,22 @@ class ReadCache:
                 self._discard(entry)
 
     async def finished(self, entry: CachedFile) -> None:
-        """The transfer ended: give the client its fd back; store or drop the bytes."""
-        await self._close_handle(entry.handle)
-        temp, entry.temp = entry.temp, None
-        if entry.error is None and temp is not None:
-            self._storing += 1
-            try:
-                await trio.to_thread.run_sync(self.store.add, temp, entry.fd, entry.expect)
-            except OSError as e:
-                entry.fail(e)
-                return
-            finally:
-                self._storing -= 1
-        elif temp is not None:
-            self.store.discard_temp(temp)
+        """The transfer ended: give the client its fd back (it may remember the file's
+        hash then); store or drop the bytes. Teardown waits for this (wait_stored)."""
+        self._storing += 1
+        try:
+            await self._close_handle(entry.handle)
+            temp, entry.temp = entry.temp, None
+            if entry.error is None and temp is not None:
+                try:
+                    await trio.to_thread.run_sync(self.store.add, temp, entry.fd, entry.expect)
+                except OSError as e:
+                    entry.fail(e)
+                    return
+            elif temp is not None:
+                self.store.discard_temp(temp)
+        finally:
+            self._storing -= 1
         if entry.error is not None and self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
             if entry.users == 0:
