@@ -262,6 +262,7 @@ class MountOps(pyfuse3.Operations):
             if sf is None:
                 sf = await self._adopt(path, truncate=attr.st_size == 0)
             async with sf.lock:
+                self.spool.break_upload(sf)
                 os.ftruncate(sf.fd, attr.st_size)
                 sf.dirty = True
             if sf.writers == 0:
@@ -442,8 +443,10 @@ class MountOps(pyfuse3.Operations):
                 sf = await self._adopt(path, truncate=bool(flags & os.O_TRUNC))
             async with sf.lock:  # wait out a commit in flight
                 if flags & os.O_TRUNC:
+                    self.spool.break_upload(sf)
                     os.ftruncate(sf.fd, 0)
                     sf.dirty = True
+                    sf.streamable = sf.writers == 0
                 self._writer_opened(sf)
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf, writable=True)))
         if sf is not None:
@@ -470,6 +473,7 @@ class MountOps(pyfuse3.Operations):
         self.stats.writes += 1
         n = os.pwrite(h.spool.fd, buf, off)
         h.spool.dirty = True
+        self.spool.wrote(h.spool, off, n)
         return n
 
     @handler

@@ -10,6 +10,12 @@ dropped.
 A spool file's lock is held for the whole of a commit; whoever wants to change the
 file (open for writing, truncate, rename, unlink) takes it first, so a commit always
 sends one consistent version.
+
+Big outputs written front to back (a video encoder's, say) do not wait for the close:
+once a new file passes ``STREAM_AFTER`` bytes, an upload starts and follows the writer,
+so the transfer home overlaps the job. Any write behind what was already sent, a
+truncate, rename or unlink breaks that upload; the commit at close then aborts it and
+sends the file whole, as for any other output.
 """
 
 from __future__ import annotations
@@ -31,6 +37,24 @@ from .link import ClientLink
 log = logging.getLogger(__name__)
 
 
+STREAM_AFTER = 8 << 20
+
+
+class Upload:
+    """A commit in progress: what was sent so far, hashed in order."""
+
+    def __init__(self, cid: int, path: bytes) -> None:
+        self.cid = cid
+        self.path = path
+        self.hasher = blake3.blake3()
+        self.sent = 0
+        self.begun = False
+        self.broken = False
+        self.closing = False
+        self.more = trio.Event()
+        self.stopped = trio.Event()
+
+
 class SpoolFile:
     def __init__(self, path: bytes, fd: int, mode: int, expect: proto.Attr | None) -> None:
         self.path: bytes | None = path  # None once unlinked
@@ -43,6 +67,8 @@ class SpoolFile:
         self.mtime_ns: int | None = None  # set explicitly by the job (utime)
         self.committed_path: bytes | None = None
         self.lock = trio.Lock()
+        self.streamable = False  # written from empty since it was created or truncated
+        self.upload: Upload | None = None  # an upload following the writer
 
     def attr(self) -> proto.Attr:
         st = os.fstat(self.fd)
@@ -90,6 +116,7 @@ class Spool:
             old.path = None
         sf = SpoolFile(path, self._new_fd(), mode, expect)
         sf.dirty = True  # even an empty new file must appear on the client
+        sf.streamable = expect is None
         self.files[path] = sf
         return sf
 
@@ -108,6 +135,7 @@ class Spool:
         if sf.path is not None and self.files.get(sf.path) is sf:
             del self.files[sf.path]
         sf.path = None
+        self.break_upload(sf)
 
     def move(self, old: bytes, new: bytes) -> None:
         """Rename a path or directory prefix in the spool (the client already did)."""
@@ -115,12 +143,78 @@ class Spool:
         for path in list(self.files):
             if path == old or path.startswith(prefix):
                 sf = self.files.pop(path)
+                self.break_upload(sf)
                 sf.path = new + path[len(old) :]
                 if sf.committed_path is not None and (
                     sf.committed_path == old or sf.committed_path.startswith(prefix)
                 ):
                     sf.committed_path = new + sf.committed_path[len(old) :]
                 self.files[sf.path] = sf
+
+    # --- uploads that follow the writer --------------------------------------------
+
+    def wrote(self, sf: SpoolFile, offset: int, length: int) -> None:
+        """Called after each write: feed (or break, or start) the file's upload."""
+        up = sf.upload
+        if up is not None:
+            if offset < up.sent:
+                self.break_upload(sf)
+            up.more.set()
+        elif sf.streamable and sf.path is not None and offset + length >= STREAM_AFTER:
+            sf.upload = Upload(next(self._ids), sf.path)
+            self.nursery.start_soon(self._follow, sf, sf.upload)
+
+    def break_upload(self, sf: SpoolFile) -> None:
+        sf.streamable = False
+        if sf.upload is not None:
+            sf.upload.broken = True
+            sf.upload.more.set()
+
+    async def _follow(self, sf: SpoolFile, up: Upload) -> None:
+        try:
+            begin = proto.CommitBegin(up.cid, up.path, sf.mode, sf.expect, sf.check)
+            await self.link.call(begin, proto.PRIO_BULK)
+            up.begun = True
+            while not up.broken:
+                up.more = trio.Event()
+                await self._send_available(sf, up)
+                if up.closing or up.broken:
+                    break
+                await up.more.wait()
+        except OSError as e:
+            log.info("upload of %r stopped: %s", up.path, e)
+            up.broken = True
+        finally:
+            up.stopped.set()
+
+    async def _send_available(self, sf: SpoolFile, up: Upload) -> None:
+        size = os.fstat(sf.fd).st_size
+        while up.sent < size and not up.broken:
+            data = os.pread(sf.fd, min(proto.CHUNK_SIZE, size - up.sent), up.sent)
+            if not data:
+                break
+            offset = up.sent
+            up.hasher.update(data)
+            up.sent += len(data)  # before the await: a write behind this point breaks it
+            await self.link.notify(proto.CommitChunk(up.cid, offset, data), proto.PRIO_BULK)
+
+    async def _take_upload(self, sf: SpoolFile) -> Upload | None:
+        """At commit time: the upload that followed the writer, if it is still good."""
+        up, sf.upload = sf.upload, None
+        if up is None:
+            return None
+        up.closing = True
+        up.more.set()
+        await up.stopped.wait()
+        if up.broken or not up.begun or up.path != sf.path:
+            if up.begun:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self.link.call(proto.CommitAbort(up.cid))
+                    except OSError:
+                        pass
+            return None
+        return up
 
     # --- commits --------------------------------------------------------------------
 
@@ -161,20 +255,17 @@ class Spool:
         assert sf.path is not None
         path = sf.path
         sf.dirty = False
-        cid = next(self._ids)
-        check = sf.check
-        await self.link.call(proto.CommitBegin(cid, path, sf.mode, sf.expect, check))
-        hasher = blake3.blake3()
-        offset = 0
+        up = await self._take_upload(sf)
+        if up is None:
+            up = Upload(next(self._ids), path)
+            await self.link.call(proto.CommitBegin(up.cid, path, sf.mode, sf.expect, sf.check))
+            up.begun = True
+        cid = up.cid
+        sf.streamable = False
         try:
-            while True:
-                data = os.pread(sf.fd, proto.CHUNK_SIZE, offset)
-                if not data:
-                    break
-                hasher.update(data)
-                await self.link.notify(proto.CommitChunk(cid, offset, data), proto.PRIO_BULK)
-                offset += len(data)
-            end = proto.CommitEnd(cid, offset, hasher.digest(), sf.mtime_ns)
+            await self._send_available(sf, up)
+            offset = up.sent
+            end = proto.CommitEnd(cid, offset, up.hasher.digest(), sf.mtime_ns)
             res = await self.link.call(end, proto.PRIO_BULK)
         except BaseException:
             sf.dirty = True
