@@ -330,6 +330,10 @@ def install_package() -> Path:
     tmp = dest.with_name(".topyaz_mount.new")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(PACKAGE_SRC, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # Byte-compile as pip would: tmremote cannot write __pycache__ here, so without this
+    # every agent start would compile the whole package again.
+    subprocess.run([str(VENV_PYTHON), "-m", "compileall", "-q", str(tmp)], check=True,
+                   env=_clean_env())
     shutil.rmtree(dest, ignore_errors=True)
     os.rename(tmp, dest)
     _make_world_readable(dest)
