@@ -579,3 +579,16 @@ def test_large_input_read_out_of_order_is_cached(testhost, root, empty_cache):
     r, s = exec_stats(testhost, root, "sh", "-c", script)
     assert remote_sha256(r) == digest
     assert s["content_bytes_sent"] == 0 and s["cache_hits"] >= 1, s
+
+
+def test_an_output_read_by_the_next_job_moves_no_content(testhost, root, empty_cache):
+    """Chained jobs: what job 1 wrote is in the remote store, so job 2 pulls nothing,
+    and the client already knows its hash (it verified it when committing)."""
+    size = 12 * MiB
+    write = f"head -c {size} /dev/urandom > stage1.bin"
+    exec_stats(testhost, root, "sh", "-c", write)
+    local = hashlib.sha256((root / "stage1.bin").read_bytes()).hexdigest()
+    r, s = exec_stats(testhost, root, "sha256sum", "stage1.bin")
+    assert remote_sha256(r) == local
+    assert s["content_bytes_sent"] == 0 and s["cache_hits"] >= 1, s
+    assert s["hashed_bytes"] == 0, s

@@ -38,6 +38,8 @@ echo "== Gigapixel on the whole folder"
 run "${tm[@]}" -- gigapixel --cli -i ./shots -o ./out/ --scale 2
 echo "== Video AI through topyaz (writes next to the input)"
 run "${tm[@]}" video shots/clip.mp4
+echo "== the same batch again: the remote cache has every input, so no content moves"
+run "${tm[@]}" --stats -- gigapixel --cli -i ./shots -o ./out/ --scale 2 --overwrite
 echo "== exit status passes through"
 set +e
 "${tm[@]}" -- sh -c 'echo "remote cwd: $PWD"; exit 3'

@@ -296,7 +296,9 @@ class FileServer:
         self.stats.bytes_committed += c.written
         self.stats.files_committed += 1
         self.committed.append(dest)
-        return proto.Committed(dest, attr_of(self.jail.lstat(dest)))
+        st = self.jail.lstat(dest)
+        self.index.remember(st, req.blake3)  # verified above: a later run need not hash it
+        return proto.Committed(dest, attr_of(st))
 
     def _destination(self, c: _Commit) -> bytes:
         """The commit's path, or a sibling if the local file changed behind our back."""

@@ -29,6 +29,11 @@ from .store import ContentStore
 log = logging.getLogger(__name__)
 
 
+# Outputs up to this size are copied into the store when committed; bigger ones (a long
+# video) would cost more disk and time than a later transfer saves.
+OUTPUT_COPY_LIMIT = 1 << 30
+
+
 class ChunkSource(Protocol):
     async def open_read(self, path: bytes) -> tuple[int, proto.Attr, bytes | None]: ...
     async def read_chunk(self, handle: int, offset: int, length: int, prio: int) -> bytes: ...
@@ -344,6 +349,23 @@ class ReadCache:
         if entry.fd >= 0:
             os.close(entry.fd)
             entry.fd = -1
+
+    def keep_output(self, fd: int, digest: bytes, size: int) -> None:
+        """A committed output becomes a store object too (copied in the background)."""
+        if size > OUTPUT_COPY_LIMIT:
+            return
+        dup = os.dup(fd)  # the spool may close its fd while we copy
+        self._storing += 1
+        self.nursery.start_soon(self._copy_output, dup, digest, size)
+
+    async def _copy_output(self, fd: int, digest: bytes, size: int) -> None:
+        try:
+            await trio.to_thread.run_sync(self.store.copy_in, fd, digest, size)
+        except OSError as e:
+            log.info("could not keep an output in the store: %s", e)
+        finally:
+            os.close(fd)
+            self._storing -= 1
 
     async def wait_stored(self) -> None:
         """Let files that arrived in full finish becoming store objects (teardown would

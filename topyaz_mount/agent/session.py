@@ -276,6 +276,7 @@ class AgentSession:
         self.cache = ReadCache(self.store, self.link, self.nursery)
         kept = self.base_dir / "kept" / self.dir.name
         self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
+        self.spool.on_committed = self.cache.keep_output
         self.ops = MountOps(self.link, self.cache, self.spool)
 
     def _manifest(self, req: proto.Manifest) -> proto.Missing:

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -90,6 +91,9 @@ class Spool:
         self._idle = trio.Event()
         self._idle.set()
         self.lost: list[str] = []
+        # Told of each committed output (fd, blake3, size), so the content store can
+        # keep a copy: a later job that reads this output needs no transfer.
+        self.on_committed: Callable[[int, bytes, int], None] | None = None
         self.notes: list[str] = []
         self.bytes_committed = 0
 
@@ -276,6 +280,8 @@ class Spool:
                     pass
             raise
         self.bytes_committed += offset
+        if self.on_committed is not None:
+            self.on_committed(sf.fd, up.hasher.digest(), offset)
         if res.path != path:
             note = (
                 f"{os.fsdecode(path)} changed on the client during the job; "
