@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ import trio
 log = logging.getLogger(__name__)
 
 STRAGGLER_GRACE = 3.0
+SETPRIV = shutil.which("setpriv")
 
 OutputSink = Callable[[int, bytes], Awaitable[None]]
 
@@ -46,6 +48,8 @@ class Job:
         # request and both processes would hang. `env -C DIR` does the chdir and the
         # PATH lookup in a process of its own, after our fork has returned.
         argv = ["env", "-C", self.cwd, "--", *self.argv]
+        if SETPRIV:  # if the agent is killed, its command goes too (not left orphaned)
+            argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
         self.process = await trio.lowlevel.open_process(
             argv,
             env=self.env,

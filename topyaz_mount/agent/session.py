@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -108,12 +109,26 @@ def collect_dead_sessions(sessions_dir: Path) -> list[str]:
             os.close(fd)
             continue
         try:
+            _kill_orphaned_jobs(entry / "jobs")
             unmount(entry / "root")
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
         finally:
             os.close(fd)
     return removed
+
+
+def _kill_orphaned_jobs(jobs_file: Path) -> None:
+    """A dead agent's commands may still run (their helpers, say): end their groups."""
+    try:
+        pgids = [int(x) for x in jobs_file.read_text().split()]
+    except (OSError, ValueError):
+        return
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class Mount:
@@ -324,6 +339,9 @@ class AgentSession:
         except BaseException:
             self.job = None
             raise
+        assert self.dir is not None
+        with open(self.dir / "jobs", "a") as jobs:  # for collect_dead_sessions
+            jobs.write(f"{pid}\n")
         before, self._baseline = self._baseline or self.transfer_stats(), None
         self.nursery.start_soon(self._watch_job, job, before)
         return proto.Started(pid)
