@@ -23,7 +23,7 @@ import trio
 
 from .client import Session, open_session
 from .errors import collapse
-from .translate import PathMap, translate_value
+from .translate import PathMap
 from .transport import Remote, SshSettings
 
 
@@ -291,8 +291,3 @@ class RemoteMount:
         if self._remote is None:
             raise RuntimeError("the remote session is not open")
         return self._remote.to_local(remote_path)
-
-
-def translate_path(value: str, root: str, mountpoint: str, cwd: str | None = None) -> str:
-    """A single value as the remote sees it, without a session (pure prefix swap)."""
-    return translate_value(value, PathMap(root, mountpoint), cwd or root)

@@ -36,10 +36,6 @@ class JobTimeout(TopyazMountError):
     exit_code = 124
 
 
-class OutputsNotCommitted(TopyazMountError):
-    """The command ended but some outputs did not reach the client."""
-
-
 def collapse(exc: BaseException) -> BaseException:
     """The error to report from a (possibly nested) exception group.
 
