@@ -404,5 +404,32 @@ def cache_(
         click.echo(f"  freed    {_human(out['freed'])}")
 
 
+@main.command("doctor")
+@remote_options
+def doctor(
+    remote: str,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str,
+    cache_cap: str | None,
+    verbose: int,
+) -> None:
+    """Check that the remote host can serve topyaz-mount, and say what is missing."""
+    _setup_logging(verbose)
+    try:
+        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        settings = replace(settings, agent_args=(*settings.agent_args, "--doctor"))
+        out = run_remote_json(settings)
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    click.echo(f"ssh to {settings.remote}: ok ({settings.remote_python})")
+    failed = 0
+    for check in out["checks"]:
+        mark = "ok  " if check["ok"] else "FAIL"
+        failed += not check["ok"]
+        click.echo(f"{mark} {check['check']}: {check['detail']}")
+    sys.exit(EXIT_FAILURE if failed else 0)
+
+
 if __name__ == "__main__":
     main()

@@ -51,6 +51,57 @@ def _cache_command(base_dir: Path, cap: int | None, clear: bool, prune_to: int |
     return 0
 
 
+def _doctor(base_dir: Path) -> int:
+    """``topyaz-mount doctor``'s remote half: each check, ok or what is wrong."""
+    import importlib
+    import shutil
+    import sys as _sys
+
+    from .. import __version__
+    from .session import fuse_problem
+
+    checks: list[dict[str, object]] = [
+        {"check": "python", "ok": _sys.version_info >= (3, 10), "detail": _sys.version.split()[0]},
+        {"check": "topyaz-mount", "ok": True, "detail": __version__},
+    ]
+    for module in ("pyfuse3", "trio", "msgspec", "blake3", "platformdirs"):
+        try:
+            mod = importlib.import_module(module)
+            checks.append(
+                {
+                    "check": module,
+                    "ok": True,
+                    "detail": str(getattr(mod, "__version__", "installed")),
+                }
+            )
+        except ImportError as e:
+            checks.append({"check": module, "ok": False, "detail": f"missing ({e})"})
+    problem = fuse_problem()
+    checks.append({"check": "fuse", "ok": problem is None, "detail": problem or "usable"})
+    setpriv = shutil.which("setpriv")
+    checks.append(
+        {
+            "check": "setpriv",
+            "ok": True,
+            "detail": setpriv or "absent: a killed agent's command is ended later",
+        }
+    )
+    try:
+        base_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(base_dir).free
+        checks.append(
+            {
+                "check": "cache dir",
+                "ok": os.access(base_dir, os.W_OK),
+                "detail": f"{base_dir} ({free >> 20} MiB free)",
+            }
+        )
+    except OSError as e:
+        checks.append({"check": "cache dir", "ok": False, "detail": f"{base_dir}: {e.strerror}"})
+    print(json.dumps({"checks": checks}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m topyaz_mount.agent")
     parser.add_argument("--base-dir", type=Path, default=None)
@@ -59,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-stats", action="store_true", help="print cache JSON, exit")
     parser.add_argument("--clear", action="store_true", help="with --cache-stats")
     parser.add_argument("--prune-to", type=int, default=None, help="with --cache-stats")
+    parser.add_argument("--doctor", action="store_true", help="print checks as JSON, exit")
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -66,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         format="agent[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     base_dir = args.base_dir or default_base_dir()
+    if args.doctor:
+        return _doctor(base_dir)
     if args.cache_stats:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
     channel_in = os.dup(0)

@@ -1,0 +1,39 @@
+"""`topyaz-mount doctor`: says what the remote host has and what it lacks (real sshd)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+from e2e_util import CLI, client_env
+
+
+def doctor(testhost, *extra: str) -> subprocess.CompletedProcess:
+    argv = [*CLI, "doctor", "--remote", testhost.remote, "-F", str(testhost.ssh_config), *extra]
+    return subprocess.run(argv, env=client_env(), capture_output=True, text=True, timeout=60)
+
+
+def test_doctor_on_a_good_host(testhost):
+    r = doctor(testhost, "--remote-python", testhost.remote_python)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok   pyfuse3" in r.stdout and "ok   fuse: usable" in r.stdout
+    assert "FAIL" not in r.stdout
+
+
+def test_doctor_names_an_unusable_dev_fuse(testhost):
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    try:
+        os.chmod("/dev/fuse", 0o600)
+        r = doctor(testhost, "--remote-python", testhost.remote_python)
+    finally:
+        os.chmod("/dev/fuse", 0o666 if mode & 0o006 != 0o006 else mode)
+    assert r.returncode == 255
+    assert "FAIL fuse: /dev/fuse is not readable and writable" in r.stdout
+
+
+def test_doctor_without_the_package(testhost):
+    r = doctor(testhost, "--remote-python", "/usr/bin/python3")
+    assert r.returncode == 255
+    assert r.stderr.count("\n") == 1 and "not installed" in r.stderr
+    assert "Traceback" not in r.stderr
