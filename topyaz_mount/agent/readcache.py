@@ -188,6 +188,7 @@ class ReadCache:
         self._idle: OrderedDict[tuple[bytes, int, int], CachedFile] = OrderedDict()
         self._closed_handles: set[int] = set()
         self._opening: dict[bytes, trio.Lock] = {}
+        self.manifest_digests: dict[tuple[bytes, int, int], bytes] = {}
         self._storing = 0  # complete files being hashed into the store right now
         self._ahead = 0  # bytes prefetched that the job has not opened yet
         self._room = trio.Event()
@@ -208,11 +209,17 @@ class ReadCache:
 
     async def _open(self, path: bytes, attr: proto.Attr | None) -> CachedFile:
         if attr is not None:
-            entry = self._entries.get((path, attr.size, attr.mtime_ns))
+            key = (path, attr.size, attr.mtime_ns)
+            entry = self._entries.get(key)
             if entry is not None and entry.error is None:
                 self._idle.pop(entry.key, None)
                 entry.users += 1
                 return entry
+            digest = self.manifest_digests.get(key)
+            if digest is not None:  # named in the manifest: no need to ask the client
+                entry = await self._from_store(path, attr, -1, digest)
+                if entry is not None:
+                    return entry
         handle, actual, digest = await self.source.open_read(path)
         entry = self._entries.get((path, actual.size, actual.mtime_ns))
         if entry is not None and entry.error is None:
@@ -221,14 +228,9 @@ class ReadCache:
             entry.users += 1
             return entry
         if digest is not None:
-            fd = await trio.to_thread.run_sync(self.store.open, digest, actual.size)
-            if fd is not None:
+            entry = await self._from_store(path, actual, handle, digest)
+            if entry is not None:
                 await self._close_handle(handle)
-                self.store.hits += 1
-                self.store.bytes_saved += actual.size
-                entry = CachedFile(self, path, actual, handle, fd, complete=True)
-                entry.users = 1
-                self._entries[entry.key] = entry
                 return entry
         self.store.misses += 1
         fd, temp = self.store.new_temp(actual.size)
@@ -242,6 +244,25 @@ class ReadCache:
         else:
             self.nursery.start_soon(self.finished, entry)
         return entry
+
+    async def _from_store(
+        self, path: bytes, attr: proto.Attr, handle: int, digest: bytes
+    ) -> CachedFile | None:
+        fd = await trio.to_thread.run_sync(self.store.open, digest, attr.size)
+        if fd is None:
+            return None
+        self.store.hits += 1
+        self.store.bytes_saved += attr.size
+        entry = CachedFile(self, path, attr, handle, fd, complete=True)
+        entry.users = 1
+        self._entries[entry.key] = entry
+        return entry
+
+    def remember_manifest(self, entries: list[proto.ManifestEntry]) -> None:
+        """Hashes the client sent up front: opening those files costs no round trip."""
+        for e in entries:
+            if e.blake3 is not None:
+                self.manifest_digests[(e.path, e.size, e.mtime_ns)] = e.blake3
 
     async def prefetch(
         self, wanted: list[tuple[bytes, proto.Attr]], window: int, parallel: int = 8
@@ -296,6 +317,8 @@ class ReadCache:
 
     def drop_path(self, path: bytes) -> None:
         """Forget cached copies of ``path`` (the client changed or removed it)."""
+        for key in [k for k in self.manifest_digests if k[0] == path]:
+            del self.manifest_digests[key]
         for key in [k for k in self._entries if k[0] == path]:
             entry = self._entries[key]
             if entry.users == 0:
@@ -324,7 +347,7 @@ class ReadCache:
                 self._discard(entry)
 
     async def _close_handle(self, handle: int) -> None:
-        if handle in self._closed_handles:
+        if handle < 0 or handle in self._closed_handles:
             return
         self._closed_handles.add(handle)
         try:

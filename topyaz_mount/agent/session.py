@@ -299,6 +299,7 @@ class AgentSession:
             raise OSError(errno.ENOTCONN, "no mount: send Hello first")
         if self.job is None:  # the command's counters start here, with its prefetch
             self._baseline = self.transfer_stats()
+        self.cache.remember_manifest(req.entries)
         missing = [
             i
             for i, e in enumerate(req.entries)
