@@ -592,3 +592,25 @@ def test_an_output_read_by_the_next_job_moves_no_content(testhost, root, empty_c
     assert remote_sha256(r) == local
     assert s["content_bytes_sent"] == 0 and s["cache_hits"] >= 1, s
     assert s["hashed_bytes"] == 0, s
+
+
+def test_big_unhashed_input_streams_at_once_and_is_hashed_meanwhile(
+    testhost, root, empty_cache, tmp_path, monkeypatch
+):
+    """A big input the client never hashed (not named in argv, or a new client index)
+    starts streaming at once; the client hashes it meanwhile and tells the agent, which
+    switches to its stored copy when it has one. Either way the bytes are right and the
+    next run is a pure hit."""
+    size = 200 * MiB
+    digest = write_random(root / "video.bin", size)
+    script = "sha256sum < video.bin"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "index-a"))
+    r, s = exec_stats(testhost, root, "sh", "-c", script)  # the store learns it
+    assert remote_sha256(r) == digest
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "index-b"))  # a client that never hashed it
+    r, s = exec_stats(testhost, root, "sh", "-c", script)
+    assert remote_sha256(r) == digest
+    assert s["content_bytes_sent"] + s["bytes_saved"] >= size, s
+    r, s = exec_stats(testhost, root, "sh", "-c", script)  # index-b knows it now
+    assert remote_sha256(r) == digest
+    assert s["content_bytes_sent"] == 0 and s["cache_hits"] >= 1, s

@@ -103,6 +103,8 @@ class Session:
             raise ConnectionFailed(f"no answer from {self.settings.remote} within {timeout:.0f} s")
         self.peer = Peer(self.ssh.stream, self.server.handle, self._on_notice, preamble=bytes(buf))
         self.nursery.start_soon(self._run_peer)
+        self.server.background = self.nursery
+        self.server.notify = self.peer.notify
         hello = proto.Hello(proto.PROTOCOL_VERSION, self.session_id, ["exec"])
         try:
             with trio.fail_after(timeout):

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,8 @@ class _Commit:
 
 @dataclass
 class _Read:
-    """An open input; big files not hashed yet are hashed in order as chunks go out."""
-
     fd: int
     st: os.stat_result
-    hasher: blake3.blake3 | None = None
-    hashed_to: int = 0
 
 
 @dataclass
@@ -79,6 +76,10 @@ class FileServer:
         self._next_handle = 1
         self.stats = TransferStats()
         self.committed: list[bytes] = []
+        # Set by the session: where a big input's hash is computed while it streams,
+        # and how the agent hears of it (see _hash_while_streaming).
+        self.background: trio.Nursery | None = None
+        self.notify: Callable[[Any], Awaitable[None]] | None = None
 
     def close(self) -> None:
         """Drop open files and every unfinished commit's temporary file."""
@@ -93,8 +94,6 @@ class FileServer:
     # --- dispatch -------------------------------------------------------------------
 
     async def handle(self, req: object) -> object:
-        if isinstance(req, proto.CloseRead):
-            return await self._close_read(req)
         method: Any = _HANDLERS.get(type(req))  # type: ignore[call-overload]
         if method is None:
             raise OSError(errno.ENOSYS, f"the client does not serve {type(req).__name__}")
@@ -133,17 +132,33 @@ class FileServer:
             raise OSError(errno.EMFILE, "too many open files")
         fd = self.jail.open_read(req.path)
         st = os.fstat(fd)
-        read = _Read(fd, st)
-        digest = self.index.lookup(st)
-        if digest is None and st.st_size <= QUICK_HASH_LIMIT:
-            digest = self.index.hash_of(fd)
-        elif digest is None:
-            read.hasher = blake3.blake3()
         handle = self._next_handle
         self._next_handle += 1
-        self._reads[handle] = read
+        self._reads[handle] = _Read(fd, st)
+        digest = self.index.lookup(st)
+        if digest is None:
+            if st.st_size > QUICK_HASH_LIMIT and self.background is not None:
+                self.background.start_soon(self._hash_while_streaming, handle, os.dup(fd))
+            else:
+                digest = self.index.hash_of(fd)
         self.stats.files_opened += 1
         return proto.Opened(handle, attr_of(st), digest)
+
+    async def _hash_while_streaming(self, handle: int, fd: int) -> None:
+        """A big input we had not hashed starts streaming at once (the job must not
+        wait); meanwhile we hash it, and if the agent's store turns out to have that
+        content, it stops the transfer and uses its copy."""
+        try:
+            digest = await trio.to_thread.run_sync(self.index.hash_of, fd)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        if self.notify is not None and handle in self._reads:
+            try:
+                await self.notify(proto.Hashed(handle, digest))
+            except Exception:  # the connection went away; nothing to tell
+                pass
 
     def manifest(self, paths: list[bytes], budget: int) -> list[proto.ManifestEntry]:
         """The inputs' sizes, mtimes and hashes; unknown hashes computed within ``budget``."""
@@ -171,24 +186,12 @@ class FileServer:
         if req.length < 0 or req.length > proto.CHUNK_SIZE * 4 or req.offset < 0:
             raise OSError(errno.EINVAL, "bad read range")
         data = os.pread(r.fd, req.length, req.offset)
-        if r.hasher is not None and req.offset == r.hashed_to:
-            r.hasher.update(data)
-            r.hashed_to += len(data)
         self.stats.bytes_read += len(data)
         return proto.Data(data)
 
-    async def _close_read(self, req: proto.CloseRead) -> proto.Done:
-        """Close an input; a big one hashed on the way out gets its hash remembered."""
+    def _close_read(self, req: proto.CloseRead) -> proto.Done:
         r = self._reads.pop(req.handle, None)
-        if r is None:
-            return proto.Done()
-        try:
-            if r.hasher is not None and os.fstat(r.fd).st_ctime_ns == r.st.st_ctime_ns:
-                if r.hashed_to == r.st.st_size:
-                    self.index.remember(r.st, r.hasher.digest())
-                else:  # its chunks went out of order: hash it now, off the event loop
-                    await trio.to_thread.run_sync(self.index.hash_of, r.fd)
-        finally:
+        if r is not None:
             os.close(r.fd)
         return proto.Done()
 
@@ -363,6 +366,7 @@ _HANDLERS = {
     proto.ListDir: FileServer._listdir,
     proto.OpenRead: FileServer._open_read,
     proto.ReadChunk: FileServer._read_chunk,
+    proto.CloseRead: FileServer._close_read,
     proto.Mkdir: FileServer._mkdir,
     proto.Rmdir: FileServer._rmdir,
     proto.Unlink: FileServer._unlink,

@@ -278,6 +278,13 @@ class Signal(_Msg):
     signum: int
 
 
+class Hashed(_Msg):
+    """The client finished hashing an input it began streaming unhashed."""
+
+    handle: int
+    blake3: bytes
+
+
 class Log(_Msg):
     """A line for the user from the agent (warnings about outputs, for example)."""
 
@@ -320,7 +327,7 @@ Response = Union[
     Started,
     Missing,
 ]
-Notice = Union[CommitChunk, Output, Exited, StdinData, StdinClose, Signal, Log]
+Notice = Union[CommitChunk, Output, Exited, StdinData, StdinClose, Signal, Log, Hashed]
 
 
 class Call(_Msg):

@@ -71,6 +71,8 @@ class CachedFile:
         self.expect: bytes | None = None  # the client's hash of them, if it sent one
         self.opened_by_job = False
         self.prefetched = 0  # bytes of prefetch window this entry holds until opened
+        self.switched = False
+        self.fetched = 0
         if complete:
             self.have = bytearray(b"\x01" * self.count)
             self.requested = bytearray(b"\x01" * self.count)
@@ -142,9 +144,12 @@ class CachedFile:
         offset = i * self.chunk
         length = min(self.chunk, self.size - offset)
         data = await self.cache.source.read_chunk(self.handle, offset, length, prio)
+        if self.switched:
+            return  # the store had this content after all; see switch_to
         if len(data) != length:
             raise OSError(errno.EIO, f"{self.path!r} changed on the client while being read")
         os.pwrite(self.fd, data, offset)
+        self.fetched += length
         self.cache.bytes_fetched += length
         self.have[i] = 1
         self.arrived += 1
@@ -155,9 +160,22 @@ class CachedFile:
             self.done.set()
             await self.cache.finished(self)
 
+    def switch_to(self, fd: int) -> None:
+        """Serve from the store's copy from now on; the transfer is no longer needed."""
+        old, self.fd = self.fd, fd
+        os.close(old)
+        self.switched = True
+        self.have = bytearray(b"\x01" * self.count)
+        self.requested = bytearray(b"\x01" * self.count)
+        self.arrived = self.count
+        for event in self.events.values():
+            event.set()
+        self.events.clear()
+        self.done.set()
+
     def fail(self, error: OSError) -> None:
-        if self.error is not None:
-            return
+        if self.error is not None or self.switched:
+            return  # (after a switch, requests still in flight may fail: irrelevant)
         log.warning("fetching %r failed: %s", self.path, error)
         self.error = error
         for event in self.events.values():
@@ -189,6 +207,7 @@ class ReadCache:
         self._closed_handles: set[int] = set()
         self._opening: dict[bytes, trio.Lock] = {}
         self.manifest_digests: dict[tuple[bytes, int, int], bytes] = {}
+        self._by_handle: dict[int, CachedFile] = {}  # transfers under way, by client handle
         self._storing = 0  # complete files being hashed into the store right now
         self._ahead = 0  # bytes prefetched that the job has not opened yet
         self._room = trio.Event()
@@ -239,6 +258,7 @@ class ReadCache:
         entry.expect = digest
         entry.users = 1
         self._entries[entry.key] = entry
+        self._by_handle[handle] = entry
         if entry.count:
             self.nursery.start_soon(entry.pump, self.window)
         else:
@@ -257,6 +277,28 @@ class ReadCache:
         entry.users = 1
         self._entries[entry.key] = entry
         return entry
+
+    async def on_hashed(self, handle: int, digest: bytes) -> None:
+        """The client has hashed an input it is streaming: stop if we have it already."""
+        entry = self._by_handle.get(handle)
+        if entry is None or entry.done.is_set() or entry.error is not None:
+            return
+        entry.expect = digest
+        fd = await trio.to_thread.run_sync(self.store.open, digest, entry.size)
+        if fd is None:
+            return
+        if entry.done.is_set() or entry.error is not None:
+            os.close(fd)
+            return
+        entry.switch_to(fd)
+        self.store.misses -= 1
+        self.store.hits += 1
+        self.store.bytes_saved += entry.size - entry.fetched
+        if entry.temp is not None:
+            self.store.discard_temp(entry.temp)
+            entry.temp = None
+        self._by_handle.pop(handle, None)
+        await self._close_handle(handle)
 
     def remember_manifest(self, entries: list[proto.ManifestEntry]) -> None:
         """Hashes the client sent up front: opening those files costs no round trip."""
@@ -328,6 +370,7 @@ class ReadCache:
         """The transfer ended: give the client its fd back (it may remember the file's
         hash then); store or drop the bytes. Teardown waits for this (wait_stored)."""
         self._storing += 1
+        self._by_handle.pop(entry.handle, None)
         try:
             await self._close_handle(entry.handle)
             temp, entry.temp = entry.temp, None

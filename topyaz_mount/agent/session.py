@@ -231,6 +231,9 @@ class AgentSession:
         raise OSError(errno.ENOSYS, f"the agent does not serve {type(req).__name__}")
 
     async def on_notice(self, msg: Any) -> None:
+        if isinstance(msg, proto.Hashed) and self.cache is not None:
+            self.nursery.start_soon(self.cache.on_hashed, msg.handle, msg.blake3)
+            return
         job = self.job
         if job is None:
             return
