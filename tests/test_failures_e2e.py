@@ -48,12 +48,11 @@ def test_killed_agent(testhost, client_root):
     assert r.returncode == 255, describe(r)
     lines = r.stderr.decode().strip().splitlines()
     assert "lost" in lines[-1] and "Traceback" not in r.stderr.decode(), describe(r)
-    # the job went with its agent (pdeathsig); the mount went too (auto_unmount)
-    assert wait_until(lambda: not any(pid_alive(j) for j in job), 15)
-    # the next session collects the dead one's directory
+    # the next session collects the dead one: its directory, and the command it left
     r2 = run_exec(testhost, client_root, "true")
     assert r2.returncode == 0, describe(r2)
     assert wait_until(lambda: not (sessions & session_dirs()), 10), sessions & session_dirs()
+    assert wait_until(lambda: not any(pid_alive(j) for j in job), 10)
     assert temp_files(client_root) == []
 
 
@@ -83,3 +82,11 @@ def test_full_client_disk_keeps_the_output_on_the_remote(testhost, client_root, 
     kept = err.split("kept on the remote host at ", 1)[1].split()[0]
     assert os.path.getsize(kept) == 8 * MiB  # the bytes are safe on the remote
     shutil.rmtree(kept.split("/kept/", 1)[0] + "/kept/" + kept.split("/kept/", 1)[1].split("/")[0])
+
+
+def test_a_command_outlives_the_agents_idle_threads(testhost, client_root):
+    """Regression: the command once ran under PR_SET_PDEATHSIG, which fires when the
+    thread that forked it exits; trio's worker threads idle out after ~10 s."""
+    r = run_exec(testhost, client_root, "sh", "-c", "sleep 12; echo survived", timeout=90)
+    assert r.returncode == 0, describe(r)
+    assert r.stdout == b"survived\n"

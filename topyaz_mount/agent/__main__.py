@@ -78,14 +78,6 @@ def _doctor(base_dir: Path) -> int:
             checks.append({"check": module, "ok": False, "detail": f"missing ({e})"})
     problem = fuse_problem()
     checks.append({"check": "fuse", "ok": problem is None, "detail": problem or "usable"})
-    setpriv = shutil.which("setpriv")
-    checks.append(
-        {
-            "check": "setpriv",
-            "ok": True,
-            "detail": setpriv or "absent: a killed agent's command is ended later",
-        }
-    )
     try:
         base_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(base_dir).free

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,6 @@ import trio
 log = logging.getLogger(__name__)
 
 STRAGGLER_GRACE = 3.0
-SETPRIV = shutil.which("setpriv")
 
 OutputSink = Callable[[int, bytes], Awaitable[None]]
 
@@ -47,9 +45,11 @@ class Job:
         # forking thread with the GIL held, so nobody could answer the kernel's FUSE
         # request and both processes would hang. `env -C DIR` does the chdir and the
         # PATH lookup in a process of its own, after our fork has returned.
+        # No PR_SET_PDEATHSIG here: it fires when the *thread* that forked exits, and
+        # trio forks in a worker thread that idles out after ~10 s, which would kill
+        # every longer command. A dead agent's commands are ended by the next agent
+        # (collect_dead_sessions reads the session's ``jobs`` file).
         argv = ["env", "-C", self.cwd, "--", *self.argv]
-        if SETPRIV:  # if the agent is killed, its command goes too (not left orphaned)
-            argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
         self.process = await trio.lowlevel.open_process(
             argv,
             env=self.env,
