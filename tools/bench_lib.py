@@ -269,6 +269,7 @@ class RunResult:
     system_cpu: float  # every process on the machine (and the kernel), from /proc/stat
     stderr: str = ""
     stats: dict | None = None  # topyaz-mount --stats=json, when asked for
+    helper_cpu: float = 0.0  # CPU of helper processes during the run (the WAN proxy)
 
     def cpu_of(self, label: str) -> float:
         return self.sampled.get(label, (0.0, 0, 0))[0]
@@ -546,3 +547,214 @@ def fold_pyspy_raw(path: Path, top: int = 8) -> tuple[int, list[tuple[float, str
             counts[frame] += int(n)
             total += int(n)
     return total, [(100 * n / total, f) for f, n in counts.most_common(top)] if total else []
+
+
+def fold_pyspy_inclusive(path: Path, top: int = 40) -> tuple[int, list[tuple[float, str]]]:
+    """(samples, [(percent, function)]) by inclusive time: the share of samples whose
+    stack holds the function anywhere (each counted once per stack)."""
+    counts: Counter[str] = Counter()
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            seen = set()
+            for frame in stack.split(";"):
+                frame = re.sub(r"\(/\S*/(site-packages|lib/python3[.\d]*)/", "(", frame)
+                frame = re.sub(r"\(/\S*/(topyaz_mount/)", r"(\1", frame)
+                frame = re.sub(r":\d+\)$", ")", frame)  # function, not line
+                if frame not in seen:
+                    seen.add(frame)
+                    counts[frame] += int(n)
+            total += int(n)
+    return total, [(100 * n / total, f) for f, n in counts.most_common(top)] if total else []
+
+
+def profile_run(
+    argv: list[str],
+    *,
+    cwd: str,
+    env: dict[str, str],
+    remote_root: int,
+    outdir: Path,
+    tag: str,
+    rate: int = 100,
+    timeout: float = 900,
+) -> dict:
+    """Run argv (a topyaz-mount exec whose job should start with a short sleep, so py-spy
+    is attached before the work starts) with py-spy on the client and on the agent.
+
+    Returns {"wall": s, "client"/"agent": {"self": fold, "inclusive": fold}}, or {} when
+    py-spy is missing."""
+    import shutil
+
+    pyspy = shutil.which("py-spy")
+    if pyspy is None:
+        return {}
+    before = {p for p in descendants({remote_root}) if b"topyaz_mount.agent" in proc_argv(p)}
+    t0 = time.perf_counter()
+    p = _spawn(
+        argv,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    agent = None
+    deadline = time.monotonic() + 30
+    while agent is None and time.monotonic() < deadline and p.poll() is None:
+        for pid in descendants({remote_root}) - before:
+            if b"topyaz_mount.agent" in proc_argv(pid):
+                agent = pid
+        time.sleep(0.01)
+    spies = {}
+    targets = {"client": p.pid} | ({"agent": agent} if agent else {})
+    for name, pid in targets.items():
+        spies[name] = _spawn(
+            [
+                pyspy,
+                "record",
+                "--nonblocking",
+                "-r",
+                str(rate),
+                "-f",
+                "raw",
+                "-o",
+                str(outdir / f"{tag}-{name}.raw"),
+                "--pid",
+                str(pid),
+            ],
+            cwd=None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    with contextlib.suppress(RunFailed):
+        _reap(p, time.monotonic() + timeout)
+    wall = time.perf_counter() - t0
+    for spy in spies.values():
+        with contextlib.suppress(RunFailed):
+            _reap(spy, time.monotonic() + 30)
+    out: dict = {"wall": wall}
+    for name in targets:
+        raw = outdir / f"{tag}-{name}.raw"
+        out[name] = {"self": fold_pyspy_raw(raw), "inclusive": fold_pyspy_inclusive(raw)}
+    return out
+
+
+def write_random_file(path: Path, size: int, block_size: int = 64 << 20) -> None:
+    """``size`` bytes: one random block of at most ``block_size`` repeated."""
+    block = os.urandom(min(block_size, size))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        left = size
+        while left:
+            left -= os.write(fd, memoryview(block)[: min(len(block), left)])
+    finally:
+        os.close(fd)
+
+
+def blake3_file(path: Path) -> bytes:
+    import blake3
+
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h.update_mmap(str(path))
+    return h.digest()
+
+
+def freshen(path: Path) -> bytes:
+    """New random first bytes (a content version no cache has); returns its blake3."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(16), 0)
+    finally:
+        os.close(fd)
+    return blake3_file(path)
+
+
+def remove_objects(store_dir: Path, digests) -> int:
+    """Delete content-store objects by digest (as root, on this machine); returns count."""
+    n = 0
+    for d in digests:
+        h = d.hex()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store_dir / "objects" / h[:2] / h)
+            n += 1
+    return n
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in r) + " |" for r in rows),
+    ]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    cells = [[re.sub(r"[`*]", "", str(c)) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    )
+
+
+def mib(n: float) -> str:
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):.1f} KiB"
+    return f"{n:.0f} B"
+
+
+# The client run through this wrapper counts the requests it serves, by type, and prints
+# them on stderr at exit: an untimed extra run, to show the round trips behind a figure.
+COUNTING_CLI = """
+import atexit, collections, json, sys
+from topyaz_mount import cli, fileserver
+counts = collections.Counter()
+_handle = fileserver.FileServer.handle
+async def handle(self, req):
+    counts[type(req).__name__] += 1
+    return await _handle(self, req)
+fileserver.FileServer.handle = handle
+atexit.register(lambda: print("BENCH-REQUESTS " + json.dumps(dict(counts)), file=sys.stderr))
+sys.argv[0] = "topyaz-mount"
+cli.main()
+"""
+
+
+def count_requests(
+    tm_argv: list[str], *, cwd: Path, env: dict[str, str], workdir: Path
+) -> tuple[dict[str, int], str]:
+    """Run a ``topyaz-mount exec`` argv (its program replaced by a wrapper of the same
+    CLI that counts the requests the client serves); (counts by type, error or "")."""
+    import sys
+
+    script = workdir / "counting_cli.py"
+    script.write_text(COUNTING_CLI)
+    i = tm_argv.index("exec")
+    argv = [sys.executable, str(script), *tm_argv[i:]]
+    p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    m = re.search(r"^BENCH-REQUESTS (.*)$", p.stderr, re.M)
+    counts = json.loads(m.group(1)) if m else {}
+    return counts, (p.stderr.strip()[-300:] if p.returncode != 0 else "")
+
+
+_ENTRY_POINTS = re.compile(
+    r"^(<module>|main|exec_|_exec_async|_serve|serve|run|_run_peer|unrolled_run|"
+    r"_run_module_as_main|_run_code|thread \(|Thread\.|invoke|Command\.|MultiCommand\.|"
+    r"Group\.|BaseCommand\.|async_wrapper|handler\.<locals>|Peer\.run|WorkerThread|"
+    r"_bootstrap)"
+)
+
+
+def interesting(incl: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """Inclusive frames minus entry points and loops every stack passes through."""
+    return [(p, f) for p, f in incl if "topyaz_mount" in f and not _ENTRY_POINTS.match(f)]
