@@ -25,11 +25,19 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import trio
+from e2e_util import (
+    all_pids,
+    descendants,
+    pid_alive,
+    proc_stat,
+    session_agent_pid,
+    session_dirs,
+    wait_until,
+)
 
 from topyaz_mount import (
     AuthenticationFailed,
@@ -47,9 +55,9 @@ from topyaz_mount import (
 from topyaz_mount.translate import TranslationError
 
 if sys.version_info >= (3, 11):
-    from builtins import BaseExceptionGroup
+    pass
 else:  # trio depends on the backport there
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
 pytestmark = pytest.mark.e2e
 
@@ -63,49 +71,14 @@ VIDEO_NAME = "clip.mp4"
 # --------------------------------------------------------------------------- /proc
 
 
-def proc_stat(pid: int) -> tuple[int, str, str] | None:
-    """(ppid, state, comm) of pid, or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode(errors="replace")
-    except OSError:
-        return None
-    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[1]), fields[0], comm
-
-
-def all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def pid_alive(pid: int) -> bool:
-    st = proc_stat(pid)
-    return st is not None and st[1] != "Z"
-
-
 def ssh_children() -> list[int]:
     """Live `ssh` processes whose parent is this test process."""
     me = os.getpid()
     found = []
     for pid in all_pids():
         st = proc_stat(pid)
-        if st is not None and st[0] == me and st[2] == "ssh" and st[1] != "Z":
+        if st is not None and st[0] == me and st[3] == "ssh" and st[2] != "Z":
             found.append(pid)
-    return found
-
-
-def descendants(pid: int) -> set[int]:
-    parent: dict[int, int] = {}
-    for p in all_pids():
-        st = proc_stat(p)
-        if st is not None:
-            parent[p] = st[0]
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier and p not in found}
-        found |= frontier
     return found
 
 
@@ -128,16 +101,6 @@ def processes_running(argv: list[str], uid: int) -> list[int]:
     return found
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 def free_port() -> int:
     """A loopback port nobody listens on (bound and released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -146,24 +109,6 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------- leftovers
-
-
-def sessions_dir() -> Path:
-    return Path(pwd.getpwnam(REMOTE_USER).pw_dir) / ".cache" / "topyaz-mount" / "sessions"
-
-
-def session_dirs() -> set[str]:
-    try:
-        return {str(p) for p in sessions_dir().iterdir()}
-    except FileNotFoundError:
-        return set()
-
-
-def session_agent_pid(session: Path) -> int | None:
-    try:
-        return int((session / "agent.lock").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _ours_or_orphan(session: Path, ours: set[int]) -> bool:
