@@ -24,7 +24,8 @@ relayed to ``--target`` through two emulated one-way paths:
 Per-direction values: ``--up-delay-ms``, ``--down-delay-ms``, ``--up-rate-mbit``,
 ``--down-rate-mbit`` (``0`` = unlimited). Timer resolution is about 1 ms (epoll), so
 delays are accurate to about a millisecond. Slow start and losses are not emulated: the
-link is always at its rate.
+link is always at its rate. ``--log-interval S`` prints the rate put on each link every
+S seconds, to see where a transfer leaves the link idle.
 
 Only loopback addresses are accepted, for listening and as the target. Runs until
 SIGINT/SIGTERM, then prints one JSON line of counters on stderr.
@@ -131,6 +132,7 @@ class Proxy:
         )
         self.limit = max(args.queue_kib << 10, CHUNK)
         self.handshake = not args.no_handshake
+        self.log_interval = args.log_interval
         self.connections = 0
         self.active = 0
         self.peak_queue = 0
@@ -157,8 +159,11 @@ class Proxy:
                 t.add_done_callback(tasks.discard)
 
         acceptor = asyncio.create_task(accept_loop())
+        ticker = asyncio.create_task(self.log_rates()) if self.log_interval else None
         await stop.wait()
         acceptor.cancel()
+        if ticker is not None:
+            ticker.cancel()
         for t in list(tasks):
             t.cancel()
         await asyncio.gather(acceptor, *tasks, return_exceptions=True)
@@ -196,6 +201,22 @@ class Proxy:
             self.active -= 1
             client.close()
             upstream.close()
+
+    async def log_rates(self) -> None:
+        """Every ``--log-interval`` s, one line on stderr: time, MB/s up and down."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        last = (self.up.bytes, self.down.bytes)
+        while True:
+            await asyncio.sleep(self.log_interval)
+            now = (self.up.bytes, self.down.bytes)
+            up, down = ((a - b) / self.log_interval / 1e6 for a, b in zip(now, last, strict=True))
+            print(
+                f"{loop.time() - t0:8.2f} s  up {up:6.2f} MB/s  down {down:6.2f} MB/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            last = now
 
     def counters(self) -> dict:
         return {
@@ -240,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         help="undelivered bytes per connection and direction before reading stops (default 1024)",
     )
     ap.add_argument("--no-handshake", action="store_true", help="no round trip before connecting")
+    ap.add_argument(
+        "--log-interval",
+        type=float,
+        default=0,
+        metavar="S",
+        help="every S seconds print the rate scheduled on each link (stderr)",
+    )
     args = ap.parse_args(argv)
     proxy = Proxy(args)
     listen = parse_addr(args.listen)
