@@ -461,7 +461,7 @@ def report(env, cb: CacheBench, n: int, prof, counts, elapsed: float, load_befor
         for wl in ("big", "small"):
             p = prof.get(wl) or {}
             for side in ("agent", "client"):
-                if side not in p:
+                if side not in p or p[side]["self"][0] < 20:
                     continue
                 total, top = p[side]["self"]
                 _, incl = p[side]["inclusive"]
@@ -483,10 +483,13 @@ def report(env, cb: CacheBench, n: int, prof, counts, elapsed: float, load_befor
 
 
 def per_file(counts: dict[str, dict[str, int]], key: str, n: int) -> str:
-    """'1.0 OpenRead, 1.0 CloseRead' per file, for the kinds of request that are."""
+    """Requests per file ('1.00 `OpenRead`'), and totals for the rare kinds."""
     c = counts.get(key, {})
-    parts = [f"{c[k] / n:.1f} `{k}`" for k in ("Stat", "OpenRead", "CloseRead") if c.get(k)]
-    return ", ".join(parts) if parts else "no `Stat`, `OpenRead` or `CloseRead`"
+    kinds = ("Stat", "OpenRead", "ReadChunk", "CloseRead", "ListDir")
+    each = [f"{c[k] / n:.2f} `{k}`" for k in kinds if c.get(k, 0) >= 0.1 * n]
+    rare = [f"{c[k]} `{k}`" for k in kinds if 0 < c.get(k, 0) < 0.1 * n]
+    text = ", ".join(each) if each else "no `OpenRead`, `ReadChunk` or `CloseRead`"
+    return text + (f" (and {', '.join(rare)} in all)" if rare else "")
 
 
 def interpretation(cb, counts, big_label, small_label, ssht, tmt) -> list[str]:
@@ -548,7 +551,7 @@ def interpretation(cb, counts, big_label, small_label, ssht, tmt) -> list[str]:
     if counts.get("small_warm"):
         text += (
             f" Requests per file the client served: warm {per_file(counts, 'small_warm', count)}"
-            f"; cold {per_file(counts, 'small_cold', count)}, plus the chunks. A request the "
+            f"; cold {per_file(counts, 'small_cold', count)}. A request the "
             f"agent waits for costs a fraction of a millisecond here, an RTT on a real link "
             f"(see the wan section)."
         )

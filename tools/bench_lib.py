@@ -270,6 +270,8 @@ class RunResult:
     stderr: str = ""
     stats: dict | None = None  # topyaz-mount --stats=json, when asked for
     helper_cpu: float = 0.0  # CPU of helper processes during the run (the WAN proxy)
+    mono_start: float = 0.0  # time.monotonic() at spawn and after reaping
+    mono_end: float = 0.0
 
     def cpu_of(self, label: str) -> float:
         return self.sampled.get(label, (0.0, 0, 0))[0]
@@ -349,6 +351,7 @@ def timed_run(
         sampler = ProcSampler(remote_root)
         sampler.start()
         busy0 = system_busy_ticks()
+        m0 = time.monotonic()
         t0 = time.perf_counter()
         p = _spawn(argv, cwd=cwd, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err, env=env)
         sampler.add_local_root(p.pid)
@@ -356,13 +359,16 @@ def timed_run(
             code, cpu, maxrss = _reap(p, time.monotonic() + timeout)
         finally:
             wall = time.perf_counter() - t0
+            m1 = time.monotonic()
             _settle(remote_root)
             sampler.stop()
         err.seek(0)
         text = err.read().decode(errors="replace")
     if code != 0:
         raise RunFailed(f"{' '.join(argv[:6])} ... exited {code}: {text.strip()[-800:]}")
-    return _result(wall, cpu, maxrss, sampler, text, busy0)
+    res = _result(wall, cpu, maxrss, sampler, text, busy0)
+    res.mono_start, res.mono_end = m0, m1
+    return res
 
 
 def timed_pair_run(
@@ -384,6 +390,7 @@ def timed_pair_run(
         sampler = ProcSampler(remote_root)
         sampler.start()
         busy0 = system_busy_ticks()
+        m0 = time.monotonic()
         t0 = time.perf_counter()
         try:
             pl = _spawn(left, cwd=cwd, stdin=a, stdout=a, stderr=subprocess.DEVNULL, env=env)
@@ -399,13 +406,16 @@ def timed_pair_run(
             code_l, cpu_l, rss_l = _reap(pl, deadline)
         finally:
             wall = time.perf_counter() - t0
+            m1 = time.monotonic()
             _settle(remote_root)
             sampler.stop()
         err.seek(0)
         text = err.read().decode(errors="replace")
     if code_r != 0:
         raise RunFailed(f"{' '.join(right[:6])} ... exited {code_r}: {text.strip()[-800:]}")
-    return _result(wall, cpu_r + cpu_l, max(rss_r, rss_l), sampler, text, busy0)
+    res = _result(wall, cpu_r + cpu_l, max(rss_r, rss_l), sampler, text, busy0)
+    res.mono_start, res.mono_end = m0, m1
+    return res
 
 
 def _result(wall, cpu, maxrss, sampler: ProcSampler, text: str, busy0: int) -> RunResult:

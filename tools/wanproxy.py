@@ -203,16 +203,18 @@ class Proxy:
             upstream.close()
 
     async def log_rates(self) -> None:
-        """Every ``--log-interval`` s, one line on stderr: time, MB/s up and down."""
+        """Every ``--log-interval`` s, one line on stderr: the monotonic clock (the same
+        clock as Python's time.monotonic() in any process on this machine), bytes put on
+        each link so far, and the rate of the last interval in MB/s."""
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
         last = (self.up.bytes, self.down.bytes)
         while True:
             await asyncio.sleep(self.log_interval)
             now = (self.up.bytes, self.down.bytes)
             up, down = ((a - b) / self.log_interval / 1e6 for a, b in zip(now, last, strict=True))
             print(
-                f"{loop.time() - t0:8.2f} s  up {up:6.2f} MB/s  down {down:6.2f} MB/s",
+                f"t={loop.time():.3f} up_bytes={now[0]} down_bytes={now[1]} "
+                f"up={up:.2f}MB/s down={down:.2f}MB/s",
                 file=sys.stderr,
                 flush=True,
             )
