@@ -123,15 +123,18 @@ class ContentStore:
         ``expect`` is the hash the client announced, if any: a mismatch means the bytes
         changed on the way, and nothing is stored.
         """
-        digest = hash_fd(fd)
-        if expect is not None and digest != expect:
-            self._remove(temp)
-            raise OSError(errno.EIO, "received content does not match the client's hash")
-        final = self.path(digest)
-        final.parent.mkdir(exist_ok=True, mode=0o700)
-        fcntl.flock(fd, fcntl.LOCK_SH)  # ours before anyone can see it: not evictable
-        existed = final.exists()
-        os.rename(temp, final)  # atomic; a concurrent identical object is simply replaced
+        try:
+            digest = hash_fd(fd)
+            if expect is not None and digest != expect:
+                raise OSError(errno.EIO, "received content does not match the client's hash")
+            final = self.path(digest)
+            final.parent.mkdir(exist_ok=True, mode=0o700)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # ours before anyone can see it: not evictable
+            existed = final.exists()
+            os.rename(temp, final)  # atomic; a concurrent identical object just replaces
+        except BaseException:
+            self._remove(temp)  # whatever went wrong, no temp file stays behind
+            raise
         self._verified.add(digest)
         total = self._add_to_total(0 if existed else os.fstat(fd).st_size)
         if total > self.cap:  # scan (and evict) only when over the cap
