@@ -15,6 +15,7 @@ the parent still lived).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 import signal
@@ -331,3 +332,16 @@ def unmount_lazy(path: str) -> None:
     r = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
     if r.returncode != 0:
         subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def write_random(path: Path, size: int) -> str:
+    """Write size random bytes; returns their sha256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            block = os.urandom(min(4 << 20, left))
+            fh.write(block)
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()

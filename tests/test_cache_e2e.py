@@ -40,6 +40,7 @@ from e2e_util import (
     start_exec,
     unmount_lazy,
     wait_until,
+    write_random,
 )
 
 pytestmark = pytest.mark.e2e
@@ -101,19 +102,6 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
         while chunk := fh.read(4 * MiB):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def write_random(path: Path, size: int) -> str:
-    """Write size random bytes; returns their sha256."""
-    h = hashlib.sha256()
-    with open(path, "wb") as fh:
-        left = size
-        while left:
-            block = os.urandom(min(4 * MiB, left))
-            fh.write(block)
-            h.update(block)
-            left -= len(block)
     return h.hexdigest()
 
 

@@ -36,6 +36,7 @@ from e2e_util import (
     temp_files,
     unmount_lazy,
     wait_until,
+    write_random,
 )
 
 pytestmark = pytest.mark.e2e
@@ -150,18 +151,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_random(path: Path, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "wb") as fh:
-        left = size
-        while left:
-            block = os.urandom(min(4 * MiB, left))
-            fh.write(block)
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
 
 
 @pytest.fixture

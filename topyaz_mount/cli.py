@@ -219,6 +219,11 @@ def _settings(
     )
 
 
+def _agent_json(settings: SshSettings, *mode: str) -> dict:
+    """Run the agent in one of its one-shot modes (cache, doctor); its JSON answer."""
+    return run_remote_json(replace(settings, agent_args=(*settings.agent_args, *mode)))
+
+
 def _report(err: BaseException, verbose: int) -> int:
     """The one place an exception becomes a line on stderr and an exit status."""
     err = collapse(err)
@@ -386,8 +391,7 @@ def cache_(
         extra = ["--cache-stats"] + (["--clear"] if clear else [])
         if prune_to is not None:
             extra += ["--prune-to", str(parse_size(prune_to))]
-        settings = replace(settings, agent_args=settings.agent_args + tuple(extra))
-        out = run_remote_json(settings)
+        out = _agent_json(settings, *extra)
     except BaseException as e:  # noqa: BLE001
         sys.exit(_report(e, verbose))
     if as_json:
@@ -418,8 +422,7 @@ def doctor(
     _setup_logging(verbose)
     try:
         settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
-        settings = replace(settings, agent_args=(*settings.agent_args, "--doctor"))
-        out = run_remote_json(settings)
+        out = _agent_json(settings, "--doctor")
     except BaseException as e:  # noqa: BLE001
         sys.exit(_report(e, verbose))
     click.echo(f"ssh to {settings.remote}: ok ({settings.remote_python})")
