@@ -146,12 +146,13 @@ def _kill_by_pid(pid: int, comm: str, sig: int = signal.SIGKILL) -> None:
 class ExecProcess:
     """A running `topyaz-mount exec` with its output collected in the background."""
 
-    def __init__(self, argv: list[str], *, cwd: Path | str, stdin_data: bytes | None = None):
+    def __init__(self, argv: list[str], *, cwd: Path | str, stdin_data: bytes | None = None,
+                 env: dict[str, str] | None = None):
         self.argv = argv
         self.proc = subprocess.Popen(
             argv,
             cwd=str(cwd),
-            env=client_env(),
+            env=env if env is not None else client_env(),
             stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

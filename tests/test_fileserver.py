@@ -520,7 +520,7 @@ def test_namespace_requests(world):
 
 def test_unserved_request_is_enosys(world):
     server, *_ = world
-    for req in (proto.Hello(1, "s"), proto.Bye(), proto.Run(["ls"], "/")):
+    for req in (proto.Hello(1, "s"), proto.Bye(), proto.Run(1, ["ls"], "/")):
         with pytest.raises(OSError) as e:
             call(server, req)
         assert e.value.errno == errno.ENOSYS

@@ -152,13 +152,13 @@ def test_round_trip_random_splits(fs, data):
 
 
 def test_partial_frame_stays_buffered():
-    enc = proto.encode(proto.Notify(proto.Output(1, b"hello")))
+    enc = proto.encode(proto.Notify(proto.Output(1, 1, b"hello")))
     dec = proto.FrameDecoder()
     dec.feed(enc[:-1])
     assert dec.frames() == []
     assert dec.buffered == len(enc) - 1
     dec.feed(enc[-1:])
-    assert dec.frames() == [proto.Notify(proto.Output(1, b"hello"))]
+    assert dec.frames() == [proto.Notify(proto.Output(1, 1, b"hello"))]
     assert dec.buffered == 0
 
 
@@ -179,17 +179,17 @@ def test_frames_after_a_complete_one_wait_for_their_bytes():
 def _overhead() -> int:
     """Body bytes of a Notify(Output) besides its payload, for payloads >= 64 KiB."""
     n = 1 << 17
-    return len(msgspec.msgpack.encode(proto.Notify(proto.Output(1, b"x" * n)))) - n
+    return len(msgspec.msgpack.encode(proto.Notify(proto.Output(1, 1, b"x" * n)))) - n
 
 
 def test_largest_frame_passes_and_one_more_byte_is_refused():
     n = proto.MAX_FRAME - _overhead()
-    frame = proto.Notify(proto.Output(1, b"x" * n))
+    frame = proto.Notify(proto.Output(1, 1, b"x" * n))
     enc = proto.encode(frame)
     assert len(enc) == 4 + proto.MAX_FRAME
     assert decode_all(enc) == [frame]
     with pytest.raises(proto.ProtocolError):
-        proto.encode(proto.Notify(proto.Output(1, b"x" * (n + 1))))
+        proto.encode(proto.Notify(proto.Output(1, 1, b"x" * (n + 1))))
 
 
 def test_oversize_announcement_is_refused_before_the_body_arrives():
@@ -200,7 +200,7 @@ def test_oversize_announcement_is_refused_before_the_body_arrives():
 
 
 def test_custom_cap():
-    enc = proto.encode(proto.Notify(proto.Output(1, b"y" * 200)))
+    enc = proto.encode(proto.Notify(proto.Output(1, 1, b"y" * 200)))
     dec = proto.FrameDecoder(max_frame=100)
     dec.feed(enc)
     with pytest.raises(proto.ProtocolError):

@@ -356,7 +356,7 @@ def test_notifications_arrive_in_order_even_with_a_slow_handler():
             await trio.sleep(random.random() * 0.002)
 
         async with pair(b_notice=slow) as (a, b, _):
-            sent = [proto.Output(1 + i % 2, bytes([i % 256]) * (i * 37 % 3000)) for i in range(200)]
+            sent = [proto.Output(1, 1 + i % 2, bytes([i % 256]) * (i * 37 % 3000)) for i in range(200)]
             for m in sent:
                 await a.peer.notify(m)
             await a.peer.drain()
@@ -508,7 +508,7 @@ async def _answer_path(req):
 def test_backpressure_with_a_tiny_queue_loses_nothing():
     async def body():
         async with pair(a_kw={"queue_limit": 64}) as (a, b, _):
-            sent = [proto.StdinData(bytes([i]) * 50) for i in range(100)]
+            sent = [proto.StdinData(1, bytes([i]) * 50) for i in range(100)]
             for m in sent:
                 await a.peer.notify(m)
             await a.peer.drain()

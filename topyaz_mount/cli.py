@@ -12,15 +12,17 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
 import trio
 
-from . import __version__
+from . import __version__, control, mountd, session_client
 from .client import RunResult, Session, open_session
 from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse
 from .translate import (
@@ -163,9 +165,9 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--remote",
             "-r",
             envvar="TOPYAZ_MOUNT_REMOTE",
-            required=True,
+            default=None,
             metavar="[USER@]HOST[:PORT]",
-            help="The GPU host (ssh destination).",
+            help="The GPU host (ssh destination; or set TOPYAZ_MOUNT_REMOTE).",
         ),
         click.option(
             "--ssh-option",
@@ -199,13 +201,15 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _settings(
-    remote: str,
+    remote: str | None,
     ssh_options: Sequence[str],
     ssh_config: str | None,
     remote_python: str,
     cache_cap: str | None,
     verbose: int,
 ) -> SshSettings:
+    if not remote:
+        raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
     agent_args: tuple[str, ...] = ()
     if cache_cap is not None:
         agent_args = ("--cache-cap", str(parse_size(cache_cap)))
@@ -260,6 +264,13 @@ def main() -> None:
     help="Local directory to mount on the remote (default: the current directory).",
 )
 @click.option(
+    "--session",
+    "session_name",
+    default=None,
+    metavar="NAME",
+    help="Run through the long-lived session NAME (see `mount`) instead of connecting.",
+)
+@click.option(
     "--env",
     "-e",
     "env_pairs",
@@ -311,13 +322,14 @@ def main() -> None:
 )
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
-    remote: str,
+    remote: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
     remote_python: str,
     cache_cap: str | None,
     verbose: int,
     root: str | None,
+    session_name: str | None,
     env_pairs: tuple[str, ...],
     forward_stdin: bool,
     literal: tuple[str, ...],
@@ -342,15 +354,34 @@ def exec_(
         }
         argv = expand_product(list(command), products)
         cwd = os.getcwd()
-        root_dir = os.path.realpath(root or cwd)
-        if not os.path.isdir(root_dir):
-            raise UsageError(f"--root {root}: not a directory")
         env = _parse_env(env_pairs)
-        _precheck(argv, root_dir, cwd, env, literal)
-        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
-        result = trio.run(_exec_async, settings, root_dir, argv, cwd, env, forward_stdin, literal)
+        if session_name is not None:
+            if root is not None:
+                raise UsageError("--root cannot be used with --session (the session has one)")
+            control.check_name(session_name)
+            req = control.Exec(argv, cwd, env, forward_stdin, list(literal))
+            done = trio.run(session_client.run_in_session, session_name, req, _say)
+            result: RunResult | None = RunResult(done.code, list(done.lost), [], dict(done.stats))
+        else:
+            root_dir = os.path.realpath(root or cwd)
+            if not os.path.isdir(root_dir):
+                raise UsageError(f"--root {root}: not a directory")
+            _precheck(argv, root_dir, cwd, env, literal)
+            settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            result = trio.run(
+                _exec_async, settings, root_dir, argv, cwd, env, forward_stdin, literal
+            )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
+    _finish(result, stats_format)
+
+
+def _say(text: str) -> None:
+    click.echo(f"topyaz-mount: {text}", err=True)
+
+
+def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
+    """Report a finished command the same way whichever way it ran; exit with its status."""
     if result is None:
         sys.exit(_fail("aborted; the remote session was torn down", 130))
     for line in result.lost:
@@ -374,7 +405,7 @@ def exec_(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def cache_(
-    remote: str,
+    remote: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
     remote_python: str,
@@ -411,7 +442,7 @@ def cache_(
 @main.command("doctor")
 @remote_options
 def doctor(
-    remote: str,
+    remote: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
     remote_python: str,
@@ -432,6 +463,272 @@ def doctor(
         failed += not check["ok"]
         click.echo(f"{mark} {check['check']}: {check['detail']}")
     sys.exit(EXIT_FAILURE if failed else 0)
+
+
+# --- long-lived sessions ------------------------------------------------------------
+
+
+def _mount_child_argv(
+    remote: str,
+    ssh_options: Sequence[str],
+    ssh_config: str | None,
+    remote_python: str,
+    cache_cap: str | None,
+    verbose: int,
+    root: str,
+    name: str,
+    ready_fd: int,
+) -> list[str]:
+    argv = [sys.executable, "-m", "topyaz_mount", "mount", "--remote", remote]
+    for opt in ssh_options:
+        argv += ["-o", opt]
+    if ssh_config:
+        argv += ["--ssh-config", ssh_config]
+    argv += ["--remote-python", remote_python]
+    if cache_cap:
+        argv += ["--cache-cap", cache_cap]
+    argv += ["-v"] * verbose
+    return argv + ["--root", root, "--name", name, "--ready-fd", str(ready_fd)]
+
+
+def _detach(child_argv: list[str], ready_r: int, ready_w: int, log_path: str) -> dict:
+    """Start the session in the background; its first words (or its failure)."""
+    with open(log_path, "ab") as log_file:
+        os.chmod(log_path, 0o600)
+        proc = subprocess.Popen(
+            child_argv,
+            pass_fds=(ready_w,),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    os.close(ready_w)
+    data = b""
+    with os.fdopen(ready_r, "rb") as ready:
+        data = ready.read()
+    if data.strip():
+        return json.loads(data)
+    code = proc.wait()
+    tail = ""
+    try:
+        with open(log_path, "rb") as f:
+            lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+        tail = lines[-1].removeprefix("topyaz-mount: ") if lines else ""
+    except OSError:
+        pass
+    return {"ok": False, "error": tail or f"the session exited with status {code}", "code": code}
+
+
+def _print_ready(info: dict) -> None:
+    name = info["name"]
+    click.echo(
+        f"topyaz-mount: session {name}: {info['root']} mounted at "
+        f"{info['host']}:{info['mountpoint']}"
+    )
+    click.echo(f"  run commands:  topyaz-mount exec --session {name} -- COMMAND")
+    click.echo(f"  remote shell:  topyaz-mount shell --session {name}")
+    click.echo(f"  unmount:       topyaz-mount unmount {name}")
+
+
+@main.command("mount")
+@remote_options
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Local directory to mount on the remote (default: the current directory).",
+)
+@click.option("--name", default=None, help="Session name (default: the root's name).")
+@click.option("--detach", "-d", is_flag=True, help="Run in the background.")
+@click.option("--ready-fd", type=int, default=None, hidden=True)
+def mount(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str,
+    cache_cap: str | None,
+    verbose: int,
+    root: str | None,
+    name: str | None,
+    detach: bool,
+    ready_fd: int | None,
+) -> None:
+    """Mount the local root on the remote host and keep it mounted.
+
+    Runs until Ctrl-C or `topyaz-mount unmount NAME` (with --detach, in the
+    background). Commands then run through it without a new connection:
+
+    \b
+    topyaz-mount mount --remote gpu-box --detach
+    topyaz-mount exec --session NAME -- tpai shots/a.jpg -o out/
+    topyaz-mount shell --session NAME
+    """
+    _setup_logging(verbose)
+
+    def report_ready(info: dict) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, json.dumps({"ok": True, **info}).encode() + b"\n")
+            os.close(ready_fd)
+        else:
+            _print_ready(info)
+        sys.stdout.flush()
+
+    try:
+        root_dir = os.path.realpath(root or os.getcwd())
+        if not os.path.isdir(root_dir):
+            raise UsageError(f"--root {root}: not a directory")
+        session = control.check_name(name or mountd.default_name(Path(root_dir)))
+        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        if detach:
+            if trio.run(control.alive, session):
+                raise UsageError(
+                    f"a session named {session} is running already (pick another with --name)"
+                )
+            r, w = os.pipe()
+            child = _mount_child_argv(
+                str(remote),
+                ssh_options,
+                ssh_config,
+                remote_python,
+                cache_cap,
+                verbose,
+                root_dir,
+                session,
+                w,
+            )
+            log_path = str(control.runtime_dir() / f"{session}.log")
+            info = _detach(child, r, w, log_path)
+            if not info.get("ok"):
+                sys.exit(_fail(str(info.get("error")), int(info.get("code") or EXIT_FAILURE)))
+            _print_ready(info)
+            click.echo(f"  log:           {log_path}")
+            return
+        server, lost = trio.run(
+            lambda: mountd.serve(settings, root_dir, session, on_ready=report_ready, say=_say)
+        )
+    except BaseException as e:  # noqa: BLE001
+        code = _report(e, verbose)
+        if ready_fd is not None:
+            try:
+                message = (
+                    str(collapse(e)) if not isinstance(e, KeyboardInterrupt) else "interrupted"
+                )
+                os.write(
+                    ready_fd, json.dumps({"ok": False, "error": message, "code": code}).encode()
+                )
+            except OSError:
+                pass
+        sys.exit(code)
+    if lost:
+        tail = [x for x in server.session.ssh.stderr_tail if x.strip()]
+        why = f" ({tail[-1]})" if tail else ""
+        sys.exit(
+            _fail(
+                f"connection to {settings.remote} lost{why}; session {session} ended. Outputs "
+                f"not yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"
+                f"{server.session.session_id}",
+                EXIT_FAILURE,
+            )
+        )
+    closed = server.closed
+    if closed is not None and closed.kept_files:
+        _say(
+            f"dropped {closed.kept_files} output(s), {_human(closed.kept_bytes)}, not "
+            f"committed; kept on {settings.remote} at {closed.kept_dir}"
+        )
+    _say(f"session {session} unmounted")
+
+
+@main.command("unmount")
+@click.argument("name")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Kill running commands and drop outputs not yet committed (kept on the remote).",
+)
+@click.option("--verbose", "-v", count=True)
+def unmount(name: str, force: bool, verbose: int) -> None:
+    """Unmount session NAME, after its running commands end and outputs are committed."""
+    _setup_logging(verbose)
+    try:
+        done = trio.run(session_client.unmount, control.check_name(name), force, _say)
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    if done.kept_files:
+        _say(
+            f"dropped {done.kept_files} output(s), {_human(done.kept_bytes)}, not committed; "
+            f"kept on the remote host at {done.kept_dir}"
+        )
+    _say(f"session {name} unmounted")
+
+
+@main.command("status")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of sessions).")
+def status(name: str | None, as_json: bool) -> None:
+    """List the running sessions (or show one)."""
+    try:
+        if name is not None:
+            sessions = [trio.run(session_client.query, control.check_name(name))]
+        else:
+            sessions = trio.run(session_client.all_sessions)
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, 0))
+    if as_json:
+        click.echo(json.dumps(sessions, sort_keys=True))
+        return
+    if not sessions:
+        click.echo("no sessions")
+        return
+    for s in sessions:
+        moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
+        click.echo(
+            f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}\n"
+            f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "
+            f"{s.get('pending_outputs', 0)} outputs pending "
+            f"({_human(s.get('pending_bytes', 0))}), moved {_human(moved)} "
+            f"({_human(s.get('content_bytes_sent', 0))} up, "
+            f"{_human(s.get('content_bytes_received', 0))} down), "
+            f"cache {s.get('cache_hits', 0)} hits / {s.get('cache_misses', 0)} misses"
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+@main.command(
+    "shell",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("--session", "session_name", required=True, metavar="NAME", help="The session.")
+@click.option("--verbose", "-v", count=True)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def shell(session_name: str, verbose: int, command: tuple[str, ...]) -> None:
+    """Open a remote shell (a real terminal) in the translated current directory.
+
+    With COMMAND, run it on a terminal instead, as `ssh -t` does.
+    """
+    _setup_logging(verbose)
+    try:
+        rows, cols = session_client.terminal_size()
+        env = {"TERM": os.environ.get("TERM", "xterm-256color")}
+        req = control.Exec(list(command), os.getcwd(), env, True, [], [rows, cols])
+        with session_client.raw_terminal(0):
+            done = trio.run(
+                lambda: session_client.run_in_session(
+                    control.check_name(session_name), req, _say, interactive=True
+                )
+            )
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    _finish(RunResult(done.code, list(done.lost), [], dict(done.stats)))
 
 
 if __name__ == "__main__":

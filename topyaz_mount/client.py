@@ -1,19 +1,24 @@
-"""The client session: ssh up, agent greeted, files served, one command run, all closed.
+"""The client session: ssh up, agent greeted, files served, commands run, all closed.
 
 ``open_session`` is the whole life of a connection as one ``async with``: it starts
 ssh, reads past anything a login shell prints until the agent's magic, greets the
 agent (which mounts the root), serves the agent's file requests from the jail, and
 on the way out says goodbye (the agent unmounts and removes its session dir), closes
 the pipe and waits for ssh, whatever happened in between.
+
+Commands run as jobs: each ``run`` gets a job id that every message about it carries,
+so a long-lived session can run several at once.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
+import itertools
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +42,8 @@ from .transport import SshProcess, SshSettings, explain_startup_failure, start_s
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[bytes], None]
+# Where a job's stdout or stderr bytes go; may be async (a control connection).
+Sink = Callable[[bytes], None | Awaitable[None]]
 
 
 @dataclass
@@ -46,6 +52,42 @@ class RunResult:
     lost: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, int | float] = field(default_factory=dict)
+
+
+class Job:
+    """One command of a session, as the caller holds it: signals, stdin, window size."""
+
+    def __init__(self, session: Session, job_id: int) -> None:
+        self.session = session
+        self.id = job_id
+        self.sinks: dict[int, Sink] = {}
+        self.exited: proto.Exited | None = None
+        self.started = trio.Event()  # the agent knows the job: messages may go out
+        self.done = trio.Event()
+        self.warnings: list[str] = []
+        self.on_warning: Callable[[str], None] | None = None
+
+    async def _notify(self, msg: object, prio: int = proto.PRIO_NORMAL) -> None:
+        await self.started.wait()
+        peer = self.session.peer
+        if peer is not None and not peer.closed and not self.done.is_set():
+            try:
+                await peer.notify(msg, prio)
+            except ConnectionLost:
+                pass
+
+    async def signal(self, signum: int) -> None:
+        await self._notify(proto.Signal(self.id, signum), proto.PRIO_URGENT)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._notify(proto.Resize(self.id, rows, cols), proto.PRIO_URGENT)
+
+    async def send_stdin(self, data: bytes) -> None:
+        for i in range(0, len(data), proto.CHUNK_SIZE):
+            await self._notify(proto.StdinData(self.id, data[i : i + proto.CHUNK_SIZE]))
+
+    async def close_stdin(self) -> None:
+        await self._notify(proto.StdinClose(self.id))
 
 
 class Session:
@@ -60,11 +102,11 @@ class Session:
         self.pathmap: PathMap | None = None
         self.peer: Peer | None = None
         self.agent_pid = 0
-        self._sinks: dict[int, Sink] = {}
-        self._exited: proto.Exited | None = None
-        self._exit_event = trio.Event()
+        self._jobs: dict[int, Job] = {}
+        self._job_ids = itertools.count(1)
         self._lost = trio.Event()
-        self.warnings: list[str] = []
+        self.closed: proto.Closed | None = None
+        self.watch = False  # the caller pushes local changes (long-lived sessions)
         self.on_warning: Callable[[str], None] = lambda text: log.warning("%s", text)
 
     @property
@@ -105,7 +147,8 @@ class Session:
         self.nursery.start_soon(self._run_peer)
         self.server.background = self.nursery
         self.server.notify = self.peer.notify
-        hello = proto.Hello(proto.PROTOCOL_VERSION, self.session_id, ["exec"])
+        capabilities = ["exec", "jobs"] + (["watch"] if self.watch else [])
+        hello = proto.Hello(proto.PROTOCOL_VERSION, self.session_id, capabilities)
         try:
             with trio.fail_after(timeout):
                 welcome = await self.peer.call(hello)
@@ -136,24 +179,54 @@ class Session:
         if isinstance(msg, proto.CommitChunk):
             self.server.handle_chunk(msg)
         elif isinstance(msg, proto.Output):
-            sink = self._sinks.get(msg.fd)
+            job = self._jobs.get(msg.job)
+            sink = job.sinks.get(msg.fd) if job is not None else None
             if sink is not None:
-                sink(msg.data)
+                result = sink(msg.data)
+                if inspect.isawaitable(result):
+                    await result
         elif isinstance(msg, proto.Exited):
-            self._exited = msg
-            self._exit_event.set()
+            job = self._jobs.get(msg.job)
+            if job is not None:
+                job.exited = msg
+                job.done.set()
         elif isinstance(msg, proto.Log):
-            self.warnings.append(msg.text)
-            self.on_warning(msg.text)
+            job = self._jobs.get(msg.job)
+            if job is not None:
+                job.warnings.append(msg.text)
+            (job.on_warning if job is not None and job.on_warning else self.on_warning)(msg.text)
 
-    async def _goodbye(self) -> None:
-        if self.peer is None or self.peer.closed:
-            return
+    async def goodbye(self, force: bool = False) -> proto.Closed | None:
+        """End the remote session (idempotent); what it could not commit is named."""
+        if self.closed is not None or self.peer is None or self.peer.closed:
+            return self.closed
         with trio.move_on_after(120):
             try:
-                await self.peer.call(proto.Bye())
+                self.closed = await self.peer.call(proto.Bye(force))
             except (ConnectionLost, RemoteError) as e:
                 log.info("goodbye failed: %s", e)
+        return self.closed
+
+    async def status(self) -> proto.StatusReply:
+        assert self.peer is not None
+        try:
+            return await self.peer.call(proto.Status(), proto.PRIO_URGENT)
+        except ConnectionLost:
+            raise self._lost_error("") from None
+
+    async def invalidate(self, paths: list[bytes]) -> None:
+        """Tell the agent these root-relative paths changed here."""
+        if self.peer is not None and not self.peer.closed:
+            for i in range(0, len(paths), 1000):
+                try:
+                    await self.peer.notify(proto.Invalidate(paths[i : i + 1000]), proto.PRIO_URGENT)
+                except ConnectionLost:
+                    return
+
+    @property
+    def running(self) -> int:
+        """Jobs started and not yet reported finished."""
+        return len(self._jobs)
 
     # --- the command ----------------------------------------------------------------
 
@@ -168,11 +241,12 @@ class Session:
         )
 
     async def signal(self, signum: int) -> None:
-        if self.peer is not None and not self.peer.closed:
-            try:
-                await self.peer.notify(proto.Signal(signum), proto.PRIO_URGENT)
-            except ConnectionLost:
-                pass
+        """Send a signal to every running job (the one-shot exec has one)."""
+        for job in list(self._jobs.values()):
+            await job.signal(signum)
+
+    def new_job(self) -> Job:
+        return Job(self, next(self._job_ids))
 
     async def run(
         self,
@@ -183,26 +257,68 @@ class Session:
         stdout: Sink,
         stderr: Sink,
         stdin: bytes | trio.abc.ReceiveStream | None = None,
+        stdin_open: bool = False,
         timeout: float | None = None,
         literal: Sequence[str] = (),
+        tty: tuple[int, int] | None = None,
+        job: Job | None = None,
     ) -> RunResult:
-        """Run one command through the mount; returns after its outputs are committed."""
+        """Run one command through the mount; returns after its outputs are committed.
+
+        ``stdin_open``: the caller feeds stdin itself through ``job.send_stdin``.
+        ``tty``: run on a pseudo-terminal of (rows, cols), as ``ssh -t`` does.
+        """
         assert self.peer is not None
         remote_argv, remote_cwd, remote_env = self.translate(
             argv, os.path.abspath(cwd or str(self.root)), env or {}, literal
         )
-        self._sinks = {1: stdout, 2: stderr}
-        self._exited = None
-        self._exit_event = trio.Event()
-        self.warnings = []
+        job = job or self.new_job()
+        job.sinks = {1: stdout, 2: stderr}
+        self._jobs[job.id] = job
+        try:
+            return await self._run_job(
+                job,
+                remote_argv,
+                remote_cwd,
+                remote_env,
+                argv,
+                cwd,
+                stdin,
+                stdin_open,
+                timeout,
+                tty,
+            )
+        finally:
+            self._jobs.pop(job.id, None)
+            job.done.set()
+            job.started.set()
+
+    async def _run_job(
+        self,
+        job: Job,
+        remote_argv: list[str],
+        remote_cwd: str,
+        remote_env: dict[str, str],
+        argv: Sequence[str],
+        cwd: str | None,
+        stdin: bytes | trio.abc.ReceiveStream | None,
+        stdin_open: bool,
+        timeout: float | None,
+        tty: tuple[int, int] | None,
+    ) -> RunResult:
+        assert self.peer is not None
         sent_before = self.server.stats.bytes_read
         committed_before = self.server.stats.bytes_committed
         files_before = self.server.stats.files_committed
         wire_before = (self.peer.bytes_sent, self.peer.bytes_received)
         hashed_before = self.server.index.hashed_bytes
         started_at = trio.current_time()
-        await self._send_manifest(argv, os.path.abspath(cwd or str(self.root)))
-        run = proto.Run(remote_argv, remote_cwd, remote_env, stdin is not None)
+        if tty is None:
+            await self._send_manifest(job.id, argv, os.path.abspath(cwd or str(self.root)))
+        want_stdin = stdin is not None or stdin_open
+        run = proto.Run(
+            job.id, remote_argv, remote_cwd, remote_env, want_stdin, list(tty) if tty else None
+        )
         try:
             await self.peer.call(run)
         except RemoteError as e:
@@ -214,21 +330,23 @@ class Session:
             raise failure from None
         except ConnectionLost:
             raise self._lost_error() from None
+        job.started.set()
         if stdin is not None:
-            self.nursery.start_soon(self._feed_stdin, stdin)
+            self.nursery.start_soon(self._feed_stdin, job, stdin)
         timed_out = False
         with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
-            await self._wait_exit()
+            await self._wait_exit(job)
         if scope.cancelled_caught:
             timed_out = True
-            await self.signal(9)
+            await job.signal(9)
             with trio.move_on_after(30):
-                await self._wait_exit()
-        if self._exited is None:
+                await self._wait_exit(job)
+        exited = job.exited
+        if exited is None:
             raise self._lost_error()
         if timed_out:
             raise JobTimeout(f"the command ran past its {timeout:g} s limit and was killed")
-        stats: dict[str, int | float] = dict(self._exited.stats)
+        stats: dict[str, int | float] = dict(exited.stats)
         stats.update(
             content_bytes_sent=self.server.stats.bytes_read - sent_before,
             content_bytes_received=self.server.stats.bytes_committed - committed_before,
@@ -239,9 +357,9 @@ class Session:
             wall_seconds=round(trio.current_time() - started_at, 3),
         )
         stats.pop("content_bytes_committed", None)
-        return RunResult(self._exited.code, list(self._exited.lost), list(self.warnings), stats)
+        return RunResult(exited.code, list(exited.lost), list(job.warnings), stats)
 
-    async def _send_manifest(self, argv: Sequence[str], cwd: str) -> None:
+    async def _send_manifest(self, job_id: int, argv: Sequence[str], cwd: str) -> None:
         """Tell the agent which inputs are coming so it can fetch what it lacks now."""
         assert self.peer is not None and self.pathmap is not None
         local = PathMap(str(self.root), self.pathmap.remote_root)
@@ -250,7 +368,7 @@ class Session:
             return
         entries = await trio.to_thread.run_sync(self.server.manifest, paths, MANIFEST_HASH_BUDGET)
         try:
-            missing = await self.peer.call(proto.Manifest(entries))
+            missing = await self.peer.call(proto.Manifest(job_id, entries))
         except RemoteError as e:
             log.info("manifest refused: %s", e)
             return
@@ -258,44 +376,42 @@ class Session:
             raise self._lost_error() from None
         log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
 
-    async def _wait_exit(self) -> None:
+    async def _wait_exit(self, job: Job) -> None:
         async with trio.open_nursery() as nursery:
 
             async def watch(event: trio.Event) -> None:
                 await event.wait()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch, self._exit_event)
+            nursery.start_soon(watch, job.done)
             nursery.start_soon(watch, self._lost)
 
-    def _lost_error(self) -> ConnectionFailed:
+    def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
         tail = [line for line in self.ssh.stderr_tail if line.strip()]
         why = f" ({tail[-1]})" if tail else ""
         return ConnectionFailed(
-            f"connection to {self.settings.remote} lost during the job{why}; outputs not "
+            f"connection to {self.settings.remote} lost{during}{why}; outputs not "
             f"yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"
             f"{self.session_id}"
         )
 
-    async def _feed_stdin(self, stdin: bytes | trio.abc.ReceiveStream) -> None:
-        assert self.peer is not None
-        try:
-            if isinstance(stdin, bytes):
-                for i in range(0, len(stdin), proto.CHUNK_SIZE):
-                    await self.peer.notify(proto.StdinData(stdin[i : i + proto.CHUNK_SIZE]))
-            else:
-                while data := await stdin.receive_some(1 << 16):
-                    await self.peer.notify(proto.StdinData(bytes(data)))
-            await self.peer.notify(proto.StdinClose())
-        except ConnectionLost:
-            pass
+    async def _feed_stdin(self, job: Job, stdin: bytes | trio.abc.ReceiveStream) -> None:
+        if isinstance(stdin, bytes):
+            await job.send_stdin(stdin)
+        else:
+            while data := await stdin.receive_some(1 << 16):
+                await job.send_stdin(bytes(data))
+        await job.close_stdin()
 
 
 @asynccontextmanager
 async def open_session(
-    settings: SshSettings, root: str | Path, *, connect_timeout: float = 60.0
+    settings: SshSettings, root: str | Path, *, connect_timeout: float = 60.0, watch: bool = False
 ) -> AsyncIterator[Session]:
-    """Connect, mount ``root`` on the remote, and yield the session; always cleans up."""
+    """Connect, mount ``root`` on the remote, and yield the session; always cleans up.
+
+    ``watch``: the caller will send every local change (``Session.invalidate``), so the
+    remote kernel may cache metadata longer."""
     root_path = Path(os.path.realpath(root))
     if not root_path.is_dir():
         raise UsageError(f"--root {root}: not a directory")
@@ -309,11 +425,12 @@ async def open_session(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ssh.pump_stderr)
                 session = Session(settings, server, ssh, nursery)
+                session.watch = watch
                 try:
                     await session._handshake(connect_timeout)
                     yield session
                     with trio.CancelScope(shield=True):
-                        await session._goodbye()
+                        await session.goodbye()
                 finally:
                     with trio.CancelScope(shield=True):
                         await ssh.stop()

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,9 @@ class FileServer:
         # and how the agent hears of it (see _hash_while_streaming).
         self.background: trio.Nursery | None = None
         self.notify: Callable[[Any], Awaitable[None]] | None = None
+        # What the agent's own requests left at each path (state, when), so the
+        # watcher of a long-lived session can tell them from the user's changes.
+        self.made: dict[bytes, tuple[tuple[int, int, int, int] | None, float]] = {}
 
     def close(self) -> None:
         """Drop open files and every unfinished commit's temporary file."""
@@ -90,6 +94,32 @@ class FileServer:
             self._abort(cid)
         self.jail.close()
         self.index.close()
+
+    # --- our own changes, for the watcher ----------------------------------------------
+
+    def state_of(self, rel: bytes) -> tuple[int, int, int, int] | None:
+        try:
+            st = self.jail.lstat(rel)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+
+    def _made(self, *paths: bytes) -> None:
+        now = time.monotonic()
+        for rel in paths:
+            self.made[rel] = (self.state_of(rel), now)
+
+    def is_echo(self, rel: bytes) -> bool:
+        """Whether ``rel`` is as the agent's last request left it (not the user's change)."""
+        if TEMP_MARK in rel:
+            return True
+        record = self.made.get(rel)
+        return record is not None and record[0] == self.state_of(rel)
+
+    def forget_made(self, older_than: float = 60.0) -> None:
+        cutoff = time.monotonic() - older_than
+        for rel in [p for p, (_, when) in self.made.items() if when < cutoff]:
+            del self.made[rel]
 
     # --- dispatch -------------------------------------------------------------------
 
@@ -186,6 +216,11 @@ class FileServer:
         if req.length < 0 or req.length > proto.CHUNK_SIZE * 4 or req.offset < 0:
             raise OSError(errno.EINVAL, "bad read range")
         data = os.pread(r.fd, req.length, req.offset)
+        st = os.fstat(r.fd)
+        if (st.st_size, st.st_mtime_ns) != (r.st.st_size, r.st.st_mtime_ns):
+            # Changed in place while being sent: fail the read rather than hand the
+            # job a file that mixes two versions. A later open sees the new one.
+            raise OSError(errno.ESTALE, "the file changed on the client while being read")
         self.stats.bytes_read += len(data)
         return proto.Data(data)
 
@@ -197,18 +232,22 @@ class FileServer:
 
     def _mkdir(self, req: proto.Mkdir) -> proto.AttrReply:
         self.jail.mkdir(req.path, req.mode)
+        self._made(req.path)
         return self._stat(proto.Stat(req.path))
 
     def _rmdir(self, req: proto.Rmdir) -> proto.Done:
         self.jail.rmdir(req.path)
+        self._made(req.path)
         return proto.Done()
 
     def _unlink(self, req: proto.Unlink) -> proto.Done:
         self.jail.unlink(req.path)
+        self._made(req.path)
         return proto.Done()
 
     def _rename(self, req: proto.Rename) -> proto.Done:
         self.jail.rename(req.old, req.new, req.noreplace)
+        self._made(req.old, req.new)
         return proto.Done()
 
     def _setattr(self, req: proto.SetAttr) -> proto.AttrReply:
@@ -216,6 +255,7 @@ class FileServer:
             self.jail.chmod(req.path, req.mode)
         if req.atime_ns is not None or req.mtime_ns is not None:
             self.jail.utime(req.path, req.atime_ns, req.mtime_ns)
+        self._made(req.path)
         return self._stat(proto.Stat(req.path))
 
     def _statfs(self, req: proto.StatFs) -> proto.FsStats:
@@ -229,6 +269,7 @@ class FileServer:
 
     def _symlink(self, req: proto.Symlink) -> proto.AttrReply:
         self.jail.symlink(req.path, req.target)
+        self._made(req.path)
         return self._stat(proto.Stat(req.path))
 
     # --- commits --------------------------------------------------------------------
@@ -299,6 +340,7 @@ class FileServer:
         self.stats.bytes_committed += c.written
         self.stats.files_committed += 1
         self.committed.append(dest)
+        self._made(dest)
         st = self.jail.lstat(dest)
         self.index.remember(st, req.blake3)  # verified above: a later run need not hash it
         return proto.Committed(dest, attr_of(st))

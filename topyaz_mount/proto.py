@@ -15,7 +15,7 @@ from typing import Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Bytes the agent writes before its first frame, so that anything a remote shell's
 # start-up files print on stdout can be skipped instead of breaking the framing.
 MAGIC = b"\x00TOPYAZ-MOUNT-AGENT\x00"
@@ -153,14 +153,21 @@ class Hello(_Msg):
 
 
 class Run(_Msg):
+    """Start a command. ``job`` is the client's id for it, carried by every notice
+    about it; ``tty`` asks for a pseudo-terminal of (rows, cols) instead of pipes."""
+
+    job: int
     argv: list[str]
     cwd: str
     env: dict[str, str] = {}
     stdin: bool = False
+    tty: list[int] | None = None
 
 
 class Bye(_Msg):
-    pass
+    """End the session. ``force``: do not wait for outputs still to be committed."""
+
+    force: bool = False
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, array_like=True):
@@ -171,9 +178,14 @@ class ManifestEntry(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Manifest(_Msg):
-    """The inputs the command will read, in the order it will read them."""
+    """The inputs job ``job`` will read, in the order it will read them."""
 
+    job: int
     entries: list[ManifestEntry]
+
+
+class Status(_Msg):
+    """What the session has done so far (for ``topyaz-mount status``)."""
 
 
 # --- replies --------------------------------------------------------------------------
@@ -242,6 +254,23 @@ class Missing(_Msg):
     indices: list[int]
 
 
+class Closed(_Msg):
+    """The session is torn down; outputs not committed were kept on the remote."""
+
+    kept_files: int = 0
+    kept_bytes: int = 0
+    kept_dir: str = ""
+
+
+class StatusReply(_Msg):
+    """Counters since the session began, and the work not finished yet."""
+
+    stats: dict[str, int]
+    jobs: int
+    pending_outputs: int
+    pending_bytes: int
+
+
 # --- notifications (no reply) ---------------------------------------------------------
 
 
@@ -252,30 +281,48 @@ class CommitChunk(_Msg):
 
 
 class Output(_Msg):
-    """Bytes the remote command wrote to its stdout (fd 1) or stderr (fd 2)."""
+    """Bytes job ``job`` wrote to its stdout (fd 1) or stderr (fd 2)."""
 
+    job: int
     fd: int
     data: bytes
 
 
 class Exited(_Msg):
-    """The command ended and every output it wrote is committed (or listed in ``lost``)."""
+    """The job ended and every output it wrote is committed (or listed in ``lost``)."""
 
+    job: int
     code: int
     lost: list[str] = []
     stats: dict[str, int] = {}
 
 
 class StdinData(_Msg):
+    job: int
     data: bytes
 
 
 class StdinClose(_Msg):
-    pass
+    job: int
 
 
 class Signal(_Msg):
+    job: int
     signum: int
+
+
+class Resize(_Msg):
+    """The client's terminal changed size: the job's pseudo-terminal follows."""
+
+    job: int
+    rows: int
+    cols: int
+
+
+class Invalidate(_Msg):
+    """These root-relative paths changed on the client: forget what is cached of them."""
+
+    paths: list[bytes]
 
 
 class Hashed(_Msg):
@@ -286,10 +333,11 @@ class Hashed(_Msg):
 
 
 class Log(_Msg):
-    """A line for the user from the agent (warnings about outputs, for example)."""
+    """A line for the user about job ``job`` (0: the session), e.g. an output conflict."""
 
     level: str
     text: str
+    job: int = 0
 
 
 Request = Union[
@@ -313,6 +361,7 @@ Request = Union[
     Run,
     Bye,
     Manifest,
+    Status,
 ]
 Response = Union[
     Done,
@@ -326,8 +375,21 @@ Response = Union[
     Welcome,
     Started,
     Missing,
+    StatusReply,
+    Closed,
 ]
-Notice = Union[CommitChunk, Output, Exited, StdinData, StdinClose, Signal, Log, Hashed]
+Notice = Union[
+    CommitChunk,
+    Output,
+    Exited,
+    StdinData,
+    StdinClose,
+    Signal,
+    Resize,
+    Invalidate,
+    Log,
+    Hashed,
+]
 
 
 class Call(_Msg):

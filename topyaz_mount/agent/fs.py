@@ -84,6 +84,10 @@ class Inodes:
             self._by_path[path] = ino
         return ino
 
+    def known(self, path: bytes) -> int | None:
+        """The inode number the kernel may hold for ``path``, without making one."""
+        return self._by_path.get(path)
+
     def looked_up(self, ino: int) -> None:
         self._by_ino[ino].lookups += 1
 
@@ -112,6 +116,19 @@ class Inodes:
             self._by_path[moved] = ino
 
 
+def _notify_kernel(items: list[tuple[int, bytes | None]]) -> None:
+    """Drop the kernel's cached entries ((parent, name)) and attributes and pages (ino)."""
+    for ino, name in items:
+        try:
+            if name is None:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            else:
+                pyfuse3.invalidate_entry(ino, name)
+        except OSError as e:  # ENOENT: the kernel had already forgotten it
+            if e.errno != errno.ENOENT:
+                log.info("kernel invalidation of %d/%r failed: %s", ino, name, e)
+
+
 def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
@@ -121,6 +138,7 @@ class Handle:
     cached: CachedFile | None = None
     spool: SpoolFile | None = None
     writable: bool = False
+    owner: int | None = None  # the job whose process opened it for writing
 
 
 @dataclass
@@ -131,13 +149,20 @@ class DirHandle:
 
 @dataclass
 class FsStats:
-    """Counters for the job's exit report and the benchmarks."""
+    """Counters for the job's exit report and the benchmarks, and open writers by job."""
 
     opens: int = 0
     reads: int = 0
     writes: int = 0
-    open_writers: int = 0
-    writers_gone: trio.Event = field(default_factory=trio.Event)
+    writers: dict[int | None, int] = field(default_factory=dict)
+    writers_changed: trio.Event = field(default_factory=trio.Event)
+
+    def open_writers(self, owner: int | None = None, *, everyone: bool = True) -> int:
+        return sum(self.writers.values()) if everyone else self.writers.get(owner, 0)
+
+    async def wait_writers_gone(self, owner: int | None = None, *, everyone: bool = True) -> None:
+        while self.open_writers(owner, everyone=everyone):
+            await self.writers_changed.wait()
 
 
 class MountOps(pyfuse3.Operations):
@@ -160,7 +185,8 @@ class MountOps(pyfuse3.Operations):
         self._handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
         self.stats = FsStats()
-        self.stats.writers_gone.set()
+        # Which job a process belongs to (set by the session; None: no job of ours).
+        self.owner_of: Callable[[int], int | None] = lambda pid: None
 
     # --- helpers --------------------------------------------------------------------
 
@@ -208,16 +234,22 @@ class MountOps(pyfuse3.Operations):
             raise OSError(errno.EBADF, "bad file handle")
         return h
 
-    def _writer_opened(self, sf: SpoolFile) -> None:
+    def _writer_opened(self, sf: SpoolFile, ctx: Any) -> Handle:
+        owner = self.owner_of(ctx.pid)
         sf.writers += 1
-        self.stats.open_writers += 1
-        self.stats.writers_gone = trio.Event()
+        sf.owner = owner
+        self.stats.writers[owner] = self.stats.writers.get(owner, 0) + 1
+        return Handle(spool=sf, writable=True, owner=owner)
 
-    def _writer_closed(self, sf: SpoolFile) -> None:
-        self.stats.open_writers -= 1
-        if self.stats.open_writers <= 0:
-            self.stats.writers_gone.set()
-        self.spool.writer_closed(sf)
+    def _writer_closed(self, h: Handle) -> None:
+        assert h.spool is not None
+        writers = self.stats.writers
+        writers[h.owner] -= 1
+        if writers[h.owner] <= 0:
+            del writers[h.owner]
+        self.stats.writers_changed.set()
+        self.stats.writers_changed = trio.Event()
+        self.spool.writer_closed(h.spool)
 
     async def _adopt(self, path: bytes, truncate: bool) -> SpoolFile:
         """Bring a client file into the spool so it can be modified."""
@@ -232,6 +264,37 @@ class MountOps(pyfuse3.Operations):
             return self.spool.adopt(path, cached.attr, cached.fd)
         finally:
             self.cache.release(cached)
+
+    # --- changes made on the client (long-lived sessions) ----------------------------
+
+    async def invalidate(self, paths: list[bytes]) -> None:
+        """These paths changed on the client: forget them here and in the kernel.
+
+        A spool file the job is still writing (or has not committed) is kept: the
+        job's version wins, and its commit refuses to overwrite the changed file
+        silently. Open handles keep the content they started with; only later opens
+        and lookups see the change.
+        """
+        kernel: list[tuple[int, bytes | None]] = []
+        for path in paths:
+            sf = self.spool.get(path)
+            if sf is not None:
+                if sf.dirty or sf.writers or sf.lock.locked():
+                    continue
+                self.spool.forget(sf)
+            self._forget_known(path)
+            self.cache.drop_path(path)
+            parent, _, name = path.rpartition(b"/")
+            parent_ino = self.inodes.known(parent)
+            if parent_ino is not None:
+                kernel.append((parent_ino, name))
+            ino = self.inodes.known(path)
+            if ino is not None:
+                kernel.append((ino, None))
+        if kernel:
+            # In a worker thread: the kernel may first need an answer to a request that
+            # only this (trio) thread can give, and would wait for it forever.
+            await trio.to_thread.run_sync(_notify_kernel, kernel)
 
     # --- metadata -------------------------------------------------------------------
 
@@ -425,10 +488,10 @@ class MountOps(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
         sf = self.spool.create(path, mode)
-        self._writer_opened(sf)
+        handle = self._writer_opened(sf, ctx)
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
-        fh = self._add_handle(Handle(spool=sf, writable=True))
+        fh = self._add_handle(handle)
         self.stats.opens += 1
         return pyfuse3.FileInfo(fh=fh), self.entry(ino, sf.attr())
 
@@ -447,8 +510,8 @@ class MountOps(pyfuse3.Operations):
                     os.ftruncate(sf.fd, 0)
                     sf.dirty = True
                     sf.streamable = sf.writers == 0
-                self._writer_opened(sf)
-            return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf, writable=True)))
+                handle = self._writer_opened(sf, ctx)
+            return pyfuse3.FileInfo(fh=self._add_handle(handle))
         if sf is not None:
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf)))
         cached = await self.cache.open(path, self.known.get(path))
@@ -494,4 +557,4 @@ class MountOps(pyfuse3.Operations):
         if h.cached is not None:
             self.cache.release(h.cached)
         elif h.spool is not None and h.writable:
-            self._writer_closed(h.spool)
+            self._writer_closed(h)

@@ -4,15 +4,23 @@ stdout and stderr travel to the client as ``Output`` notices as they arrive. Sig
 from the client go to the whole process group, so a tool's helper processes stop too.
 When the main process ends, stragglers left in its group get SIGTERM, then SIGKILL,
 because an output is only complete once every process that could write it is gone.
+
+A job may instead run on a pseudo-terminal (``topyaz-mount shell``): then it leads a
+session of its own with the terminal as its controlling tty, so job control, Ctrl-C
+typed into the terminal and window-size changes behave as over ``ssh -t``.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import pty
 import signal
+import struct
 import subprocess
+import termios
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -30,14 +38,27 @@ def exit_code(returncode: int) -> int:
 
 
 class Job:
-    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], stdin: bool) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        stdin: bool,
+        tty: tuple[int, int] | None = None,
+    ) -> None:
         if not argv:
             raise OSError(errno.EINVAL, "empty command")
         self.argv = argv
         self.cwd = cwd
         self.env = {**os.environ, **env}
         self.want_stdin = stdin
+        self.tty = tty
+        self.master: trio.lowlevel.FdStream | None = None
         self.process: trio.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else -1
 
     async def start(self) -> int:
         # The child must not chdir into (or exec from) the mount while this process is
@@ -50,6 +71,8 @@ class Job:
         # every longer command. A dead agent's commands are ended by the next agent
         # (collect_dead_sessions reads the session's ``jobs`` file).
         argv = ["env", "-C", self.cwd, "--", *self.argv]
+        if self.tty is not None:
+            return await self._start_on_pty(argv, *self.tty)
         self.process = await trio.lowlevel.open_process(
             argv,
             env=self.env,
@@ -60,8 +83,32 @@ class Job:
         )
         return self.process.pid
 
+    async def _start_on_pty(self, argv: list[str], rows: int, cols: int) -> int:
+        # `setsid -c` (util-linux) makes the child a session leader with the terminal
+        # on its stdin as controlling tty, then execs: the pid stays the job's pid and
+        # process-group id, as for a piped job, and no Python runs in the child.
+        master, slave = pty.openpty()
+        try:
+            set_window_size(slave, rows, cols)
+            self.process = await trio.lowlevel.open_process(
+                ["setsid", "-c", *argv], env=self.env, stdin=slave, stdout=slave, stderr=slave
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self.master = trio.lowlevel.FdStream(master)
+        return self.process.pid
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.master is not None:
+            set_window_size(self.master.fileno(), rows, cols)
+
     async def run(self, sink: OutputSink) -> int:
         """Forward output until the process ends; returns its shell-style status."""
+        if self.master is not None:
+            return await self._run_on_pty(sink)
         proc = self.process
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
         async with trio.open_nursery() as nursery:
@@ -72,11 +119,28 @@ class Job:
         assert proc.returncode is not None
         return exit_code(proc.returncode)
 
+    async def _run_on_pty(self, sink: OutputSink) -> int:
+        proc, master = self.process, self.master
+        assert proc is not None and master is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, master, 1, sink)
+            await proc.wait()
+            await self._end_stragglers(proc.pid)
+            # The terminal reads EOF (EIO) once every process holding it is gone; one
+            # that left the group may still hold it, so do not wait for it for long.
+            nursery.cancel_scope.deadline = trio.current_time() + 1
+        await master.aclose()
+        assert proc.returncode is not None
+        return exit_code(proc.returncode)
+
     @staticmethod
     async def _pump(stream: trio.abc.ReceiveStream, fd: int, sink: OutputSink) -> None:
         async with stream:
             while True:
-                data = await stream.receive_some(1 << 16)
+                try:
+                    data = await stream.receive_some(1 << 16)
+                except trio.BrokenResourceError:  # a pty master whose slave closed: EIO
+                    return
                 if not data:
                     return
                 await sink(fd, bytes(data))
@@ -96,14 +160,20 @@ class Job:
             _killpg(self.process.pid, signum)
 
     async def write_stdin(self, data: bytes) -> None:
-        if self.process is not None and self.process.stdin is not None:
+        stream: trio.abc.SendStream | None = self.master
+        if stream is None and self.process is not None:
+            stream = self.process.stdin
+        if stream is not None:
             try:
-                await self.process.stdin.send_all(data)
+                await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
     async def close_stdin(self) -> None:
-        if self.process is not None and self.process.stdin is not None:
+        if self.master is not None:
+            # A terminal has no end of input; ^D at the start of a line is the user's.
+            await self.write_stdin(b"\x04")
+        elif self.process is not None and self.process.stdin is not None:
             await self.process.stdin.aclose()
 
     async def kill(self) -> None:
@@ -119,6 +189,10 @@ class Job:
                 await self.process.wait()
                 while _group_alive(pid):
                     await trio.sleep(0.05)
+
+
+def set_window_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def _killpg(pgid: int, sig: int) -> None:

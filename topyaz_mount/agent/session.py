@@ -1,9 +1,10 @@
-"""One agent session: session dir, mount, job, and a teardown that always runs.
+"""One agent session: session dir, mount, jobs, and a teardown that always runs.
 
 Order of life: ``Hello`` checks FUSE, clears dead sessions, makes the session dir
-(0700) and mounts; ``Run`` starts the job; when the job ends, every output is committed
-before ``Exited`` goes out; ``Bye`` (or a lost connection) unmounts and removes the
-session dir. The teardown is idempotent and runs on every path out, shielded from
+(0700) and mounts; each ``Run`` starts a job (several may run at once, each known by
+the client's job id); when a job ends, every output it wrote is committed before its
+``Exited`` goes out; ``Bye`` (or a lost connection) unmounts and removes the session
+dir. The teardown is idempotent and runs on every path out, shielded from
 cancellation, so no mount or session dir is left behind.
 """
 
@@ -35,8 +36,9 @@ from .store import ContentStore
 log = logging.getLogger(__name__)
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CAPABILITIES = ["exec", "manifest"]
+CAPABILITIES = ["exec", "manifest", "jobs", "tty", "invalidate"]
 PREFETCH_WINDOW = 2 << 30
+MAX_JOBS = 64
 
 
 def fuse_problem() -> str | None:
@@ -118,6 +120,24 @@ def collect_dead_sessions(sessions_dir: Path) -> list[str]:
     return removed
 
 
+def _login_shell() -> str:
+    try:
+        import pwd
+
+        shell = pwd.getpwuid(os.getuid()).pw_shell
+    except (KeyError, ImportError):
+        shell = ""
+    return shell if shell and os.access(shell, os.X_OK) else "/bin/sh"
+
+
+def _parent_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _kill_orphaned_jobs(jobs_file: Path) -> None:
     """A dead agent's commands may still run (their helpers, say): end their groups."""
     try:
@@ -175,20 +195,21 @@ class AgentSession:
     def __init__(self, base_dir: Path, cache_cap: int | None = None) -> None:
         self.base_dir = base_dir
         self.cache_cap = cache_cap
-        self._baseline: dict[str, int] | None = None
         self.store: ContentStore | None = None
         self.sessions_dir = base_dir / "sessions"
         self.dir: Path | None = None
         self.mountpoint: Path | None = None
         self.lock_fd = -1
         self.mount: Mount | None = None
-        self.job: Job | None = None
+        self.jobs: dict[int, Job] = {}
+        self._baselines: dict[int, dict[str, int]] = {}
         self.cache: ReadCache | None = None
         self.spool: Spool | None = None
         self.ops: Any = None
         self.finished = trio.Event()
         self.torn_down = False
         self.connection_lost = False
+        self.kept = (0, 0)  # outputs (files, bytes) the teardown could not commit
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         try:
@@ -225,16 +246,22 @@ class AgentSession:
             return await self._run(req)
         if isinstance(req, proto.Manifest):
             return self._manifest(req)
+        if isinstance(req, proto.Status):
+            return self._status()
         if isinstance(req, proto.Bye):
-            await self.teardown()
-            return proto.Done()
+            await self.teardown(force=req.force)
+            kept_dir = "" if self.dir is None else str(self.base_dir / "kept" / self.dir.name)
+            return proto.Closed(*self.kept, kept_dir if self.kept[0] else "")
         raise OSError(errno.ENOSYS, f"the agent does not serve {type(req).__name__}")
 
     async def on_notice(self, msg: Any) -> None:
         if isinstance(msg, proto.Hashed) and self.cache is not None:
             self.nursery.start_soon(self.cache.on_hashed, msg.handle, msg.blake3)
             return
-        job = self.job
+        if isinstance(msg, proto.Invalidate) and self.ops is not None:
+            self.nursery.start_soon(self.ops.invalidate, msg.paths)
+            return
+        job = self.jobs.get(getattr(msg, "job", -1))
         if job is None:
             return
         if isinstance(msg, proto.Signal):
@@ -243,6 +270,8 @@ class AgentSession:
             await job.write_stdin(msg.data)
         elif isinstance(msg, proto.StdinClose):
             await job.close_stdin()
+        elif isinstance(msg, proto.Resize):
+            job.resize(msg.rows, msg.cols)
 
     async def _hello(self, req: proto.Hello) -> proto.Welcome:
         if req.version != proto.PROTOCOL_VERSION:
@@ -262,7 +291,9 @@ class AgentSession:
             log.info("removed dead session %s", sid)
         self._make_session_dir(req.session_id)
         assert self.dir is not None and self.mountpoint is not None
-        self._build_filesystem()
+        # A client that watches its root pushes every change (Invalidate), so the
+        # kernel may keep entries and attributes long; without one, 5 s bounds staleness.
+        self._build_filesystem(30.0 if "watch" in req.capabilities else 5.0)
         self.mount = Mount(self.ops, self.mountpoint)
         self.mount.mount()
         self.nursery.start_soon(self.mount.serve)
@@ -285,7 +316,7 @@ class AgentSession:
             (path / sub).mkdir(mode=0o700)
         self.mountpoint = path / "root"
 
-    def _build_filesystem(self) -> None:
+    def _build_filesystem(self, cache_timeout: float) -> None:
         from .fs import MountOps
 
         assert self.dir is not None
@@ -295,13 +326,28 @@ class AgentSession:
         kept = self.base_dir / "kept" / self.dir.name
         self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
         self.spool.on_committed = self.cache.keep_output
-        self.ops = MountOps(self.link, self.cache, self.spool)
+        self.ops = MountOps(self.link, self.cache, self.spool, timeout=cache_timeout)
+        self.ops.owner_of = self.job_of_pid
+
+    def job_of_pid(self, pid: int) -> int | None:
+        """The job a process belongs to: the nearest ancestor that is a job's leader.
+
+        Ancestry, not the process group: an interactive shell (``topyaz-mount shell``)
+        puts each command it runs in a group of its own."""
+        leaders = {job.pid: jid for jid, job in self.jobs.items()}
+        for _ in range(64):
+            if pid in leaders:
+                return leaders[pid]
+            if pid <= 1:
+                return None
+            pid = _parent_pid(pid)
+        return None
 
     def _manifest(self, req: proto.Manifest) -> proto.Missing:
         if self.cache is None or self.store is None:
             raise OSError(errno.ENOTCONN, "no mount: send Hello first")
-        if self.job is None:  # the command's counters start here, with its prefetch
-            self._baseline = self.transfer_stats()
+        if req.job not in self.jobs:  # the command's counters start here, with its prefetch
+            self._baselines[req.job] = self.transfer_stats()
         self.cache.remember_manifest(req.entries)
         missing = [
             i
@@ -331,76 +377,105 @@ class AgentSession:
             stats["content_bytes_committed"] = self.spool.bytes_committed
         return stats
 
+    def _status(self) -> proto.StatusReply:
+        pending = [] if self.spool is None else self.spool.dirty_files()
+        in_flight = 0 if self.spool is None else self.spool.pending()
+        size = 0
+        for sf in pending:
+            try:
+                size += os.fstat(sf.fd).st_size
+            except OSError:
+                pass
+        return proto.StatusReply(
+            self.transfer_stats(), len(self.jobs), len(pending) + in_flight, size
+        )
+
     async def _run(self, req: proto.Run) -> proto.Started:
-        if self.mount is None or not self.mount.mounted:
+        if self.mount is None or not self.mount.mounted or self.torn_down:
             raise OSError(errno.ENOTCONN, "no mount: send Hello first")
-        if self.job is not None:
-            raise OSError(errno.EBUSY, "a command is running in this session already")
-        job = Job(req.argv, req.cwd, dict(req.env), req.stdin)
-        self.job = job
-        try:
-            pid = await job.start()
-        except BaseException:
-            self.job = None
-            raise
+        if req.job in self.jobs:
+            raise OSError(errno.EEXIST, f"job {req.job} is running already")
+        if len(self.jobs) >= MAX_JOBS:
+            raise OSError(errno.EAGAIN, f"{MAX_JOBS} commands run in this session already")
+        tty = (req.tty[0], req.tty[1]) if req.tty is not None and len(req.tty) == 2 else None
+        argv = list(req.argv)
+        if tty is not None and not argv:  # `topyaz-mount shell`: the user's login shell
+            argv = [_login_shell(), "-l"]
+        job = Job(argv, req.cwd, dict(req.env), req.stdin, tty)
+        pid = await job.start()
+        self.jobs[req.job] = job
         assert self.dir is not None
         with open(self.dir / "jobs", "a") as jobs:  # for collect_dead_sessions
             jobs.write(f"{pid}\n")
-        before, self._baseline = self._baseline or self.transfer_stats(), None
-        self.nursery.start_soon(self._watch_job, job, before)
+        before = self._baselines.pop(req.job, None) or self.transfer_stats()
+        self.nursery.start_soon(self._watch_job, req.job, job, before)
         return proto.Started(pid)
 
-    async def _watch_job(self, job: Job, before: dict[str, int]) -> None:
+    async def _watch_job(self, jid: int, job: Job, before: dict[str, int]) -> None:
         """Forward the job's output; when it ends, commit its outputs, then report.
 
-        Commands in one session run one after another; the counters reported are this
-        command's share (the difference from ``before``).
+        The counters reported are the session's during the job's life (the difference
+        from ``before``): exactly the job's own when it ran alone.
         """
 
         async def sink(fd: int, data: bytes) -> None:
-            await self.link.notify(proto.Output(fd, data))
+            await self.link.notify(proto.Output(jid, fd, data))
 
         try:
             code = await job.run(sink)
-            await self._settle_outputs()
+            alone = len(self.jobs) == 1
+            await self._settle_outputs(jid, alone)
             assert self.spool is not None
-            notes, self.spool.notes = self.spool.notes, []
-            lost, self.spool.lost = self.spool.lost, []
+            lost, notes = self.spool.take_reports(jid, everyone=alone)
             for note in notes:
-                await self.link.notify(proto.Log("warning", note))
+                await self.link.notify(proto.Log("warning", note, jid))
             after = self.transfer_stats()
             stats = {k: v - before.get(k, 0) for k, v in after.items()}
-            self.job = None
-            await self.link.notify(proto.Exited(code, lost, stats))
+            self.jobs.pop(jid, None)
+            await self.link.notify(proto.Exited(jid, code, lost, stats))
         except OSError as e:
-            log.warning("could not report the job's end: %s", e)
+            log.warning("could not report the end of job %d: %s", jid, e)
+        finally:
+            self.jobs.pop(jid, None)
 
-    async def _settle_outputs(self) -> None:
-        """Wait for the kernel to release the job's files, then for every commit."""
+    async def _settle_outputs(self, jid: int, alone: bool) -> None:
+        """Wait for the kernel to release the job's files, then for their commits.
+
+        A job that ran alone settles every output (even one written by a process
+        that escaped its ancestry); with others running, only the files its own
+        processes opened, so it neither waits for nor commits half of theirs.
+        """
         assert self.ops is not None and self.spool is not None
         with trio.move_on_after(10):
-            await self.ops.stats.writers_gone.wait()
+            await self.ops.stats.wait_writers_gone(jid, everyone=alone)
         for sf in self.spool.dirty_files():
-            if sf.writers:
-                log.warning("committing %r although it is still open", sf.path)
-            self.spool.schedule(sf)
-        await self.spool.wait_idle()
+            if alone or sf.owner == jid:
+                if sf.writers:
+                    log.warning("committing %r although it is still open", sf.path)
+                self.spool.schedule(sf)
+        await self.spool.wait_idle(jid, everyone=alone)
 
     # --- the end --------------------------------------------------------------------
 
-    async def teardown(self) -> None:
+    async def teardown(self, force: bool = False) -> None:
         if self.torn_down:
             return
         self.torn_down = True
-        if self.job is not None:
-            await self.job.kill()
+        if force and self.spool is not None:  # nothing the killed jobs leave is sent
+            self.spool.frozen = True
+        async with trio.open_nursery() as nursery:
+            for job in list(self.jobs.values()):
+                nursery.start_soon(job.kill)
         if self.spool is not None:
             if self.connection_lost:
                 await self.spool.keep_uncommitted("connection to the client lost")
             else:
                 with trio.move_on_after(60):
                     await self.spool.wait_idle()
-                await self.spool.keep_uncommitted("session ended before it was committed")
+                files, size = await self.spool.keep_uncommitted(
+                    "dropped by a forced unmount" if force else "session ended first"
+                )
+                self.kept = (self.kept[0] + files, self.kept[1] + size)
         if self.mount is not None:
             await self.mount.unmount()
         if self.mountpoint is not None:

@@ -7,6 +7,10 @@ verify). The job's exit is reported only after ``wait_idle``; an output that can
 committed is kept on the remote under ``kept/`` and named in the exit report, never
 dropped.
 
+Each spool file remembers which job last opened it for writing (its ``owner``), so a
+session running several jobs at once reports each job's end once *its* outputs are
+home, without waiting for (or committing half of) another job's files.
+
 A spool file's lock is held for the whole of a commit; whoever wants to change the
 file (open for writing, truncate, rename, unlink) takes it first, so a commit always
 sends one consistent version.
@@ -70,6 +74,7 @@ class SpoolFile:
         self.lock = trio.Lock()
         self.streamable = False  # written from empty since it was created or truncated
         self.upload: Upload | None = None  # an upload following the writer
+        self.owner: int | None = None  # the job that last opened it for writing
 
     def attr(self) -> proto.Attr:
         st = os.fstat(self.fd)
@@ -87,15 +92,16 @@ class Spool:
         self.nursery = nursery
         self.files: dict[bytes, SpoolFile] = {}
         self._ids = itertools.count(1)
-        self._pending = 0
-        self._idle = trio.Event()
-        self._idle.set()
-        self.lost: list[str] = []
+        self._pending: dict[int | None, int] = {}  # commits in flight, by owner
+        self._changed = trio.Event()
+        # (owner, text): outputs that could not be committed, and notes for the user.
+        self.lost: list[tuple[int | None, str]] = []
+        self.notes: list[tuple[int | None, str]] = []
         # Told of each committed output (fd, blake3, size), so the content store can
         # keep a copy: a later job that reads this output needs no transfer.
         self.on_committed: Callable[[int, bytes, int], None] | None = None
-        self.notes: list[str] = []
         self.bytes_committed = 0
+        self.frozen = False  # a forced unmount: start no more commits
 
     def get(self, path: bytes) -> SpoolFile | None:
         return self.files.get(path)
@@ -230,18 +236,38 @@ class Spool:
                 self.schedule(sf)
 
     def schedule(self, sf: SpoolFile) -> None:
-        self._pending += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        self.nursery.start_soon(self._commit_task, sf)
+        if self.frozen:
+            return
+        owner = sf.owner
+        self._pending[owner] = self._pending.get(owner, 0) + 1
+        self.nursery.start_soon(self._commit_task, sf, owner)
 
-    async def wait_idle(self) -> None:
-        while self._pending:
-            await self._idle.wait()
+    def pending(self, owner: int | None = None, *, everyone: bool = True) -> int:
+        """Commits in flight: all of them, or (``everyone=False``) one owner's."""
+        if everyone:
+            return sum(self._pending.values())
+        return self._pending.get(owner, 0)
+
+    async def wait_idle(self, owner: int | None = None, *, everyone: bool = True) -> None:
+        while self.pending(owner, everyone=everyone):
+            await self._changed.wait()
 
     def dirty_files(self) -> list[SpoolFile]:
         return [sf for sf in self.files.values() if sf.dirty]
 
-    async def _commit_task(self, sf: SpoolFile) -> None:
+    def take_reports(
+        self, owner: int | None, *, everyone: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """(lost, notes) of one owner (and of no owner), removed from the lists."""
+
+        def take(items: list[tuple[int | None, str]]) -> list[str]:
+            mine = [t for o, t in items if everyone or o in (owner, None)]
+            items[:] = [(o, t) for o, t in items if not (everyone or o in (owner, None))]
+            return mine
+
+        return take(self.lost), take(self.notes)
+
+    async def _commit_task(self, sf: SpoolFile, owner: int | None) -> None:
         try:
             async with sf.lock:
                 if sf.path is None or not sf.dirty:
@@ -251,9 +277,11 @@ class Spool:
                 except OSError as e:
                     self._keep(sf, e)
         finally:
-            self._pending -= 1
-            if not self._pending:
-                self._idle.set()
+            self._pending[owner] -= 1
+            if not self._pending[owner]:
+                del self._pending[owner]
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def _commit(self, sf: SpoolFile) -> None:
         assert sf.path is not None
@@ -287,7 +315,7 @@ class Spool:
                 f"{os.fsdecode(path)} changed on the client during the job; "
                 f"the remote output was saved as {os.fsdecode(res.path)}"
             )
-            self.notes.append(note)
+            self.notes.append((sf.owner, note))
         sf.committed_path = res.path
         sf.expect = res.attr
         sf.check = True
@@ -304,15 +332,22 @@ class Spool:
         except OSError as e2:
             where = f"could not be kept either ({e2.strerror})"
         reason = error.strerror or str(error)
-        self.lost.append(f"{os.fsdecode(sf.path)}: not written on the client ({reason}); {where}")
+        text = f"{os.fsdecode(sf.path)}: not written on the client ({reason}); {where}"
+        self.lost.append((sf.owner, text))
         log.error("commit of %r failed: %s", sf.path, error)
 
-    async def keep_uncommitted(self, why: str) -> None:
-        """At an abnormal end: everything not yet committed goes to ``kept/``."""
+    async def keep_uncommitted(self, why: str) -> tuple[int, int]:
+        """At an abnormal end: everything not yet committed goes to ``kept/``.
+
+        Returns how many files and bytes did not reach the client."""
+        files = size = 0
         for sf in list(self.files.values()):
             if sf.dirty and sf.path is not None:
+                files += 1
+                size += os.fstat(sf.fd).st_size
                 self._keep(sf, OSError(errno.EIO, why))
                 sf.dirty = False
+        return files, size
 
     def close(self) -> None:
         for sf in self.files.values():

@@ -1,0 +1,265 @@
+"""The local control socket of a long-lived session, and what travels over it.
+
+``topyaz-mount mount`` listens on ``<runtime dir>/<name>.sock`` (the directory 0700,
+the socket 0600, both checked to be ours), and ``exec --session``, ``shell``,
+``status`` and ``unmount`` talk to it. The runtime dir is ``$TOPYAZ_MOUNT_RUNTIME_DIR``,
+else ``$XDG_RUNTIME_DIR/topyaz-mount``, else ``/tmp/topyaz-mount-<uid>``.
+
+Messages are msgspec Structs in the same length-prefixed msgpack framing as the wire
+to the agent, but a separate set: this socket is local and speaks for the user, so it
+carries commands as the user typed them; the session translates them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import struct
+from pathlib import Path
+from typing import Union
+
+import msgspec
+import trio
+
+from .errors import UsageError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_MESSAGE = 8 << 20
+_LEN = struct.Struct(">I")
+
+
+class _Msg(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    pass
+
+
+# --- from the command-line client to the session ---------------------------------------
+
+
+class Exec(_Msg):
+    """Run a command. ``tty`` is (rows, cols) for a terminal session (``shell``)."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str] = {}
+    stdin: bool = False
+    literal: list[str] = []
+    tty: list[int] | None = None
+
+
+class StdinData(_Msg):
+    data: bytes
+
+
+class StdinClose(_Msg):
+    pass
+
+
+class SignalJob(_Msg):
+    signum: int
+
+
+class Resize(_Msg):
+    rows: int
+    cols: int
+
+
+class Query(_Msg):
+    pass
+
+
+class Unmount(_Msg):
+    force: bool = False
+
+
+# --- from the session to the client ----------------------------------------------------
+
+
+class Output(_Msg):
+    fd: int
+    data: bytes
+
+
+class Note(_Msg):
+    """A line for the user's stderr (a warning, or what an unmount is waiting for)."""
+
+    text: str
+
+
+class Finished(_Msg):
+    code: int
+    lost: list[str] = []
+    stats: dict[str, float] = {}
+
+
+class Failed(_Msg):
+    """The session could not run the request: one line, and the status to exit with."""
+
+    message: str
+    exit_code: int
+
+
+class Info(_Msg):
+    info: dict[str, str | int | float]
+
+
+class Unmounted(_Msg):
+    kept_files: int = 0
+    kept_bytes: int = 0
+    kept_dir: str = ""
+
+
+Message = Union[
+    Exec,
+    StdinData,
+    StdinClose,
+    SignalJob,
+    Resize,
+    Query,
+    Unmount,
+    Output,
+    Note,
+    Finished,
+    Failed,
+    Info,
+    Unmounted,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class ControlError(UsageError):
+    """The control socket is missing, not ours, or spoke nonsense."""
+
+
+class Channel:
+    """Messages over a connected stream: ``send`` and ``receive`` (None at the end)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._buf = bytearray()
+        self._send_lock = trio.Lock()
+
+    async def send(self, msg: Message) -> None:
+        body = _encoder.encode(msg)
+        async with self._send_lock:
+            await self.stream.send_all(_LEN.pack(len(body)) + body)
+
+    async def receive(self) -> Message | None:
+        while True:
+            if len(self._buf) >= 4:
+                (size,) = _LEN.unpack_from(self._buf)
+                if size > MAX_MESSAGE:
+                    raise ControlError(f"control message of {size} bytes refused")
+                if len(self._buf) >= 4 + size:
+                    body = bytes(self._buf[4 : 4 + size])
+                    del self._buf[: 4 + size]
+                    try:
+                        return _decoder.decode(body)
+                    except msgspec.DecodeError as e:
+                        raise ControlError(f"malformed control message: {e}") from None
+            try:
+                data = await self.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                return None
+            self._buf += data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def runtime_dir(create: bool = True) -> Path:
+    """This user's directory for session sockets, private to the user."""
+    explicit = os.environ.get("TOPYAZ_MOUNT_RUNTIME_DIR")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if explicit:
+        path = Path(explicit)
+    elif xdg and os.path.isdir(xdg):
+        path = Path(xdg) / "topyaz-mount"
+    else:
+        path = Path(f"/tmp/topyaz-mount-{os.getuid()}")
+    if create:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise ControlError(f"cannot create {path}: {e.strerror}") from None
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ControlError(f"{path} is not a directory owned by you; refusing to use it")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise UsageError(
+            f"session name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)"
+        )
+    return name
+
+
+def socket_path(name: str) -> Path:
+    return runtime_dir() / f"{check_name(name)}.sock"
+
+
+def session_names() -> list[str]:
+    directory = runtime_dir(create=False)
+    if not directory.is_dir():
+        return []
+    return sorted(p.name[: -len(".sock")] for p in directory.glob("*.sock"))
+
+
+async def connect(name: str) -> Channel:
+    """A channel to session ``name``; a clear error if there is none."""
+    path = socket_path(name)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise ControlError(f"no session named {name} (see: topyaz-mount status)") from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise ControlError(f"{path} is not a session socket of yours")
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ControlError(
+                f"session {name} is not running any more (its socket is stale)"
+            ) from None
+        raise ControlError(f"cannot reach session {name}: {e.strerror}") from None
+    return Channel(stream)
+
+
+async def alive(name: str) -> bool:
+    try:
+        channel = await connect(name)
+    except ControlError:
+        return False
+    await channel.aclose()
+    return True
+
+
+async def listen(path: Path) -> trio.SocketListener:
+    """A listening socket at ``path`` that only this user can connect to."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old = os.umask(0o177)  # never a moment with a wider mode
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(32)
+    return trio.SocketListener(sock)
