@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_OPEN_READS = 1024
 MAX_OPEN_COMMITS = 256
 TEMP_MARK = b".tmcommit-"
+_TMPFILE_NAME = re.compile(rb"#\d+")
 
 
 def attr_of(st: os.stat_result) -> proto.Attr:
@@ -102,6 +105,8 @@ class FileServer:
             st = self.jail.lstat(rel)
         except OSError:
             return None
+        if stat.S_ISDIR(st.st_mode):  # its mtime moves with our own commits into it
+            return (st.st_ino, 0, 0, st.st_mode)
         return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
 
     def _made(self, *paths: bytes) -> None:
@@ -113,8 +118,11 @@ class FileServer:
         """Whether ``rel`` is as the agent's last request left it (not the user's change)."""
         if TEMP_MARK in rel:
             return True
+        now = self.state_of(rel)
+        if now is None and _TMPFILE_NAME.fullmatch(rel.rpartition(b"/")[2]):
+            return True  # the kernel's name for an O_TMPFILE commit before it is linked
         record = self.made.get(rel)
-        return record is not None and record[0] == self.state_of(rel)
+        return record is not None and record[0] == now
 
     def forget_made(self, older_than: float = 60.0) -> None:
         cutoff = time.monotonic() - older_than

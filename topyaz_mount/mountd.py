@@ -250,6 +250,8 @@ class MountServer:
             else:
                 for text in result.warnings:
                     await send(control.Note(f"warning: {text}"))
+                if self.force and self.stop_requested.is_set():
+                    await send(control.Note(f"session {self.name} was unmounted with --force"))
                 reply = control.Finished(result.exit_code, result.lost, dict(result.stats))
             nursery.cancel_scope.cancel()
         await send(reply)

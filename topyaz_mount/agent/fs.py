@@ -390,9 +390,18 @@ class MountOps(pyfuse3.Operations):
                 self.known[join(h.path, name)] = attr
             for name, sf in self.spool.children(h.path).items():
                 merged[name] = sf.attr()
-            h.entries = sorted(merged.items())
+            # "." and ".." as any directory lists them; the kernel takes only their
+            # inode numbers and types, and counts no lookups for them.
+            dots = proto.Attr(stat.S_IFDIR | 0o755, 0, 0, 0, 0)
+            h.entries = [(b".", dots), (b"..", dots), *sorted(merged.items())]
         for i in range(start_id, len(h.entries)):
             name, attr = h.entries[i]
+            if i < 2:
+                here = h.path if i == 0 else h.path.rpartition(b"/")[0]
+                ino = self.inodes.known(here) or self.inodes.known(h.path) or ROOT
+                if not pyfuse3.readdir_reply(token, name, self.entry(ino, attr), i + 1):
+                    return
+                continue
             ino = self.inodes.ino(join(h.path, name))
             if not pyfuse3.readdir_reply(token, name, self.entry(ino, attr), i + 1):
                 return
