@@ -350,6 +350,7 @@ def timed_run(
         stdin = stack.enter_context(open(stdin_path, "rb")) if stdin_path else subprocess.DEVNULL
         sampler = ProcSampler(remote_root)
         sampler.start()
+        there_before = descendants({remote_root})
         busy0 = system_busy_ticks()
         m0 = time.monotonic()
         t0 = time.perf_counter()
@@ -360,7 +361,7 @@ def timed_run(
         finally:
             wall = time.perf_counter() - t0
             m1 = time.monotonic()
-            _settle(remote_root)
+            _settle(remote_root, keep=there_before)
             sampler.stop()
         err.seek(0)
         text = err.read().decode(errors="replace")
@@ -431,13 +432,14 @@ def _result(wall, cpu, maxrss, sampler: ProcSampler, text: str, busy0: int) -> R
     return RunResult(wall, cpu, maxrss, sampled, remote_cpu, system_cpu, text, stats)
 
 
-def _settle(remote_root: int, timeout: float = 5.0) -> None:
-    """Wait for the remote side of a finished connection to go away."""
+def _settle(remote_root: int, timeout: float = 5.0, keep: set[int] = frozenset()) -> None:
+    """Wait for the remote side of a finished connection to go away (``keep``: remote
+    processes that were there before the run, a long-lived session's, say)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         live = [
             p
-            for p in descendants({remote_root})
+            for p in descendants({remote_root}) - keep
             if (st := proc_stat(p)) is not None and st[4] not in "ZX"
         ]
         if not live:
