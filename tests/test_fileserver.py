@@ -640,3 +640,51 @@ def test_no_request_touches_anything_outside_the_root(reqs):
         finally:
             server.close()
         assert outside_state() == before
+
+
+# --- what the session did itself (the watcher's echo filter) ---------------------------
+
+
+def test_own_commits_renames_and_deletes_are_echoes(world):
+    server, root, _ = world
+    commit(server, 1, b"out/a.png", b"remote output")
+    call(server, proto.Mkdir(b"made", 0o755))
+    commit(server, 2, b"made/b.png", b"more")  # moves made/'s mtime: still our echo
+    call(server, proto.Rename(b"out/a.png", b"out/c.png"))
+    call(server, proto.Unlink(b"made/b.png"))
+    for path in (b"out/a.png", b"out/c.png", b"made", b"made/b.png"):
+        assert server.is_echo(path), path
+    assert server.is_echo(b"out/.c.png" + TEMP_MARK + b"0123")
+    assert server.is_echo(b"out/#123456")  # the kernel's name for an unlinked O_TMPFILE
+
+
+def test_user_changes_after_ours_are_not_echoes(world):
+    server, root, _ = world
+    commit(server, 1, b"out/a.png", b"remote output")
+    (root / "out" / "a.png").write_bytes(b"edited locally, longer")
+    assert not server.is_echo(b"out/a.png")
+    call(server, proto.Unlink(b"in.jpg"))
+    (root / "in.jpg").write_bytes(b"recreated")
+    assert not server.is_echo(b"in.jpg")
+    (root / "new.txt").write_bytes(b"never touched by the agent")
+    assert not server.is_echo(b"new.txt")
+    (root / "#42").write_bytes(b"a user's file with a tmpfile-like name")
+    assert not server.is_echo(b"#42")
+
+
+def test_old_records_are_forgotten(world):
+    server, _, _ = world
+    call(server, proto.Mkdir(b"made", 0o755))
+    server.forget_made(older_than=0)
+    assert server.made == {}
+
+
+def test_a_file_changed_in_place_while_read_fails_instead_of_mixing(world):
+    server, root, _ = world
+    opened = call(server, proto.OpenRead(b"in.jpg"))
+    assert call(server, proto.ReadChunk(opened.handle, 0, 5)).data == b"input"
+    with open(root / "in.jpg", "r+b") as f:
+        f.write(b"INPUT bytes, and more")
+    with pytest.raises(OSError) as e:
+        call(server, proto.ReadChunk(opened.handle, 5, 6))
+    assert e.value.errno == errno.ESTALE

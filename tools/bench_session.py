@@ -191,8 +191,7 @@ def report(env, sb: SessionBench, start: dict[str, bl.Series], seen: bl.Series,
         f"{ses.n} runs each after one unrecorded warm-up; wall clock from spawn to exit. "
         f"Runs during which other processes took more than {env.args.max_foreign:g} cores "
         f"were repeated: {len(sb.bench.discarded)} repeated, {len(sb.bench.disturbed)} kept "
-        f"after the last retry (short-lived processes of a 0.3 s run escape the 50 ms "
-        f"sampler and count as other processes).",
+        "after the last retry.",
         "* Edit visibility: a remote Python reader polls `watched.txt` through the session "
         "(open, read, close every 2 ms); the client rewrites it in place with new bytes of "
         "the same size; the time from just before the local write to the reader's first "
