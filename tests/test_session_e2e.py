@@ -196,6 +196,26 @@ def test_exec_session_passes_status_stdio_and_stdin(session):
     assert r.returncode == 127, describe(r)
 
 
+def test_product_shortcut_through_a_session(session):
+    r = session.cli("exec", "--session", "work", "photo", "gradient.png", "-o", "shortcut.png")
+    assert r.returncode == 0, describe(r)
+    assert (session.root / "shortcut.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_killed_exec_client_hangs_up_its_job_and_the_session_goes_on(session):
+    p = session.start_exec("sh", "-c", "trap 'echo hup > hup.txt; exit 1' HUP; echo ready; "
+                           "while :; do sleep 0.1; done")
+    try:
+        assert p.wait_for_stdout(b"ready", 30), p.stderr
+        p.proc.kill()
+        p.proc.wait(10)
+    finally:
+        p.close()
+    assert wait_until(lambda: (session.root / "hup.txt").exists(), 30)
+    assert wait_until(lambda: session.status()["running"] == 0, 30)
+    assert session.exec("true").returncode == 0
+
+
 def test_exec_session_errors_are_one_line(session, tmp_path):
     r = session.cli("exec", "--session", "nosuch", "--", "true")
     assert r.returncode == 2, describe(r)
