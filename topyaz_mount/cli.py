@@ -11,19 +11,16 @@ import json
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import trio
 
-from . import __version__, control, mountd, session_client
-from .client import RunResult, Session, open_session
+from . import __version__
 from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse
 from .translate import (
     DEFAULT_PRODUCTS,
@@ -34,7 +31,10 @@ from .translate import (
     translate_cwd,
     translate_env,
 )
-from .transport import Remote, SshSettings, run_remote_json
+from .transport import Remote, SshSettings, run_remote_json, spawn_ssh
+
+if TYPE_CHECKING:
+    from .client import RunResult
 
 log = logging.getLogger("topyaz_mount")
 
@@ -67,61 +67,6 @@ def _precheck(argv: list[str], root: str, cwd: str, env: dict[str, str], literal
     translate_cwd(cwd, pm)
     translate_argv(argv, pm, cwd, literal=literal)
     translate_env(env, pm, cwd)
-
-
-def _write(stream: Any) -> Callable[[bytes], None]:
-    def sink(data: bytes) -> None:
-        stream.write(data)
-        stream.flush()
-
-    return sink
-
-
-async def _forward_signals(session: Session, abort: trio.CancelScope) -> None:
-    """First Ctrl-C goes to the remote job, a second kills it, a third gives up."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        count = 0
-        async for signum in signals:
-            count += 1
-            if count == 1:
-                click.echo("topyaz-mount: stopping the remote command…", err=True)
-                await session.signal(signum)
-            elif count == 2:
-                click.echo("topyaz-mount: killing the remote command…", err=True)
-                await session.signal(signal.SIGKILL)
-            else:
-                abort.cancel()
-
-
-async def _exec_async(
-    settings: SshSettings,
-    root: str,
-    argv: list[str],
-    cwd: str,
-    env: dict[str, str],
-    forward_stdin: bool,
-    literal: Sequence[str],
-) -> RunResult | None:
-    with trio.CancelScope() as abort:
-        async with open_session(settings, root) as session:
-            stdin = trio.lowlevel.FdStream(os.dup(0)) if forward_stdin else None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_forward_signals, session, abort)
-                session.on_warning = lambda text: click.echo(
-                    f"topyaz-mount: warning: {text}", err=True
-                )
-                result = await session.run(
-                    argv,
-                    cwd=cwd,
-                    env=env,
-                    stdout=_write(sys.stdout.buffer),
-                    stderr=_write(sys.stderr.buffer),
-                    stdin=stdin,
-                    literal=literal,
-                )
-                nursery.cancel_scope.cancel()
-            return result
-    return None
 
 
 def parse_size(text: str) -> int:
@@ -356,6 +301,11 @@ def exec_(
         cwd = os.getcwd()
         env = _parse_env(env_pairs)
         if session_name is not None:
+            import trio
+
+            from . import control, session_client
+            from .client import RunResult
+
             if root is not None:
                 raise UsageError("--root cannot be used with --session (the session has one)")
             control.check_name(session_name)
@@ -368,8 +318,17 @@ def exec_(
                 raise UsageError(f"--root {root}: not a directory")
             _precheck(argv, root_dir, cwd, env, literal)
             settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            # Connect first; the rest of the client is imported while ssh connects.
+            spawned = spawn_ssh(settings)
+            try:
+                import trio
+
+                from .oneshot import exec_async
+            except BaseException:
+                spawned.kill()
+                raise
             result = trio.run(
-                _exec_async, settings, root_dir, argv, cwd, env, forward_stdin, literal
+                exec_async, settings, root_dir, argv, cwd, env, forward_stdin, literal, spawned
             )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
@@ -565,6 +524,9 @@ def mount(
     topyaz-mount shell --session NAME
     """
     _setup_logging(verbose)
+    import trio
+
+    from . import control, mountd
 
     def report_ready(info: dict) -> None:
         if ready_fd is not None:
@@ -651,6 +613,10 @@ def mount(
 def unmount(name: str, force: bool, verbose: int) -> None:
     """Unmount session NAME, after its running commands end and outputs are committed."""
     _setup_logging(verbose)
+    import trio
+
+    from . import control, session_client
+
     try:
         done = trio.run(session_client.unmount, control.check_name(name), force, _say)
     except BaseException as e:  # noqa: BLE001
@@ -668,6 +634,10 @@ def unmount(name: str, force: bool, verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of sessions).")
 def status(name: str | None, as_json: bool) -> None:
     """List the running sessions (or show one)."""
+    import trio
+
+    from . import control, session_client
+
     try:
         if name is not None:
             sessions = [trio.run(session_client.query, control.check_name(name))]
@@ -716,6 +686,11 @@ def shell(session_name: str, verbose: int, command: tuple[str, ...]) -> None:
     With COMMAND, run it on a terminal instead, as `ssh -t` does.
     """
     _setup_logging(verbose)
+    import trio
+
+    from . import control, session_client
+    from .client import RunResult
+
     try:
         rows, cols = session_client.terminal_size()
         env = {"TERM": os.environ.get("TERM", "xterm-256color")}

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from .hashindex import MANIFEST_HASH_BUDGET
 from .inputs import input_files
 from .rpc import ConnectionLost, Peer, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
-from .transport import SshProcess, SshSettings, explain_startup_failure, start_ssh
+from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class Session:
 
     async def _startup_failure(self) -> Exception:
         with trio.move_on_after(5):
-            await self.ssh.process.wait()
+            await self.ssh.wait()
         await trio.sleep(0.05)  # let the stderr pump take the last lines
         return explain_startup_failure(self.settings, list(self.ssh.stderr_tail))
 
@@ -406,21 +407,33 @@ class Session:
 
 @asynccontextmanager
 async def open_session(
-    settings: SshSettings, root: str | Path, *, connect_timeout: float = 60.0, watch: bool = False
+    settings: SshSettings,
+    root: str | Path,
+    *,
+    connect_timeout: float = 60.0,
+    watch: bool = False,
+    spawned: subprocess.Popen | None = None,
 ) -> AsyncIterator[Session]:
     """Connect, mount ``root`` on the remote, and yield the session; always cleans up.
 
     ``watch``: the caller will send every local change (``Session.invalidate``), so the
-    remote kernel may cache metadata longer."""
+    remote kernel may cache metadata longer. ``spawned``: ssh started already
+    (``transport.spawn_ssh``), so the connection was made while Python imported."""
     root_path = Path(os.path.realpath(root))
-    if not root_path.is_dir():
-        raise UsageError(f"--root {root}: not a directory")
     try:
-        server = FileServer(root_path)
-    except OSError as e:
-        raise UsageError(f"--root {root}: {e.strerror}") from None
+        if not root_path.is_dir():
+            raise UsageError(f"--root {root}: not a directory")
+        try:
+            server = FileServer(root_path)
+        except OSError as e:
+            raise UsageError(f"--root {root}: {e.strerror}") from None
+    except BaseException:
+        if spawned is not None:
+            spawned.kill()
+            spawned.wait()
+        raise
     try:
-        ssh = await start_ssh(settings)
+        ssh = attach_ssh(spawned) if spawned is not None else await start_ssh(settings)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ssh.pump_stderr)
@@ -436,7 +449,7 @@ async def open_session(
                         await ssh.stop()
                     nursery.cancel_scope.cancel()
         finally:
-            if ssh.process.returncode is None:
-                ssh.process.kill()
+            if ssh.returncode is None:
+                ssh.kill()
     finally:
         server.close()

@@ -4,6 +4,10 @@ Using OpenSSH itself keeps the user's ~/.ssh/config, agent, ProxyJump and
 ControlMaster working, as sshfs, rsync and mutagen do. The ssh process gets its own
 process group, so a Ctrl-C typed at the terminal reaches topyaz-mount (which forwards
 it to the remote job) instead of killing the connection the outputs still travel on.
+
+Starting ssh (``spawn_ssh``) needs no trio, and this module imports trio only where it
+waits: the command line spawns ssh first and imports the rest of the client while the
+connection is being made, which takes a third off a one-shot exec's start-up.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import subprocess
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-
-import trio
+from typing import TYPE_CHECKING
 
 from .errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
 from .pipes import widen
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +95,46 @@ class SshSettings:
 
 @dataclass
 class SshProcess:
-    process: trio.Process
+    """A running ssh: its pipes as trio streams, and a wait that does not block."""
+
+    popen: subprocess.Popen
     stream: trio.abc.Stream
+    stderr: trio.abc.ReceiveStream
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+
+    async def wait(self) -> int:
+        import trio
+
+        if self.popen.poll() is None:
+            try:
+                pidfd = os.pidfd_open(self.popen.pid)
+            except (AttributeError, OSError):  # no pidfd (old kernel): poll
+                while self.popen.poll() is None:
+                    await trio.sleep(0.02)
+            else:
+                try:
+                    await trio.lowlevel.wait_readable(pidfd)
+                finally:
+                    os.close(pidfd)
+        return self.popen.wait()
 
     async def pump_stderr(self) -> None:
         """Log what ssh and the agent say on stderr; keep the tail for error messages."""
-        assert self.process.stderr is not None
+        import trio
+
         buf = b""
-        async with self.process.stderr:
+        async with self.stderr:
             while True:
                 try:
-                    data = await self.process.stderr.receive_some(1 << 14)
+                    data = await self.stderr.receive_some(1 << 14)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     return
                 if not data:
@@ -120,27 +154,28 @@ class SshProcess:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Close our end of the channel, then wait for ssh; kill it if it lingers."""
-        proc = self.process
-        if proc.stdin is not None:
-            try:
-                await proc.stdin.aclose()
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
+        import trio
+
+        try:
+            await self.stream.send_eof()  # type: ignore[attr-defined]
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
         with trio.move_on_after(grace):
-            await proc.wait()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            await self.wait()
+        if self.returncode is None:
+            self.kill()
+            await self.wait()
 
 
-async def start_ssh(settings: SshSettings) -> SshProcess:
+def spawn_ssh(settings: SshSettings) -> subprocess.Popen:
+    """Start ssh with the agent as its remote command (no trio needed yet)."""
     argv = settings.argv()
     log.debug("starting %s", shlex.join(argv))
     group: dict = (
         {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     )
     try:
-        proc = await trio.lowlevel.open_process(
+        popen = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -151,10 +186,31 @@ async def start_ssh(settings: SshSettings) -> SshProcess:
         raise ConnectionFailed(
             f"the ssh client {settings.ssh_program!r} is not installed"
         ) from None
-    assert proc.stdin is not None and proc.stdout is not None
-    for pipe in (proc.stdin, proc.stdout):
-        widen(pipe.fileno())  # type: ignore[union-attr]
-    return SshProcess(proc, trio.StapledStream(proc.stdin, proc.stdout))
+    assert popen.stdin is not None and popen.stdout is not None
+    for pipe in (popen.stdin, popen.stdout):
+        widen(pipe.fileno())
+    return popen
+
+
+def attach_ssh(popen: subprocess.Popen) -> SshProcess:
+    """Hand a spawned ssh's pipes to trio (the fds move into trio streams)."""
+    import trio
+
+    def take(f) -> int:  # the fd, no longer owned by the Python file object
+        fd = os.dup(f.fileno())
+        f.close()
+        return fd
+
+    assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+    stdin = trio.lowlevel.FdStream(take(popen.stdin))
+    stdout = trio.lowlevel.FdStream(take(popen.stdout))
+    stderr = trio.lowlevel.FdStream(take(popen.stderr))
+    # StapledStream.send_eof closes ssh's stdin: ssh passes the EOF on to the agent.
+    return SshProcess(popen, trio.StapledStream(stdin, stdout), stderr)
+
+
+async def start_ssh(settings: SshSettings) -> SshProcess:
+    return attach_ssh(spawn_ssh(settings))
 
 
 def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception:

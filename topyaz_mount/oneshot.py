@@ -1,0 +1,77 @@
+"""The one-shot ``exec``: one connection, one mount, one command, all torn down.
+
+Kept apart from cli.py so the command line can start ssh before it imports trio and
+the client (see ``transport.spawn_ssh``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+import trio
+
+from .client import RunResult, Session, open_session
+from .transport import SshSettings
+
+
+def _write(stream: Any) -> Callable[[bytes], None]:
+    def sink(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+
+    return sink
+
+
+async def _forward_signals(session: Session, abort: trio.CancelScope) -> None:
+    """First Ctrl-C goes to the remote job, a second kills it, a third gives up."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                click.echo("topyaz-mount: stopping the remote command…", err=True)
+                await session.signal(signum)
+            elif count == 2:
+                click.echo("topyaz-mount: killing the remote command…", err=True)
+                await session.signal(signal.SIGKILL)
+            else:
+                abort.cancel()
+
+
+async def exec_async(
+    settings: SshSettings,
+    root: str,
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str],
+    forward_stdin: bool,
+    literal: Sequence[str],
+    spawned: subprocess.Popen | None = None,
+) -> RunResult | None:
+    """Run ``argv`` through a new session; None if aborted by a third Ctrl-C."""
+    with trio.CancelScope() as abort:
+        async with open_session(settings, root, spawned=spawned) as session:
+            stdin = trio.lowlevel.FdStream(os.dup(0)) if forward_stdin else None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_forward_signals, session, abort)
+                session.on_warning = lambda text: click.echo(
+                    f"topyaz-mount: warning: {text}", err=True
+                )
+                result = await session.run(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdout=_write(sys.stdout.buffer),
+                    stderr=_write(sys.stderr.buffer),
+                    stdin=stdin,
+                    literal=literal,
+                )
+                nursery.cancel_scope.cancel()
+            return result
+    return None
