@@ -216,6 +216,20 @@ def test_a_killed_exec_client_hangs_up_its_job_and_the_session_goes_on(session):
     assert session.exec("true").returncode == 0
 
 
+def test_ctrl_c_reaches_a_job_run_through_a_session(session):
+    p = session.start_exec("sh", "-c", "trap 'echo got INT; exit 42' INT; echo ready; "
+                           "while :; do sleep 0.1; done")
+    try:
+        assert p.wait_for_stdout(b"ready", 30), p.stderr
+        p.send_signal(signal.SIGINT)
+        r = p.wait(30)
+    finally:
+        p.close()
+    assert r.returncode == 42, describe(r)
+    assert r.stdout == b"ready\ngot INT\n"
+    assert session.status()["running"] == 0
+
+
 def test_exec_session_errors_are_one_line(session, tmp_path):
     r = session.cli("exec", "--session", "nosuch", "--", "true")
     assert r.returncode == 2, describe(r)

@@ -252,6 +252,21 @@ async def alive(name: str) -> bool:
     return True
 
 
+def peer_is_us(stream: trio.abc.Stream) -> bool:
+    """Whether the process at the other end of a unix socket runs as this user."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return False
+    try:
+        creds = sock.getsockopt(
+            trio.socket.SOL_SOCKET, trio.socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+    except OSError:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return bool(uid == os.getuid())
+
+
 async def listen(path: Path) -> trio.SocketListener:
     """A listening socket at ``path`` that only this user can connect to."""
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)

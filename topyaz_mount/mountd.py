@@ -155,6 +155,8 @@ class MountServer:
         self._connections += 1
         channel = control.Channel(stream)
         try:
+            if not control.peer_is_us(stream):  # the socket's mode says so; make sure
+                return
             msg = await channel.receive()
             if isinstance(msg, control.Exec):
                 await self._exec(channel, msg)
