@@ -166,7 +166,7 @@ class FsStats:
 
 
 class MountOps(pyfuse3.Operations):
-    enable_writeback_cache = False
+    enable_writeback_cache = True
 
     def __init__(
         self, client: ClientLink, cache: ReadCache, spool: Spool, *, timeout: float = 5.0
@@ -371,6 +371,23 @@ class MountOps(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         for ino, n in inode_list:
             self.inodes.forget(ino, n)
+
+    # --- extended attributes ----------------------------------------------------------
+    # None are kept. ENOSYS (not pyfuse3's default ENOATTR) tells the kernel to stop
+    # asking: otherwise `ls -l` asks twice per entry and every 1 MiB WRITE first asks
+    # for security.capability, one round trip through this thread each.
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # --- directories ----------------------------------------------------------------
 
