@@ -302,6 +302,30 @@ def test_a_running_remote_reader_sees_a_local_edit(session):
     assert r.stdout == b"AAAA\n---\nBBBB\n", describe(r)
 
 
+def _spool_fds(agent: int) -> list[str]:
+    fd_dir = Path(f"/proc/{agent}/fd")
+    targets = []
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(fd))
+    return [t for t in targets if "/spool/" in t]
+
+
+def test_committed_outputs_do_not_pile_up_on_the_remote(session):
+    """A long session lets go of each output once it is home and closed."""
+    agent = session.status()["agent_pid"]
+    r = session.exec("sh", "-c", "mkdir -p many; for i in $(seq 1 30); do "
+                     "head -c 100000 /dev/urandom > many/f$i.bin; done; cat many/f7.bin | wc -c")
+    assert (r.returncode, r.stdout.strip()) == (0, b"100000"), describe(r)
+    assert len(list((session.root / "many").iterdir())) == 30
+    assert wait_until(lambda: _spool_fds(agent) == [], 10), _spool_fds(agent)
+    # Read back through the mount (now from the client or the store), and append.
+    r = session.exec("sh", "-c", "cat many/f3.bin | wc -c; echo more >> many/f3.bin")
+    assert (r.returncode, r.stdout) == (0, b"100000\n"), describe(r)
+    assert (session.root / "many" / "f3.bin").stat().st_size == 100005
+    assert wait_until(lambda: _spool_fds(agent) == [], 10), _spool_fds(agent)
+
+
 def test_remote_outputs_are_not_echoed_back_as_changes(session):
     r = session.exec("sh", "-c", "for i in 1 2 3; do echo $i > out$i.txt; done; mkdir d; "
                      "echo x > d/y; mv out3.txt moved.txt; rm out2.txt")

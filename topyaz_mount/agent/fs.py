@@ -464,6 +464,7 @@ class MountOps(pyfuse3.Operations):
                     except FileNotFoundError:
                         pass
                 self.spool.forget(sf)
+            self.spool.retire_if_idle(sf)  # forget could not while we held its lock
         self.cache.drop_path(path)
         self.known.pop(path, None)
         self.inodes.drop(path)
@@ -514,6 +515,7 @@ class MountOps(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
         sf = self.spool.create(path, mode)
+        self.spool.opened(sf)
         handle = self._writer_opened(sf, ctx)
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
@@ -530,15 +532,21 @@ class MountOps(pyfuse3.Operations):
         if writable:
             if sf is None:
                 sf = await self._adopt(path, truncate=bool(flags & os.O_TRUNC))
-            async with sf.lock:  # wait out a commit in flight
-                if flags & os.O_TRUNC:
-                    self.spool.break_upload(sf)
-                    os.ftruncate(sf.fd, 0)
-                    sf.dirty = True
-                    sf.streamable = sf.writers == 0
-                handle = self._writer_opened(sf, ctx)
+            self.spool.opened(sf)  # before waiting: the commit's end must not retire it
+            try:
+                async with sf.lock:  # wait out a commit in flight
+                    if flags & os.O_TRUNC:
+                        self.spool.break_upload(sf)
+                        os.ftruncate(sf.fd, 0)
+                        sf.dirty = True
+                        sf.streamable = sf.writers == 0
+                    handle = self._writer_opened(sf, ctx)
+            except BaseException:
+                self.spool.released(sf)
+                raise
             return pyfuse3.FileInfo(fh=self._add_handle(handle))
         if sf is not None:
+            self.spool.opened(sf)
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf)))
         cached = await self.cache.open(path, self.known.get(path))
         self.cache.job_opened(cached)
@@ -582,5 +590,7 @@ class MountOps(pyfuse3.Operations):
             return
         if h.cached is not None:
             self.cache.release(h.cached)
-        elif h.spool is not None and h.writable:
-            self._writer_closed(h)
+        elif h.spool is not None:
+            if h.writable:
+                self._writer_closed(h)
+            self.spool.released(h.spool)

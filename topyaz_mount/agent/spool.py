@@ -75,6 +75,7 @@ class SpoolFile:
         self.streamable = False  # written from empty since it was created or truncated
         self.upload: Upload | None = None  # an upload following the writer
         self.owner: int | None = None  # the job that last opened it for writing
+        self.handles = 0  # open FUSE handles (readers and writers) that use ``fd``
 
     def attr(self) -> proto.Attr:
         st = os.fstat(self.fd)
@@ -146,6 +147,31 @@ class Spool:
             del self.files[sf.path]
         sf.path = None
         self.break_upload(sf)
+        self.retire_if_idle(sf)
+
+    def opened(self, sf: SpoolFile) -> None:
+        sf.handles += 1
+
+    def released(self, sf: SpoolFile) -> None:
+        sf.handles -= 1
+        self.retire_if_idle(sf)
+
+    def retire_if_idle(self, sf: SpoolFile) -> None:
+        """Let go of a file whose bytes are home and that nobody has open.
+
+        Its content is on the client (and in the content store), so later opens read
+        it from there; a long-lived session thus does not keep every output it ever
+        wrote on the remote disk until it ends.
+        """
+        busy = sf.handles or sf.writers or sf.dirty or sf.upload is not None
+        if busy or sf.lock.locked() or sf.fd < 0:
+            return
+        if sf.path is not None:
+            if self.files.get(sf.path) is sf:
+                del self.files[sf.path]
+            sf.path = None
+        os.close(sf.fd)
+        sf.fd = -1
 
     def move(self, old: bytes, new: bytes) -> None:
         """Rename a path or directory prefix in the spool (the client already did)."""
@@ -270,12 +296,14 @@ class Spool:
     async def _commit_task(self, sf: SpoolFile, owner: int | None) -> None:
         try:
             async with sf.lock:
-                if sf.path is None or not sf.dirty:
-                    return
-                try:
-                    await self._commit(sf)
-                except OSError as e:
-                    self._keep(sf, e)
+                if sf.path is None:
+                    sf.dirty = False  # unlinked meanwhile: nothing to send
+                elif sf.dirty:
+                    try:
+                        await self._commit(sf)
+                    except OSError as e:
+                        self._keep(sf, e)
+            self.retire_if_idle(sf)
         finally:
             self._pending[owner] -= 1
             if not self._pending[owner]:
