@@ -681,3 +681,15 @@ def test_remote_user_sees_root_only_through_the_mount(testhost, client_root, sam
     direct = testhost.run(f"cat {shlex.quote(str(target))} > /dev/null")
     assert direct.returncode != 0
     assert "Permission denied" in direct.stderr
+
+
+def test_metadata_change_on_a_file_opened_for_writing_but_not_written(testhost, client_root):
+    """`touch -d` and fchmod open the file for writing and change only its metadata."""
+    (client_root / "meta.txt").write_text("unchanged\n")
+    script = ("touch -d @1000000000 meta.txt && python3 -c \"import os; "
+              "f = open('meta.txt', 'r+'); os.fchmod(f.fileno(), 0o600)\"")
+    r = run_exec(testhost, client_root, "sh", "-c", script)
+    assert r.returncode == 0, describe(r)
+    st = (client_root / "meta.txt").stat()
+    assert (st.st_mtime, stat.S_IMODE(st.st_mode)) == (1_000_000_000, 0o600)
+    assert (client_root / "meta.txt").read_text() == "unchanged\n"

@@ -108,6 +108,9 @@ class Session:
         self._lost = trio.Event()
         self.closed: proto.Closed | None = None
         self.watch = False  # the caller pushes local changes (long-lived sessions)
+        # The next command's manifest, computed while the connection is made.
+        self._premanifest: tuple[tuple[tuple[str, ...], str], trio.Event, list] | None = None
+        self._hashed_base: int | None = None  # the index's counter before that hashing
         self.on_warning: Callable[[str], None] = lambda text: log.warning("%s", text)
 
     @property
@@ -313,6 +316,8 @@ class Session:
         files_before = self.server.stats.files_committed
         wire_before = (self.peer.bytes_sent, self.peer.bytes_received)
         hashed_before = self.server.index.hashed_bytes
+        if self._hashed_base is not None:  # the manifest was hashed ahead: count it here
+            hashed_before, self._hashed_base = self._hashed_base, None
         started_at = trio.current_time()
         if tty is None:
             await self._send_manifest(job.id, argv, os.path.abspath(cwd or str(self.root)))
@@ -360,14 +365,42 @@ class Session:
         stats.pop("content_bytes_committed", None)
         return RunResult(exited.code, list(exited.lost), list(job.warnings), stats)
 
+    def prepare_manifest(self, argv: Sequence[str], cwd: str) -> None:
+        """Hash the inputs of the command about to run while ssh connects and the agent
+        starts: on a cold run that hashing would otherwise hold back the command."""
+        done = trio.Event()
+        slot: list = []
+
+        async def compute() -> None:
+            try:
+                slot.append(await self._manifest_entries(argv, cwd))
+            except Exception as e:  # noqa: BLE001 - run() computes it again and reports
+                log.debug("manifest ahead of the command failed: %s", e)
+            finally:
+                done.set()
+
+        self._premanifest = ((tuple(argv), cwd), done, slot)
+        self._hashed_base = self.server.index.hashed_bytes
+        self.nursery.start_soon(compute)
+
+    async def _manifest_entries(self, argv: Sequence[str], cwd: str) -> list[proto.ManifestEntry]:
+        # Only which paths are inputs matters here; the remote side of the map does not.
+        paths = input_files(argv, PathMap(str(self.root), "/"), cwd)
+        if not paths:
+            return []
+        return await trio.to_thread.run_sync(self.server.manifest, paths, MANIFEST_HASH_BUDGET)
+
     async def _send_manifest(self, job_id: int, argv: Sequence[str], cwd: str) -> None:
         """Tell the agent which inputs are coming so it can fetch what it lacks now."""
-        assert self.peer is not None and self.pathmap is not None
-        local = PathMap(str(self.root), self.pathmap.remote_root)
-        paths = input_files(argv, local, cwd)
-        if not paths:
+        assert self.peer is not None
+        pre, self._premanifest = self._premanifest, None
+        if pre is not None and pre[0] == (tuple(argv), cwd):
+            await pre[1].wait()
+            entries = pre[2][0] if pre[2] else await self._manifest_entries(argv, cwd)
+        else:
+            entries = await self._manifest_entries(argv, cwd)
+        if not entries:
             return
-        entries = await trio.to_thread.run_sync(self.server.manifest, paths, MANIFEST_HASH_BUDGET)
         try:
             missing = await self.peer.call(proto.Manifest(job_id, entries))
         except RemoteError as e:
@@ -413,12 +446,15 @@ async def open_session(
     connect_timeout: float = 60.0,
     watch: bool = False,
     spawned: subprocess.Popen | None = None,
+    first_command: tuple[Sequence[str], str] | None = None,
 ) -> AsyncIterator[Session]:
     """Connect, mount ``root`` on the remote, and yield the session; always cleans up.
 
     ``watch``: the caller will send every local change (``Session.invalidate``), so the
     remote kernel may cache metadata longer. ``spawned``: ssh started already
-    (``transport.spawn_ssh``), so the connection was made while Python imported."""
+    (``transport.spawn_ssh``), so the connection was made while Python imported.
+    ``first_command``: (argv, cwd) of the command to run first, whose inputs are
+    hashed for its manifest while the connection is made."""
     root_path = Path(os.path.realpath(root))
     try:
         if not root_path.is_dir():
@@ -439,6 +475,8 @@ async def open_session(
                 nursery.start_soon(ssh.pump_stderr)
                 session = Session(settings, server, ssh, nursery)
                 session.watch = watch
+                if first_command is not None:
+                    session.prepare_manifest(*first_command)
                 try:
                     await session._handshake(connect_timeout)
                     yield session

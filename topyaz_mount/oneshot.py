@@ -56,7 +56,9 @@ async def exec_async(
 ) -> RunResult | None:
     """Run ``argv`` through a new session; None if aborted by a third Ctrl-C."""
     with trio.CancelScope() as abort:
-        async with open_session(settings, root, spawned=spawned) as session:
+        async with open_session(
+            settings, root, spawned=spawned, first_command=(argv, cwd)
+        ) as session:
             stdin = trio.lowlevel.FdStream(os.dup(0)) if forward_stdin else None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward_signals, session, abort)

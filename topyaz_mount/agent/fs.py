@@ -343,8 +343,11 @@ class MountOps(pyfuse3.Operations):
                     sf.mode = mode
                 if mtime is not None:
                     sf.mtime_ns = mtime
-                if not sf.dirty and sf.committed_path is not None:
-                    req = proto.SetAttr(sf.committed_path, mode, atime, mtime)
+                # A clean file's bytes are the client's already (committed, or opened
+                # for writing and not written yet, as `touch` does): change it there.
+                target = sf.committed_path or (sf.path if sf.expect is not None else None)
+                if not sf.dirty and target is not None:
+                    req = proto.SetAttr(target, mode, atime, mtime)
                     await self.client.call(req, proto.PRIO_URGENT)
         return self.entry(inode, await self.attr_of(path))
 
