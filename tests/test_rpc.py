@@ -356,7 +356,9 @@ def test_notifications_arrive_in_order_even_with_a_slow_handler():
             await trio.sleep(random.random() * 0.002)
 
         async with pair(b_notice=slow) as (a, b, _):
-            sent = [proto.Output(1, 1 + i % 2, bytes([i % 256]) * (i * 37 % 3000)) for i in range(200)]
+            sent = [
+                proto.Output(1, 1 + i % 2, bytes([i % 256]) * (i * 37 % 3000)) for i in range(200)
+            ]
             for m in sent:
                 await a.peer.notify(m)
             await a.peer.drain()
@@ -602,5 +604,45 @@ def test_reply_to_unknown_rid_is_ignored():
                 await trio.sleep(0.001)
             assert not a.peer.closed
             n.cancel_scope.cancel()
+
+    run(body)
+
+
+def test_an_urgent_call_is_served_while_bulk_calls_hold_every_slot():
+    """Bulk calls blocked on a full outgoing queue must not hold up an urgent one."""
+
+    async def body():
+        release = trio.Event()
+
+        async def serve(req):
+            if isinstance(req, proto.Stat) and req.path == b"urgent":
+                return proto.AttrReply(proto.Attr(0o100644, 1, 0, 0, 0))
+            await release.wait()  # bulk: stuck, as behind a full queue
+            return proto.Done()
+
+        async with (
+            pair(b_call=serve, b_kw={"max_concurrent_calls": 2}) as (a, b, _),
+            trio.open_nursery() as n,
+        ):
+            for _ in range(5):  # more than the slots: the reader would block on these
+                n.start_soon(a.peer.call, proto.Bye(), proto.PRIO_BULK)
+            await trio.sleep(0.05)
+            res = await a.peer.call(proto.Stat(b"urgent"), proto.PRIO_URGENT)
+            assert res.attr.size == 1
+            release.set()
+
+    run(body)
+
+
+def test_urgent_replies_skip_a_full_queue():
+    async def body():
+        async def serve(req):
+            return proto.AttrReply(proto.Attr(0o100644, 7, 0, 0, 0))
+
+        async with pair(b_call=serve, b_kw={"queue_limit": 1}) as (a, b, _):
+            b.peer._queued = 10  # as if bulk frames filled the queue
+            res = await a.peer.call(proto.Stat(b"x"), proto.PRIO_URGENT)
+            assert res.attr.size == 7
+            b.peer._queued = 0
 
     run(body)
