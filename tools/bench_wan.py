@@ -974,11 +974,11 @@ def interpretation(env, wb: WanBench, counts, rtt, nominal, raw_mb) -> list[str]
     hashed = smed(res["small_cold"], "hashed_bytes")
     if hashed:
         text += (
-            f" Before the job starts, the client hashes the inputs it has not seen for the "
-            f"manifest ({bl.mib(hashed)} in each cold run; the client used "
+            f" The client hashes the inputs it has not seen for the manifest "
+            f"({bl.mib(hashed)} in each cold run; the client used "
             f"{statistics.median([r.cpu_of('client (python)') for r in res['small_cold']]):.2f}"
-            f" CPU-s in all), time in which nothing crosses the link; with connecting, "
-            f"starting the agent and mounting it makes the idle start."
+            f" CPU-s in all) while ssh connects and the agent starts; connecting, starting "
+            f"the agent and mounting make the idle start."
         )
     out.append(text)
     per_warm = (sw - tm0) / count * 1000
