@@ -463,7 +463,6 @@ def _detach(child_argv: list[str], ready_r: int, ready_w: int, log_path: str) ->
             start_new_session=True,
         )
     os.close(ready_w)
-    data = b""
     with os.fdopen(ready_r, "rb") as ready:
         data = ready.read()
     if data.strip():

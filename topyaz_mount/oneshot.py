@@ -10,22 +10,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import click
 import trio
 
 from .client import RunResult, Session, open_session
+from .session_client import writer
 from .transport import SshSettings
-
-
-def _write(stream: Any) -> Callable[[bytes], None]:
-    def sink(data: bytes) -> None:
-        stream.write(data)
-        stream.flush()
-
-    return sink
 
 
 async def _forward_signals(session: Session, abort: trio.CancelScope) -> None:
@@ -69,8 +61,8 @@ async def exec_async(
                     argv,
                     cwd=cwd,
                     env=env,
-                    stdout=_write(sys.stdout.buffer),
-                    stderr=_write(sys.stderr.buffer),
+                    stdout=writer(sys.stdout.buffer),
+                    stderr=writer(sys.stderr.buffer),
                     stdin=stdin,
                     literal=literal,
                 )

@@ -89,7 +89,9 @@ async def _forward_resizes(channel: control.Channel) -> None:
             await channel.send(control.Resize(rows, cols))
 
 
-def _writer(stream: Any) -> Callable[[bytes], None]:
+def writer(stream: Any) -> Callable[[bytes], None]:
+    """A sink that writes and flushes at once, so output interleaves as it happens."""
+
     def write(data: bytes) -> None:
         stream.write(data)
         stream.flush()
@@ -102,7 +104,7 @@ async def run_in_session(
 ) -> control.Finished:
     """Send one command to session ``name``; stream its output; its result."""
     channel = await control.connect(name)
-    out, err = _writer(sys.stdout.buffer), _writer(sys.stderr.buffer)
+    out, err = writer(sys.stdout.buffer), writer(sys.stderr.buffer)
     async with channel, trio.open_nursery() as nursery:
         await channel.send(req)
         if req.stdin:
