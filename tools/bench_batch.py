@@ -197,16 +197,32 @@ class LinkBench:
             os.chown(x, pw.pw_uid, pw.pw_gid)
         return d
 
-    def remote_tmp(self) -> str:
-        base = shlex.quote(str(self.env.remote_cache))
-        r = self.env.host.run(f"mktemp -d {base}/stage.XXXXXX", timeout=60)
-        path = r.stdout.strip()
-        if r.returncode != 0 or not path:
-            raise bl.RunFailed(f"could not make a remote temp dir: {r.stderr}")
-        return path
-
-    def drop_remote(self, path: str) -> None:
-        self.env.host.run(f"rm -rf {shlex.quote(path)}", timeout=120)
+    def staged(self, upload: str, job: str, fetch: str) -> tuple[bl.RunResult, dict]:
+        """The staging baseline: rsync ``upload`` up, run ``job`` there over ssh, rsync
+        ``fetch`` back into staged/; the run and its three phases' times."""
+        (self.root / "staged").mkdir()
+        tmp = bl.remote_tmp(self.env, "stage")
+        script = (
+            't0=$(date +%s.%N); rsync -a -e "$RSH" "$UP" "$DEST:$TMP/" || exit 1; '
+            't1=$(date +%s.%N); "$@" "$JOB" || exit 1; t2=$(date +%s.%N); '
+            'rsync -a -e "$RSH" "$DEST:$TMP/$BACK" staged/ || exit 1; '
+            't3=$(date +%s.%N); echo "BENCH-T $t0 $t1 $t2 $t3" >&2'
+        )
+        env = dict(
+            self.bench.tm_env,
+            RSH=self.rsync_e,
+            DEST=self.dest,
+            TMP=tmp,
+            UP=upload,
+            BACK=fetch,
+            JOB=f"cd {shlex.quote(tmp)} && {job}",
+        )
+        try:
+            res = self.timed(["sh", "-c", script, "sh", *self.ssh], env=env)
+        finally:
+            bl.drop_remote(self.env, tmp)
+        t = [float(x) for x in stamp_line(res, "BENCH-T")]
+        return res, {"up": t[1] - t[0], "job": t[2] - t[1], "down": t[3] - t[2]}
 
     def timed(self, argv: list[str], **kw) -> bl.RunResult:
         kw.setdefault("env", self.bench.tm_env)
@@ -289,25 +305,11 @@ class LinkBench:
     def big_staging(self) -> None:
         def once():
             self.clean_outputs()
-            (self.root / "staged").mkdir()
-            tmp = self.remote_tmp()
-            job = f"cd {shlex.quote(tmp)} && cat big.bin > out.bin"
-            script = (
-                't0=$(date +%s.%N); rsync -a -e "$RSH" big.bin "$DEST:$TMP/" || exit 1; '
-                't1=$(date +%s.%N); "$@" "$JOB" || exit 1; t2=$(date +%s.%N); '
-                'rsync -a -e "$RSH" "$DEST:$TMP/out.bin" staged/ || exit 1; '
-                't3=$(date +%s.%N); echo "BENCH-T $t0 $t1 $t2 $t3" >&2'
-            )
-            env = dict(self.bench.tm_env, RSH=self.rsync_e, DEST=self.dest, TMP=tmp, JOB=job)
-            try:
-                res = self.timed(["sh", "-c", script, "sh", *self.ssh], env=env)
-            finally:
-                self.drop_remote(tmp)
+            res, info = self.staged("big.bin", "cat big.bin > out.bin", "out.bin")
             got = (self.root / "staged" / "out.bin").stat().st_size
             if got != self.big:
                 raise bl.RunFailed(f"staging brought back {got} bytes, not {self.big}")
-            t = [float(x) for x in stamp_line(res, "BENCH-T")]
-            return res, {"up": t[1] - t[0], "job": t[2] - t[1], "down": t[3] - t[2]}
+            return res, info
 
         res, info = self.bench.measure(f"{self.name} big staging", once)
         self.add("big_staging", res, info)
@@ -424,27 +426,12 @@ class LinkBench:
     def photo_staging(self) -> None:
         def once():
             self.clean_outputs()
-            (self.root / "staged").mkdir()
-            tmp = self.remote_tmp()
-            job = f"cd {shlex.quote(tmp)} && " + shlex.join(
-                ["python3", "-c", PHOTO_JOB, *self.photo_args()]
-            )
-            script = (
-                't0=$(date +%s.%N); rsync -a -e "$RSH" in "$DEST:$TMP/" || exit 1; '
-                't1=$(date +%s.%N); "$@" "$JOB" || exit 1; t2=$(date +%s.%N); '
-                'rsync -a -e "$RSH" "$DEST:$TMP/out" staged/ || exit 1; '
-                't3=$(date +%s.%N); echo "BENCH-T $t0 $t1 $t2 $t3" >&2'
-            )
-            env = dict(self.bench.tm_env, RSH=self.rsync_e, DEST=self.dest, TMP=tmp, JOB=job)
-            try:
-                res = self.timed(["sh", "-c", script, "sh", *self.ssh], env=env)
-            finally:
-                self.drop_remote(tmp)
+            job = shlex.join(["python3", "-c", PHOTO_JOB, *self.photo_args()])
+            res, info = self.staged("in", job, "out")
             bad = self.check_photo_outputs(self.root / "staged" / "out", digests=False)
             if bad:
                 raise bl.RunFailed(f"staging outputs: {bad}")
-            t = [float(x) for x in stamp_line(res, "BENCH-T")]
-            return res, {"up": t[1] - t[0], "job": t[2] - t[1], "down": t[3] - t[2]}
+            return res, info
 
         res, info = self.bench.measure(f"{self.name} photo staging", once)
         self.add("photo_staging", res, info)

@@ -697,6 +697,25 @@ def remove_objects(store_dir: Path, digests) -> int:
     return n
 
 
+def remote_tmp(env, prefix: str) -> str:
+    """A new directory on the remote for staging baselines (under the bench run's private
+    cache dir, removed with it); made over the direct connection, untimed."""
+    import shlex
+
+    base = shlex.quote(str(env.remote_cache))
+    r = env.host.run(f"mktemp -d {base}/{prefix}.XXXXXX", timeout=60)
+    path = r.stdout.strip()
+    if r.returncode != 0 or not path:
+        raise RunFailed(f"could not make a remote temp dir: {r.stderr}")
+    return path
+
+
+def drop_remote(env, path: str) -> None:
+    import shlex
+
+    env.host.run(f"rm -rf {shlex.quote(path)}", timeout=120)
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",

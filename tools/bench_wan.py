@@ -148,19 +148,6 @@ class WanBench:
         kw.setdefault("env", self.bench.tm_env)
         return bl.timed_run(argv, remote_root=self.env.host.pid, cwd=str(self.root), **kw)
 
-    def remote_tmp(self) -> str:
-        """A new directory on the remote for rsync (under this run's private cache dir,
-        removed with it); made over the direct connection, untimed."""
-        base = shlex.quote(str(self.env.remote_cache))
-        r = self.env.host.run(f"mktemp -d {base}/rsync.XXXXXX", timeout=60)
-        path = r.stdout.strip()
-        if r.returncode != 0 or not path:
-            raise bl.RunFailed(f"could not make a remote temp dir: {r.stderr}")
-        return path
-
-    def drop_remote(self, path: str) -> None:
-        self.env.host.run(f"rm -rf {shlex.quote(path)}", timeout=120)
-
     # --- start-up -------------------------------------------------------------------
 
     def startup(self) -> None:
@@ -237,7 +224,7 @@ class WanBench:
         ssh = self.bench.ssh_argv()
 
         def once():
-            tmp = self.remote_tmp()
+            tmp = bl.remote_tmp(self.env, "rsync")
             script = (
                 't0=$(date +%s.%N); rsync -a -e "$RSH" big.bin "$DEST:$TMP/" || exit 1; '
                 't1=$(date +%s.%N); "$@" "cat $TMP/big.bin > /dev/null" || exit 1; '
@@ -247,7 +234,7 @@ class WanBench:
             try:
                 return self.timed(["sh", "-c", script, "sh", *ssh], env=env)
             finally:
-                self.drop_remote(tmp)
+                bl.drop_remote(self.env, tmp)
 
         res = self.bench.measure("wan staging big", once)
         t = stamps(res)
@@ -273,7 +260,7 @@ class WanBench:
         ssh = self.bench.ssh_argv()
 
         def once():
-            tmp = self.remote_tmp()
+            tmp = bl.remote_tmp(self.env, "rsync")
             script = (
                 't0=$(date +%s.%N); rsync -a -e "$RSH" small "$DEST:$TMP/" || exit 1; '
                 't1=$(date +%s.%N); "$@" "cd $TMP && python3 -c \'$JOB\' small" || exit 1; '
@@ -283,7 +270,7 @@ class WanBench:
             try:
                 return self.timed(["sh", "-c", script, "sh", *ssh], env=env)
             finally:
-                self.drop_remote(tmp)
+                bl.drop_remote(self.env, tmp)
 
         res = self.bench.measure("wan rsync small", once)
         t = stamps(res)
