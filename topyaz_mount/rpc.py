@@ -5,6 +5,10 @@ Outgoing frames queue by priority, so a read the job is waiting for overtakes bu
 prefetch and output data. Incoming calls run as tasks, bounded in number; incoming
 notifications are handled in arrival order (output bytes and commit chunks rely on it).
 
+A call's request goes out ahead of bulk data whatever its reply's priority: a prefetch
+request queued behind megabytes of output data starved the input transfer of a job that
+reads and writes at once (seen: the upload ran at half the link's rate).
+
 Urgent calls have slots of their own, the reader never waits for a slot (only past a
 backlog of 4096 unanswered calls), and urgent replies skip the queue's size limit:
 otherwise a full queue of bulk replies holds every slot, the reader stops taking
@@ -85,16 +89,24 @@ class Peer:
 
     # --- public ---------------------------------------------------------------------
 
-    async def call(self, req: Any, prio: int = proto.PRIO_NORMAL) -> Any:
-        """Send a request and wait for its reply; raises RemoteError or ConnectionLost."""
+    async def call(
+        self, req: Any, prio: int = proto.PRIO_NORMAL, *, after_bulk: bool = False
+    ) -> Any:
+        """Send a request and wait for its reply; raises RemoteError or ConnectionLost.
+
+        ``prio`` is the reply's priority. The request itself is small and goes out
+        ahead of bulk data, unless ``after_bulk``: it must stay behind the bulk
+        notifications sent before it (a commit's end behind its chunks).
+        """
         if self._closed is not None:
             raise ConnectionLost(str(self._closed))
         rid = self._next_rid
         self._next_rid += 1
         pending = _Pending()
         self._pending[rid] = pending
+        send_prio = prio if after_bulk else min(prio, proto.PRIO_NORMAL)
         try:
-            await self._enqueue(proto.encode(proto.Call(rid, prio, req)), prio)
+            await self._enqueue(proto.encode(proto.Call(rid, prio, req)), send_prio)
             await pending.event.wait()
         finally:
             self._pending.pop(rid, None)

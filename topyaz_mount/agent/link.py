@@ -22,10 +22,12 @@ class ClientLink:
         self.peer = peer
         self.deadline = deadline
 
-    async def call(self, req: Any, prio: int = proto.PRIO_NORMAL) -> Any:
+    async def call(
+        self, req: Any, prio: int = proto.PRIO_NORMAL, *, after_bulk: bool = False
+    ) -> Any:
         try:
             with trio.fail_after(self.deadline):
-                return await self.peer.call(req, prio)
+                return await self.peer.call(req, prio, after_bulk=after_bulk)
         except ConnectionLost as e:
             raise OSError(errno.EIO, f"connection to the client lost: {e}") from None
         except trio.TooSlowError:

@@ -326,7 +326,7 @@ class Spool:
             await self._send_available(sf, up)
             offset = up.sent
             end = proto.CommitEnd(cid, offset, up.hasher.digest(), sf.mtime_ns)
-            res = await self.link.call(end, proto.PRIO_BULK)
+            res = await self.link.call(end, proto.PRIO_BULK, after_bulk=True)
         except BaseException:
             sf.dirty = True
             with trio.CancelScope(shield=True), trio.move_on_after(5):
