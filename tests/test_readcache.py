@@ -1,0 +1,174 @@
+"""bulkwindow.py and the read cache's prefetch order, against an in-memory client."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from topyaz_mount import proto
+from topyaz_mount.agent.bulkwindow import BulkWindow
+from topyaz_mount.agent.readcache import ReadCache
+from topyaz_mount.agent.store import ContentStore
+
+TIMEOUT = 10
+MIB = 1 << 20
+
+
+def run(fn, *args):
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            return await fn(*args)
+
+    return trio.run(main)
+
+
+# --- the window alone -------------------------------------------------------------------
+
+
+class FakePuller:
+    def __init__(self, name: str, turn: int, chunks: int, log: list[str]) -> None:
+        self.name = name
+        self.place = turn
+        self.chunks = chunks
+        self.log = log
+
+    def turn(self) -> int:
+        return self.place
+
+    def start_next(self) -> int | None:
+        if not self.chunks:
+            return None
+        self.chunks -= 1
+        self.log.append(self.name)
+        return 1
+
+
+def test_window_starts_chunks_in_turn_order_within_its_limit():
+    log: list[str] = []
+    window = BulkWindow(3)
+    window.add(FakePuller("first", 0, 3, log))
+    assert log == ["first"] * 3 and window.in_flight == 3
+    for name, turn in [("c", 30), ("a", 10), ("b", 20)]:
+        window.add(FakePuller(name, turn, 2, log))
+    assert window.in_flight == 3 and len(log) == 3  # full: nothing more started
+    for _ in range(6):
+        window.release(1)
+        assert window.in_flight == 3
+    assert log[3:] == ["a", "a", "b", "b", "c", "c"]
+    for _ in range(3):
+        window.release(1)
+    assert window.in_flight == 0 and len(log) == 9  # nothing left to start
+
+
+def test_window_reads_each_turn_when_room_frees_up():
+    log: list[str] = []
+    window = BulkWindow(1)
+    window.add(FakePuller("first", 0, 1, log))
+    x = FakePuller("x", 1, 1, log)
+    y = FakePuller("y", 2, 1, log)
+    window.add(x)
+    window.add(y)
+    y.place = 0  # y moved up the line (the job opened it) while waiting
+    window.release(1)
+    assert log == ["first", "y"]
+
+
+# --- the read cache's prefetch ------------------------------------------------------------
+
+
+class FakeClient:
+    """A ChunkSource with a fixed latency per request and a log of what was asked."""
+
+    def __init__(self, files: dict[bytes, bytes], latency: float = 0.001) -> None:
+        self.files = files
+        self.latency = latency
+        self.handles: dict[int, bytes] = {}
+        self.requests: list[tuple[bytes, int]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def attr(self, path: bytes) -> proto.Attr:
+        return proto.Attr(0o100644, len(self.files[path]), 1, 1, 1)
+
+    async def open_read(self, path: bytes):
+        await trio.sleep(0)  # answered at once: opens complete in the order asked
+        handle = len(self.handles) + 1
+        self.handles[handle] = path
+        return handle, self.attr(path), None
+
+    async def read_chunk(self, handle: int, offset: int, length: int, prio: int) -> bytes:
+        path = self.handles[handle]
+        self.requests.append((path, offset))
+        self.in_flight += length
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.latency)
+        finally:
+            self.in_flight -= length
+        return self.files[path][offset : offset + length]
+
+    async def close_read(self, handle: int) -> None:
+        pass
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ContentStore:
+    return ContentStore(tmp_path / "store")
+
+
+def test_prefetch_pulls_files_in_order_within_the_window(store: ContentStore):
+    files = {f"in/{i:02}".encode(): os.urandom(3 * MIB + i) for i in range(6)}
+    client = FakeClient(files)
+
+    async def body():
+        async with trio.open_nursery() as nursery:
+            cache = ReadCache(store, client, nursery, window=4 * MIB, chunk_size=MIB)
+            wanted = [(p, client.attr(p)) for p in files]
+            await cache.prefetch(wanted, window=1 << 30)
+            for path in files:
+                entry = await cache.open(path, client.attr(path))
+                await entry.wait_complete()
+                assert await entry.read(0, len(files[path])) == files[path]
+                cache.release(entry)
+            await cache.wait_stored()
+            cache.close()
+
+    run(body)
+    # Every chunk once, and files in manifest order: a file's chunks were all asked
+    # for before any of the file two places after it (trio starts the tasks of one
+    # scheduling batch in any order, so neighbours may interleave).
+    assert sorted(client.requests) == sorted(set(client.requests))
+    order = [path for path, _ in client.requests]
+    names = sorted(files)
+    for this, after_next in zip(names, names[2:], strict=False):
+        assert max(i for i, p in enumerate(order) if p == this) < order.index(after_next)
+    assert client.max_in_flight < 4 * MIB + MIB
+
+
+def test_a_file_the_job_opens_overtakes_the_prefetch(store: ContentStore):
+    files = {f"in/{i:02}".encode(): os.urandom(4 * MIB) for i in range(4)}
+    files[b"other"] = os.urandom(2 * MIB)
+    client = FakeClient(files, latency=0.01)
+
+    async def body():
+        async with trio.open_nursery() as nursery:
+            cache = ReadCache(store, client, nursery, window=MIB, chunk_size=MIB)
+            wanted = [(p, client.attr(p)) for p in files if p.startswith(b"in/")]
+            nursery.start_soon(cache.prefetch, wanted, 1 << 30)
+            while not client.requests:
+                await trio.sleep(0.001)
+            entry = await cache.open(b"other", client.attr(b"other"))
+            cache.job_opened(entry)
+            await entry.wait_complete()
+            # "other" went ahead of the batch (16 chunks) as soon as the job opened it.
+            last_other = max(i for i, (p, _) in enumerate(client.requests) if p == b"other")
+            assert last_other < 6
+            cache.release(entry)
+            await cache.wait_stored()
+            nursery.cancel_scope.cancel()
+        cache.close()
+
+    run(body)
