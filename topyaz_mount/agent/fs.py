@@ -21,7 +21,9 @@ import pyfuse3
 import trio
 
 from .. import proto
+from . import listings
 from .link import ClientLink
+from .listings import Listings
 from .readcache import CachedFile, ReadCache
 from .spool import Spool, SpoolFile
 
@@ -180,6 +182,8 @@ class MountOps(pyfuse3.Operations):
         # The client's attributes as last seen (lookup, getattr, readdir): an open can
         # then find a prefetched file without another round trip to the client.
         self.known: dict[bytes, proto.Attr] = {}
+        self.listings = Listings(timeout)
+        self._relisting: dict[bytes, trio.Event] = {}
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, Handle | DirHandle] = {}
@@ -216,6 +220,43 @@ class MountOps(pyfuse3.Operations):
         res = await self.client.call(proto.Stat(path), proto.PRIO_URGENT)
         self.known[path] = res.attr
         return res.attr
+
+    async def _lookup_attr(self, path: bytes) -> proto.Attr:
+        """As ``attr_of``, but from a recent listing of the directory when there is one."""
+        sf = self.spool.get(path)
+        if sf is not None:
+            return sf.attr()
+        found = self.listings.answer(path)
+        if found is listings.STALE:
+            await self._relist(path.rpartition(b"/")[0])
+            found = self.listings.answer(path)
+        if found is listings.MISSING:
+            raise OSError(errno.ENOENT, "")
+        if isinstance(found, proto.Attr):
+            return found
+        return await self.attr_of(path)
+
+    async def _relist(self, directory: bytes) -> None:
+        """Read a directory's listing again; concurrent lookups share one request."""
+        busy = self._relisting.get(directory)
+        if busy is not None:
+            await busy.wait()
+            return
+        self._relisting[directory] = done = trio.Event()
+        try:
+            await self._list(directory)
+        except OSError:
+            self.listings.drop(directory)
+        finally:
+            del self._relisting[directory]
+            done.set()
+
+    async def _list(self, directory: bytes) -> list[proto.DirEntry]:
+        listing = await self.client.call(proto.ListDir(directory), proto.PRIO_URGENT)
+        for e in listing.entries:
+            self.known[join(directory, e.name)] = e.attr
+        self.listings.listed(directory, {e.name: e.attr for e in listing.entries})
+        return listing.entries
 
     def _forget_known(self, path: bytes) -> None:
         prefix = path + b"/"
@@ -283,6 +324,7 @@ class MountOps(pyfuse3.Operations):
                     continue
                 self.spool.forget(sf)
             self._forget_known(path)
+            self.listings.drop(path)
             self.cache.drop_path(path)
             parent, _, name = path.rpartition(b"/")
             parent_ino = self.inodes.known(parent)
@@ -307,7 +349,7 @@ class MountOps(pyfuse3.Operations):
             path = parent.rpartition(b"/")[0]
         else:
             path = join(parent, name)
-        attr = await self.attr_of(path)
+        attr = await self._lookup_attr(path)
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
         return self.entry(ino, attr)
@@ -320,6 +362,7 @@ class MountOps(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
         path = self.inodes.path(inode)
         self.known.pop(path, None)
+        self.listings.touched(path)
         sf = self.spool.get(path)
         if fields.update_size:
             if sf is None:
@@ -404,10 +447,7 @@ class MountOps(pyfuse3.Operations):
         if not isinstance(h, DirHandle):
             raise OSError(errno.EBADF, "bad directory handle")
         if h.entries is None or start_id == 0:
-            listing = await self.client.call(proto.ListDir(h.path), proto.PRIO_URGENT)
-            merged = {e.name: e.attr for e in listing.entries}
-            for name, attr in merged.items():
-                self.known[join(h.path, name)] = attr
+            merged = {e.name: e.attr for e in await self._list(h.path)}
             for name, sf in self.spool.children(h.path).items():
                 merged[name] = sf.attr()
             # "." and ".." as any directory lists them; the kernel takes only their
@@ -434,7 +474,9 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
+        self.listings.touched(path)
         res = await self.client.call(proto.Mkdir(path, mode), proto.PRIO_URGENT)
+        self.listings.listed(path, {})  # new, so empty: lookups in it need not ask
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
         return self.entry(ino, res.attr)
@@ -442,12 +484,15 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         path = join(self.inodes.path(parent_inode), name)
+        self.listings.touched(path)
         await self.client.call(proto.Rmdir(path), proto.PRIO_URGENT)
+        self.listings.drop(path)
         self.inodes.drop(path)
 
     @handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
+        self.listings.touched(path)
         res = await self.client.call(proto.Symlink(path, target), proto.PRIO_URGENT)
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
@@ -456,6 +501,7 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         path = join(self.inodes.path(parent_inode), name)
+        self.listings.touched(path)
         sf = self.spool.get(path)
         if sf is None:
             await self.client.call(proto.Unlink(path), proto.PRIO_URGENT)
@@ -489,6 +535,8 @@ class MountOps(pyfuse3.Operations):
         new = join(self.inodes.path(parent_inode_new), name_new)
         src = self.spool.get(old)
         dst = self.spool.get(new)
+        self.listings.drop(old)
+        self.listings.drop(new)
         if noreplace and dst is not None:
             raise OSError(errno.EEXIST, "destination exists")
         if src is None:
@@ -508,6 +556,8 @@ class MountOps(pyfuse3.Operations):
                 src.check = False  # the job chose to replace whatever is at ``new``
         self.cache.drop_path(old)
         self.cache.drop_path(new)
+        self.listings.drop(old)  # again: a lookup may have listed them meanwhile
+        self.listings.drop(new)
         self._forget_known(old)
         self._forget_known(new)
         self.inodes.move(old, new)
@@ -517,6 +567,7 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
+        self.listings.touched(path)
         sf = self.spool.create(path, mode)
         self.spool.opened(sf)
         handle = self._writer_opened(sf, ctx)
@@ -533,6 +584,7 @@ class MountOps(pyfuse3.Operations):
         self.stats.opens += 1
         sf = self.spool.get(path)
         if writable:
+            self.listings.touched(path)
             if sf is None:
                 sf = await self._adopt(path, truncate=bool(flags & os.O_TRUNC))
             self.spool.opened(sf)  # before waiting: the commit's end must not retire it
