@@ -295,6 +295,30 @@ def test_executor_passes_status_stdout_and_stderr_through(make_executor, client_
     assert "no-such-command-xyz" in err
 
 
+def test_outputs_in_a_new_directory_cost_no_lookup_round_trips(
+    make_executor, client_root, monkeypatch
+):
+    """The job's own mkdir tells the agent the directory is empty, and the kernel's
+    re-checks of the directory after each create are answered from what the agent saw:
+    twenty outputs, yet only the job's first steps ask the client anything."""
+    from topyaz_mount import fileserver
+
+    counts: dict[str, int] = {}
+    handle = fileserver.FileServer.handle
+
+    async def counting(self, req):
+        counts[type(req).__name__] = counts.get(type(req).__name__, 0) + 1
+        return await handle(self, req)
+
+    monkeypatch.setattr(fileserver.FileServer, "handle", counting)
+    script = 'mkdir out && for i in $(seq 1 20); do echo "output $i" > "out/$i.txt"; done'
+    assert make_executor().execute(["sh", "-c", script])[0] == 0
+    for i in range(1, 21):
+        assert (client_root / "out" / f"{i}.txt").read_text() == f"output {i}\n"
+    assert counts.get("Mkdir") == 1
+    assert counts.get("Stat", 0) + counts.get("ListDir", 0) <= 6, counts
+
+
 def test_executor_timeout_kills_the_remote_command(make_executor, testhost):
     tmremote = pwd.getpwnam(REMOTE_USER).pw_uid
     argv = ["sleep", "61.25"]  # a command line no one else runs

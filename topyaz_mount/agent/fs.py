@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +184,10 @@ class MountOps(pyfuse3.Operations):
         # then find a prefetched file without another round trip to the client.
         self.known: dict[bytes, proto.Attr] = {}
         self.listings = Listings(timeout)
+        # Directories' attributes as last seen, and when: the kernel drops a directory's
+        # attributes whenever the job creates something in it, then asks again before
+        # the next create (its permission check) - a round trip per output otherwise.
+        self.dirs_seen: dict[bytes, tuple[float, proto.Attr]] = {}
         self._relisting: dict[bytes, trio.Event] = {}
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -219,7 +224,18 @@ class MountOps(pyfuse3.Operations):
             return sf.attr()
         res = await self.client.call(proto.Stat(path), proto.PRIO_URGENT)
         self.known[path] = res.attr
+        self._saw(path, res.attr)
         return res.attr
+
+    def _saw(self, path: bytes, attr: proto.Attr) -> None:
+        if stat.S_ISDIR(attr.mode):
+            self.dirs_seen[path] = (time.monotonic(), attr)
+
+    def _recent_dir(self, path: bytes) -> proto.Attr | None:
+        seen = self.dirs_seen.get(path)
+        if seen is None or time.monotonic() - seen[0] > self.timeout:
+            return None
+        return seen[1]
 
     async def _lookup_attr(self, path: bytes) -> proto.Attr:
         """As ``attr_of``, but from a recent listing of the directory when there is one."""
@@ -255,6 +271,7 @@ class MountOps(pyfuse3.Operations):
         listing = await self.client.call(proto.ListDir(directory), proto.PRIO_URGENT)
         for e in listing.entries:
             self.known[join(directory, e.name)] = e.attr
+            self._saw(join(directory, e.name), e.attr)
         self.listings.listed(directory, {e.name: e.attr for e in listing.entries})
         return listing.entries
 
@@ -262,6 +279,8 @@ class MountOps(pyfuse3.Operations):
         prefix = path + b"/"
         for p in [p for p in self.known if p == path or p.startswith(prefix)]:
             del self.known[p]
+        for p in [p for p in self.dirs_seen if p == path or p.startswith(prefix)]:
+            del self.dirs_seen[p]
 
     def _add_handle(self, h: Handle | DirHandle) -> int:
         fh = self._next_fh
@@ -356,12 +375,15 @@ class MountOps(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode: int, ctx: Any) -> Any:
-        return self.entry(inode, await self.attr_of(self.inodes.path(inode)))
+        path = self.inodes.path(inode)
+        attr = self._recent_dir(path)
+        return self.entry(inode, attr or await self.attr_of(path))
 
     @handler
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
         path = self.inodes.path(inode)
         self.known.pop(path, None)
+        self.dirs_seen.pop(path, None)
         self.listings.touched(path)
         sf = self.spool.get(path)
         if fields.update_size:
@@ -477,6 +499,7 @@ class MountOps(pyfuse3.Operations):
         self.listings.touched(path)
         res = await self.client.call(proto.Mkdir(path, mode), proto.PRIO_URGENT)
         self.listings.listed(path, {})  # new, so empty: lookups in it need not ask
+        self._saw(path, res.attr)
         ino = self.inodes.ino(path)
         self.inodes.looked_up(ino)
         return self.entry(ino, res.attr)
@@ -487,6 +510,7 @@ class MountOps(pyfuse3.Operations):
         self.listings.touched(path)
         await self.client.call(proto.Rmdir(path), proto.PRIO_URGENT)
         self.listings.drop(path)
+        self._forget_known(path)
         self.inodes.drop(path)
 
     @handler
