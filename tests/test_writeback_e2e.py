@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
-from e2e_util import describe, run_exec, temp_files
+from e2e_util import ExecProcess, describe, exec_argv, run_exec, temp_files, wait_until
 from test_exec_e2e import no_leftovers  # noqa: F401  (autouse: no mount, session dir or temp left)
 
 MiB = 1 << 20
@@ -82,4 +84,47 @@ def test_rename_after_streaming_lands_at_the_new_name(testhost, client_root):
 def test_unlinked_output_never_lands(testhost, client_root):
     _write(testhost, client_root, "unlink")
     assert not (client_root / "big.out").exists()
+    assert temp_files(client_root) == []
+
+
+HOLD_OPEN = """
+import os, time
+with open("slow.out", "wb") as f:
+    f.write(b"x" * (16 << 20))
+    print("written", flush=True)
+    deadline = time.time() + 60
+    while not os.path.exists("go") and time.time() < deadline:
+        time.sleep(0.05)
+    f.write(b"y" * (1 << 20))
+"""
+
+
+def _commit_bytes_held(pid: int, root: Path) -> int:
+    """Bytes in the client's open commit temporaries (named or O_TMPFILE) under root."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.startswith(str(root)) and ("#" in target or ".tmcommit-" in target):
+                total += os.stat(fd).st_size
+        except OSError:
+            pass
+    return total
+
+
+def test_output_held_open_streams_home_before_it_is_closed(testhost, client_root):
+    """The kernel keeps a writer's pages dirty (here 16 MiB, for good while the file is
+    open); the agent asks it for them, so the upload follows the writer."""
+    p = ExecProcess(exec_argv(testhost, client_root, ["python3", "-c", HOLD_OPEN]),
+                    cwd=client_root)
+    try:
+        assert p.wait_for_stdout(b"written", 30), p.stderr
+        assert wait_until(lambda: _commit_bytes_held(p.pid, client_root) >= 16 << 20, 30)
+        (client_root / "go").write_bytes(b"")
+        assert p.proc.wait(60) == 0, p.stderr
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+    assert (client_root / "slow.out").read_bytes() == b"x" * (16 << 20) + b"y" * (1 << 20)
     assert temp_files(client_root) == []

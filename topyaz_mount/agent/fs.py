@@ -16,13 +16,14 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
 from .. import proto
-from . import listings
+from . import listings, nudge
 from .link import ClientLink
 from .listings import Listings
 from .readcache import CachedFile, ReadCache
@@ -172,9 +173,16 @@ class MountOps(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(
-        self, client: ClientLink, cache: ReadCache, spool: Spool, *, timeout: float = 5.0
+        self,
+        client: ClientLink,
+        cache: ReadCache,
+        spool: Spool,
+        *,
+        timeout: float = 5.0,
+        mountpoint: Path | None = None,
     ) -> None:
         super().__init__()
+        self.mountpoint = mountpoint  # where we are mounted: see nudge.py
         self.client = client
         self.cache = cache
         self.spool = spool
@@ -599,6 +607,12 @@ class MountOps(pyfuse3.Operations):
         self.inodes.looked_up(ino)
         fh = self._add_handle(handle)
         self.stats.opens += 1
+        if self.mountpoint is not None:
+            self.spool.nursery.start_soon(
+                nudge.follow_writer,
+                self.mountpoint / os.fsdecode(path),
+                lambda: sf.writers > 0 and sf.path == path and not self.spool.frozen,
+            )
         return pyfuse3.FileInfo(fh=fh), self.entry(ino, sf.attr())
 
     @handler

@@ -326,7 +326,9 @@ class AgentSession:
         kept = self.base_dir / "kept" / self.dir.name
         self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
         self.spool.on_committed = self.cache.keep_output
-        self.ops = MountOps(self.link, self.cache, self.spool, timeout=cache_timeout)
+        self.ops = MountOps(
+            self.link, self.cache, self.spool, timeout=cache_timeout, mountpoint=self.mountpoint
+        )
         self.ops.owner_of = self.job_of_pid
 
     def job_of_pid(self, pid: int) -> int | None:
