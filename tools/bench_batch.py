@@ -984,12 +984,7 @@ def interpretation(lbs: list[LinkBench], met) -> list[str]:
             f"listing of `in`, {read:.2f} s "
             f"waiting in reads ({first:.2f} s of it for the first input), {ph['compute']:.2f} s "
             f"of sleeps, {write:.2f} s in writes ({per_write:.0f} ms per output"
-            + (
-                f", {per_write / 1000 / lb.rtt:.1f} RTTs: creating and closing an output waits "
-                f"for the client"
-                if lb.rtt
-                else ""
-            )
+            + (f", {per_write / 1000 / lb.rtt:.1f} RTTs" if lb.rtt else "")
             + ")"
             + (f", {other:.2f} s other" if abs(other) >= 0.05 else "")
             + f"; {tail:.2f} s after the job's end (the last outputs, unmount, exit)."
