@@ -513,8 +513,8 @@ def interpretation(cb, counts, big_label, small_label, ssht, tmt) -> list[str]:
         f"first time its process uses it, and every session is a new agent process; blake3 "
         f"of {big_label} from the page cache takes {hash_s:.2f} s here, measured alone with "
         f"the agent's `hash_fd`), then every read of the job crosses FUSE into the agent's "
-        f"Python event loop, which answers it from the object file. The profile below shows "
-        f"where the agent's time goes."
+        f"Python event loop, which answers it from the object file (`--profile` adds a py-spy "
+        f"profile of where the agent's time goes)."
     )
     sent_newidx = stat_med(res["big_newidx"], "content_bytes_sent")
     hashed_newidx = stat_med(res["big_newidx"], "hashed_bytes")
