@@ -62,3 +62,34 @@ def test_dropping_a_path_forgets_it_its_directory_and_below():
     assert lst.answer(b"a/b/c/x") is UNKNOWN
     assert lst.answer(b"ab/x") is MISSING  # a sibling sharing the prefix is kept
     assert lst.answer(b"x") is MISSING
+
+
+def test_a_listing_read_after_we_changed_a_name_does_not_deny_it():
+    # The job created out/a (its commit still on the way) before the directory was
+    # listed: the new listing lacks "a", but "a" is ours, so the client is asked.
+    lst = Listings(5, Clock())
+    lst.touched(b"out/a")
+    lst.listed(b"out", {})
+    assert lst.answer(b"out/a") is UNKNOWN
+    assert lst.answer(b"out/b") is MISSING
+    lst.listed(b"out", {b"a": A})  # read again later: still asked, never denied
+    assert lst.answer(b"out/a") is UNKNOWN
+
+
+def test_a_renamed_directory_keeps_what_we_changed_below_it():
+    lst = Listings(5, Clock())
+    lst.touched(b"tmp/sub/a")
+    lst.moved(b"tmp", b"final")
+    lst.listed(b"final/sub", {})
+    assert lst.answer(b"final/sub/a") is UNKNOWN
+    assert lst.answer(b"final/sub/b") is MISSING
+
+
+def test_a_listing_ages_from_when_it_was_asked_for():
+    clock = Clock()
+    lst = Listings(5, clock)
+    asked = clock.now
+    clock.now += 4  # a slow reply
+    lst.listed(b"d", {}, asked)
+    clock.now += 1.5
+    assert lst.answer(b"d/x") is STALE

@@ -276,11 +276,12 @@ class MountOps(pyfuse3.Operations):
             done.set()
 
     async def _list(self, directory: bytes) -> list[proto.DirEntry]:
+        asked = self.listings.now()
         listing = await self.client.call(proto.ListDir(directory), proto.PRIO_URGENT)
         for e in listing.entries:
             self.known[join(directory, e.name)] = e.attr
             self._saw(join(directory, e.name), e.attr)
-        self.listings.listed(directory, {e.name: e.attr for e in listing.entries})
+        self.listings.listed(directory, {e.name: e.attr for e in listing.entries}, asked)
         return listing.entries
 
     def _forget_known(self, path: bytes) -> None:
@@ -567,8 +568,7 @@ class MountOps(pyfuse3.Operations):
         new = join(self.inodes.path(parent_inode_new), name_new)
         src = self.spool.get(old)
         dst = self.spool.get(new)
-        self.listings.drop(old)
-        self.listings.drop(new)
+        self.listings.moved(old, new)
         if noreplace and dst is not None:
             raise OSError(errno.EEXIST, "destination exists")
         if src is None:
