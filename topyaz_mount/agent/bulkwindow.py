@@ -12,17 +12,21 @@ TCP buffers), where every reply the job is waiting for queues behind it.
 
 The window picks and starts chunks itself, synchronously, rather than waking waiters:
 a woken waiter rejoins the line only once it runs, and by then the room it would have
-had next may have gone to a later file.
+had next may have gone to a later file. The line is a heap (thousands of small files
+may wait in it); a file whose place moves up is pushed again, and its old entry is
+dropped when it surfaces.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from typing import Any, Protocol
 
 
 class Puller(Protocol):
     def turn(self) -> Any:
-        """Its place in line (smallest first); read each time room frees up."""
+        """Its place in line (smallest first); it may only ever move up."""
 
     def start_next(self) -> int | None:
         """Start fetching its next chunk and return its size; None when none is left."""
@@ -32,11 +36,16 @@ class BulkWindow:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
-        self._pullers: list[Puller] = []
+        self._line: list[tuple[Any, int, Puller]] = []
+        self._seq = itertools.count()  # ties (and the pullers themselves) never compare
 
     def add(self, puller: Puller) -> None:
-        self._pullers.append(puller)
+        heapq.heappush(self._line, (puller.turn(), next(self._seq), puller))
         self._fill()
+
+    def moved_up(self, puller: Puller) -> None:
+        """``puller``'s turn is earlier now (the job opened its file)."""
+        self.add(puller)
 
     def release(self, size: int) -> None:
         """A chunk of ``size`` bytes arrived (or failed): room for the next."""
@@ -44,10 +53,13 @@ class BulkWindow:
         self._fill()
 
     def _fill(self) -> None:
-        while self._pullers and self.in_flight < self.limit:
-            first = min(self._pullers, key=lambda p: p.turn())
+        while self._line and self.in_flight < self.limit:
+            turn, _, first = self._line[0]
+            if turn != first.turn():  # it moved up since; its newer entry is in the line
+                heapq.heappop(self._line)
+                continue
             size = first.start_next()
             if size is None:
-                self._pullers.remove(first)
+                heapq.heappop(self._line)
             else:
                 self.in_flight += size

@@ -372,6 +372,8 @@ class ReadCache:
     def job_opened(self, entry: CachedFile) -> None:
         if not entry.opened_by_job:
             entry.opened_by_job = True
+            if not entry.done.is_set():
+                self.bulk.moved_up(entry)
             if entry.prefetched:
                 self._give_back(entry.prefetched)
 
