@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from topyaz_mount import proto
+from topyaz_mount.agent import readcache
 from topyaz_mount.agent.bulkwindow import BulkWindow
 from topyaz_mount.agent.readcache import CachedFile, ReadCache
 from topyaz_mount.agent.store import ContentStore
@@ -104,6 +105,8 @@ class FakeClient:
         self.requests: list[tuple[bytes, int]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.open_now = 0
+        self.max_open = 0
 
     def attr(self, path: bytes) -> proto.Attr:
         return proto.Attr(0o100644, len(self.files[path]), 1, 1, 1)
@@ -112,6 +115,8 @@ class FakeClient:
         await trio.sleep(0)  # answered at once: opens complete in the order asked
         handle = len(self.handles) + 1
         self.handles[handle] = path
+        self.open_now += 1
+        self.max_open = max(self.max_open, self.open_now)
         return handle, self.attr(path), None
 
     async def read_chunk(self, handle: int, offset: int, length: int, prio: int) -> bytes:
@@ -126,7 +131,7 @@ class FakeClient:
         return self.files[path][offset : offset + length]
 
     async def close_read(self, handle: int) -> None:
-        pass
+        self.open_now -= 1
 
 
 @pytest.fixture
@@ -194,3 +199,26 @@ def test_a_file_the_job_opens_overtakes_the_prefetch(store: ContentStore):
         cache.close()
 
     run(body)
+
+
+def test_prefetch_keeps_a_bounded_number_of_client_files_open(store, monkeypatch):
+    # Opens take no time here and chunks do: without a bound every file of the batch
+    # would be open on the client at once, and the client refuses past 1024.
+    monkeypatch.setattr(readcache, "PREFETCH_OPEN_MAX", 5)
+    files = {f"in/{i:03}".encode(): os.urandom(4096) for i in range(60)}
+    client = FakeClient(files, latency=0.002)
+
+    async def body():
+        async with trio.open_nursery() as nursery:
+            cache = ReadCache(store, client, nursery, window=2 * 4096, chunk_size=MIB)
+            await cache.prefetch([(p, client.attr(p)) for p in files], window=1 << 30)
+            for path in files:
+                entry = await cache.open(path, client.attr(path))
+                await entry.wait_complete()
+                cache.release(entry)
+            await cache.wait_stored()
+            cache.close()
+
+    run(body)
+    assert client.max_open <= 5
+    assert len(client.requests) == 60

@@ -40,6 +40,11 @@ OUTPUT_COPY_LIMIT = 1 << 30
 # 20 ms of round trip holds 0.5 MB, a 1 Gbit/s one with 50 ms 6 MB.
 BULK_WINDOW = 8 << 20
 
+# Transfers the prefetch keeps open at once: opens outrun the link, and each holds a
+# file open on the client (which refuses more than 1024), where the job's own opens
+# must still fit.
+PREFETCH_OPEN_MAX = 256
+
 
 class ChunkSource(Protocol):
     async def open_read(self, path: bytes) -> tuple[int, proto.Attr, bytes | None]: ...
@@ -322,6 +327,7 @@ class ReadCache:
             self.store.discard_temp(entry.temp)
             entry.temp = None
         self._by_handle.pop(handle, None)
+        self._room.set()
         await self._close_handle(handle)
 
     def remember_manifest(self, entries: list[proto.ManifestEntry]) -> None:
@@ -337,11 +343,13 @@ class ReadCache:
         of what the job has opened, so a huge batch does not flood the remote disk.
 
         Several opens are in flight at once, so a batch of small files costs no round
-        trip per file on a long link."""
+        trip per file on a long link; at most PREFETCH_OPEN_MAX transfers are under way."""
         slots = trio.Semaphore(parallel)
         async with trio.open_nursery() as nursery:
             for path, attr in wanted:
-                while self._ahead > window:
+                while self._ahead > window or (
+                    len(self._by_handle) + parallel - slots.value >= PREFETCH_OPEN_MAX
+                ):
                     self._room = trio.Event()
                     await self._room.wait()
                 await slots.acquire()
@@ -399,6 +407,7 @@ class ReadCache:
         hash then); store or drop the bytes. Teardown waits for this (wait_stored)."""
         self._storing += 1
         self._by_handle.pop(entry.handle, None)
+        self._room.set()  # the prefetch may open another
         try:
             await self._close_handle(entry.handle)
             temp, entry.temp = entry.temp, None
