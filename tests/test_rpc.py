@@ -427,23 +427,38 @@ def test_urgent_frames_overtake_queued_bulk_frames():
 
 
 def test_call_priority_orders_queued_calls():
+    """Urgent requests go first; a request whose reply is bulk still goes out ahead of
+    bulk data queued before it (a prefetch request must not wait behind megabytes of
+    output); one sent ``after_bulk`` (a commit's end) stays behind it."""
+
     async def body():
         sa, sb = trio.testing.memory_stream_pair()
         a = Side(sa)
         async with trio.open_nursery() as n:
-            for prio, path in [(2, b"bulk"), (1, b"normal"), (0, b"urgent")]:
-                n.start_soon(a.peer.call, proto.Stat(path), prio)
-            await trio.testing.wait_all_tasks_blocked()
+            steps = [
+                lambda: a.peer.notify(proto.CommitChunk(1, 0, b"x" * 100), proto.PRIO_BULK),
+                lambda: a.peer.call(proto.Stat(b"bulk reply"), proto.PRIO_BULK),
+                lambda: a.peer.call(proto.Stat(b"commit end"), proto.PRIO_BULK, after_bulk=True),
+                lambda: a.peer.call(proto.Stat(b"urgent"), proto.PRIO_URGENT),
+            ]
+            for step in steps:  # queued one after the other, in this order
+                n.start_soon(step)
+                await trio.testing.wait_all_tasks_blocked()
             n.start_soon(a.run)
             dec = proto.FrameDecoder()
             got: list = []
-            while len(got) < 3:
+            while len(got) < 4:
                 dec.feed(await sb.receive_some())
                 got += dec.frames()
-            assert [(f.req.path, f.prio) for f in got] == [
-                (b"urgent", 0),
-                (b"normal", 1),
-                (b"bulk", 2),
+            seen = [
+                (f.req.path, f.prio) if isinstance(f, proto.Call) else type(f.msg).__name__
+                for f in got
+            ]
+            assert seen == [
+                (b"urgent", proto.PRIO_URGENT),
+                (b"bulk reply", proto.PRIO_BULK),
+                "CommitChunk",
+                (b"commit end", proto.PRIO_BULK),
             ]
             n.cancel_scope.cancel()
 
