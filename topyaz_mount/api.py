@@ -25,6 +25,7 @@ from .client import Session, open_session
 from .errors import collapse
 from .translate import PathMap
 from .transport import Remote, SshSettings
+from .waiting import first_of
 
 
 @dataclass(frozen=True)
@@ -234,14 +235,8 @@ class RemoteMount:
         async with open_remote(self.host, self.root) as remote:
             self._remote = remote
             self._ready.set()
-            async with trio.open_nursery() as nursery:
-                # End on close() or when the connection dies, whichever comes first.
-                async def until(event: trio.Event) -> None:
-                    await event.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(until, self._close)
-                nursery.start_soon(until, remote._session.lost)
+            # End on close() or when the connection dies, whichever comes first.
+            await first_of(self._close, remote._session.lost)
 
     def close(self) -> None:
         thread = self._thread

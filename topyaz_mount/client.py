@@ -40,6 +40,7 @@ from .inputs import input_files
 from .rpc import ConnectionLost, Peer, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
+from .waiting import first_of
 
 log = logging.getLogger(__name__)
 
@@ -411,14 +412,7 @@ class Session:
         log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
 
     async def _wait_exit(self, job: Job) -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def watch(event: trio.Event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch, job.done)
-            nursery.start_soon(watch, self._lost)
+        await first_of(job.done, self._lost)
 
     def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
         tail = [line for line in self.ssh.stderr_tail if line.strip()]

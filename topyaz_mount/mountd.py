@@ -29,6 +29,7 @@ from .client import Job, Session, open_session
 from .errors import TopyazMountError, collapse
 from .translate import TranslationError
 from .transport import SshSettings
+from .waiting import first_of
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,7 @@ class MountServer:
             nursery.cancel_scope.cancel()
 
     async def _until_stop_or_lost(self) -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def wait(event: trio.Event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(wait, self.stop_requested)
-            nursery.start_soon(wait, self.session.lost)
+        await first_of(self.stop_requested, self.session.lost)
 
     async def forward_signals(self, say: Callable[[str], None]) -> None:
         """Ctrl-C (or SIGTERM/SIGHUP) unmounts cleanly; a second one forces it."""
