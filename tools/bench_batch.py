@@ -41,7 +41,6 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -162,26 +161,8 @@ class LinkBench:
         self.link: dict[str, dict] = {}
         self.rtt = 0.0  # the emulated round trip (0 on loopback)
         self.remote_dir = self._remote_files()
-        self.hash_s = self.time_hash()
-
-    def time_hash(self) -> float:
-        """Seconds the snapshot's hash_fd takes over every photo input from the page cache
-        (best of 3): what hashing the inputs for the manifest costs the client."""
-        code = (
-            "import os,sys,time; from topyaz_mount.hashing import hash_fd; b=[]\n"
-            "for _ in range(3):\n t=time.perf_counter()\n for p in sys.argv[1:]:\n"
-            "  fd=os.open(p,os.O_RDONLY); hash_fd(fd); os.close(fd)\n"
-            " b.append(time.perf_counter()-t)\nprint(min(b))"
-        )
-        p = subprocess.run(
-            [str(self.env.snap / "python"), "-c", code, *map(str, self.inputs)],
-            capture_output=True,
-            text=True,
-        )
-        try:
-            return float(p.stdout.strip())
-        except ValueError:
-            return float("nan")
+        # What hashing the inputs for the manifest costs the client.
+        self.hash_s = bl.time_hash_fd(self.env.snap / "python", self.inputs)
 
     # --- helpers --------------------------------------------------------------------
 

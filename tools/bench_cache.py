@@ -80,29 +80,8 @@ class CacheBench:
         self.notes: list[str] = []
         self.digests: list[bytes] = []  # this round's content versions (deleted after it)
         self.res: dict[str, list[bl.RunResult]] = {}
-        self.hash_seconds = self.time_hash()
-
-    def time_hash(self) -> float:
-        """Seconds the agent's hash_fd takes over big.bin from the page cache (best of 3,
-        the snapshot's code in the remote venv's python): what verifying the object costs
-        a warm run."""
-        import subprocess
-
-        code = (
-            "import os,sys,time; from topyaz_mount.hashing import hash_fd; "
-            "fd=os.open(sys.argv[1],os.O_RDONLY); b=[]\n"
-            "for _ in range(3):\n t=time.perf_counter(); hash_fd(fd); "
-            "b.append(time.perf_counter()-t)\nprint(min(b))"
-        )
-        p = subprocess.run(
-            [str(self.env.snap / "python"), "-c", code, str(self.root / "big.bin")],
-            capture_output=True,
-            text=True,
-        )
-        try:
-            return float(p.stdout.strip())
-        except ValueError:
-            return float("nan")
+        # What verifying the store object costs a warm run (the agent's hash_fd).
+        self.hash_seconds = bl.time_hash_fd(env.snap / "python", [root / "big.bin"])
 
     # --- inputs and indexes ---------------------------------------------------------
 
