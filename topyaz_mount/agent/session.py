@@ -85,7 +85,11 @@ def unmount(path: Path) -> None:
 
 
 def collect_dead_sessions(sessions_dir: Path) -> list[str]:
-    """Remove session dirs whose agent is gone (its lock is free); returns their ids."""
+    """Remove session dirs whose agent is gone (its lock is free); returns their ids.
+
+    Two agents starting at once each run this: the other's new dir must survive the
+    moment between creating its lock file and locking it (seen: a concurrent session
+    failed with ENOENT when its dir was removed under it)."""
     removed: list[str] = []
     if not sessions_dir.is_dir():
         return removed
@@ -111,6 +115,10 @@ def collect_dead_sessions(sessions_dir: Path) -> list[str]:
             os.close(fd)
             continue
         try:
+            # An empty lock: its agent has created it and not locked it yet (it writes
+            # its pid once it holds the lock). Only an old one is an agent that died there.
+            if os.fstat(fd).st_size == 0 and _young(entry):
+                continue
             _kill_orphaned_jobs(entry / "jobs")
             unmount(entry / "root")
             shutil.rmtree(entry, ignore_errors=True)
@@ -118,6 +126,13 @@ def collect_dead_sessions(sessions_dir: Path) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def _young(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime <= 60
+    except OSError:
+        return True  # gone meanwhile: nothing to collect
 
 
 def _login_shell() -> str:
