@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 STANDINS_DIR = REPO_DIR / "tools" / "standins"
-REMOTE_USER = "tmremote"
+REMOTE_USER = os.environ.get("TOPYAZ_MOUNT_TESTHOST_USER", "tmremote")  # see tools/testhost.py
 TEMP_MARK = ".tmcommit-"
 
 CLI = [sys.executable, "-m", "topyaz_mount.cli"]

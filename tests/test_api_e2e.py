@@ -63,7 +63,7 @@ pytestmark = pytest.mark.e2e
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 STANDINS_DIR = REPO_DIR / "tools" / "standins"
-REMOTE_USER = "tmremote"
+REMOTE_USER = os.environ.get("TOPYAZ_MOUNT_TESTHOST_USER", "tmremote")  # see tools/testhost.py
 UNICODE_NAME = "Café photo – 写真 01.png"  # one of tools/make_samples.py's images
 VIDEO_NAME = "clip.mp4"
 

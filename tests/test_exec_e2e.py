@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from e2e_util import (
+    REMOTE_USER,
     STANDINS_DIR,
     descendants,
     describe,
@@ -652,7 +653,7 @@ def test_path_outside_root_is_refused_and_wider_root_works(testhost, client_root
 
 def test_unreachable_host(testhost, client_root):
     port = free_port()
-    r = run_exec(testhost, client_root, "true", remote=f"tmremote@127.0.0.1:{port}")
+    r = run_exec(testhost, client_root, "true", remote=f"{REMOTE_USER}@127.0.0.1:{port}")
     assert r.returncode != 0
     assert_one_line_error(r, 255, "127.0.0.1")
 

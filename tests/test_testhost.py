@@ -45,13 +45,13 @@ def _run_standins_locally(samples: Path, work: Path) -> None:
 def test_ssh_runs_as_remote_user(testhost):
     r = testhost.run("id -un")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "tmremote"
+    assert r.stdout.strip() == testhost_mod.REMOTE_USER
     # The argv form and the -o options form reach the same host.
     opts = subprocess.run(
         ["ssh", *testhost.ssh_options, "127.0.0.1", "id -un"],
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30,
     )
-    assert opts.stdout.strip() == "tmremote", opts.stderr
+    assert opts.stdout.strip() == testhost_mod.REMOTE_USER, opts.stderr
 
 
 def test_remote_path_resolves_tools(testhost):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import importlib.metadata
 import os
 import pwd
@@ -46,8 +47,14 @@ PACKAGE_SRC = REPO_DIR / "topyaz_mount"
 STANDINS_SRC = TOOLS_DIR / "standins"
 STANDIN_NAMES = ("tpai", "gigapixel", "topyaz")
 
-REMOTE_USER = "tmremote"
-BASE_DIR = Path("/opt/topyaz-mount-testhost")
+# TOPYAZ_MOUNT_TESTHOST_USER gives a test host of its own (user, venv, stand-ins, remote
+# cache) to a second checkout whose suite runs at the same time as this one's.
+REMOTE_USER = os.environ.get("TOPYAZ_MOUNT_TESTHOST_USER", "tmremote")
+BASE_DIR = Path(
+    "/opt/topyaz-mount-testhost"
+    if REMOTE_USER == "tmremote"
+    else f"/opt/topyaz-mount-testhost-{REMOTE_USER}"
+)
 VENV_DIR = BASE_DIR / "venv"
 VENV_PYTHON = VENV_DIR / "bin" / "python"
 BIN_DIR = BASE_DIR / "bin"
@@ -314,30 +321,61 @@ def ensure_venv(log=print) -> None:
     _make_world_readable(VENV_DIR)
 
 
-def _site_packages() -> Path:
-    proc = _run(
-        [str(VENV_PYTHON), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        env=_clean_env(), stderr=subprocess.PIPE,
-    )
-    return Path(proc.stdout.strip())
+def _source_digest() -> str:
+    """A digest of what goes into the wheel, so an unchanged tree is not rebuilt."""
+    h = hashlib.sha256()
+    files = [REPO_DIR / "pyproject.toml", REPO_DIR / "README.md"]
+    files += sorted(p for p in PACKAGE_SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for path in files:
+        h.update(str(path.relative_to(REPO_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_wheel() -> Path:
+    """The wheel of the repo's current tree (built once per content, kept under BASE_DIR).
+
+    The remote side runs what users install: a wheel, installed non-editable, never
+    the source tree. ``TOPYAZ_MOUNT_TESTHOST_WHEEL`` names a wheel built beforehand (CI's
+    ``python -m build``), used as it is.
+    """
+    given = os.environ.get("TOPYAZ_MOUNT_TESTHOST_WHEEL")
+    if given:
+        return Path(given).resolve()
+    out = BASE_DIR / "wheels" / _source_digest()
+    found = sorted(out.glob("topyaz_mount-*.whl"))
+    if found:
+        return found[0]
+    BASE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="wheel-", dir=BASE_DIR))
+    try:
+        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+              "--disable-pip-version-check", "-w", str(tmp), str(REPO_DIR)])
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(out.glob("topyaz_mount-*.whl"))[0]
 
 
 def install_package() -> Path:
-    """Replace the venv's copy of topyaz_mount with the repo's current one."""
+    """Install the repo's wheel into the remote venv (non-editable, no dependencies:
+    ensure_venv pinned those)."""
     if not PACKAGE_SRC.is_dir():
         raise TestHostError(f"package directory {PACKAGE_SRC} not found")
-    dest = _site_packages() / "topyaz_mount"
-    tmp = dest.with_name(".topyaz_mount.new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(PACKAGE_SRC, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    # Byte-compile as pip would: tmremote cannot write __pycache__ here, so without this
-    # every agent start would compile the whole package again.
-    subprocess.run([str(VENV_PYTHON), "-m", "compileall", "-q", str(tmp)], check=True,
-                   env=_clean_env())
-    shutil.rmtree(dest, ignore_errors=True)
-    os.rename(tmp, dest)
-    _make_world_readable(dest)
-    return dest
+    wheel = build_wheel()
+    marker = VENV_DIR / "testhost-wheel.txt"
+    stamp = f"{wheel}\n{wheel.stat().st_size} {wheel.stat().st_mtime_ns}\n"
+    if not (marker.exists() and marker.read_text() == stamp):
+        marker.unlink(missing_ok=True)
+        # pip byte-compiles: tmremote cannot write __pycache__ there, and without it
+        # every agent start would compile the whole package again.
+        _run([str(VENV_PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+              "--root-user-action=ignore", "--no-deps", "--force-reinstall", str(wheel)],
+             env=_clean_env())
+        marker.write_text(stamp)
+        _make_world_readable(VENV_DIR)
+    return wheel
 
 
 def install_standins() -> None:
