@@ -325,7 +325,9 @@ def _source_digest() -> str:
     """A digest of what goes into the wheel, so an unchanged tree is not rebuilt."""
     h = hashlib.sha256()
     files = [REPO_DIR / "pyproject.toml", REPO_DIR / "README.md"]
-    files += sorted(p for p in PACKAGE_SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files += sorted(
+        p for p in PACKAGE_SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
     for path in files:
         h.update(str(path.relative_to(REPO_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
