@@ -161,6 +161,8 @@ def fold(name: str | bytes) -> str:
     """A name as a case-insensitive, normalizing volume compares it."""
     if isinstance(name, bytes):
         name = name.decode("utf-8", "surrogateescape")
+    if name.isascii():  # the common case, and cheap: no format characters, NFC already
+        return name.lower()
     # HFS+ ignores zero-width and bidi format characters in names; so do we.
     name = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
@@ -181,19 +183,23 @@ class _Rule:
     anchored: bool
     parts: tuple[str, ...]
     regexes: tuple[re.Pattern[str], ...]
+    literal: bool  # no wildcards: compared name by name
 
     @classmethod
     def parse(cls, pattern: str) -> _Rule:
         anchored, parts = _split_pattern(pattern)
         regexes = tuple(re.compile(fnmatch.translate(p)) for p in parts)
-        return cls(pattern.strip(), anchored, parts, regexes)
+        literal = not any(ch in p for p in parts for ch in "*?[")
+        return cls(pattern.strip(), anchored, parts, regexes, literal)
 
-    def matches(self, names: Sequence[str]) -> bool:
-        """Whether the path (folded names) is what this rule names, or beneath it."""
-        k = len(self.regexes)
-        last = len(names) - k  # the last index a match may start at
-        starts = range(min(last, 0) + 1) if self.anchored else range(last + 1)  # 0, or all
-        return any(all(rx.match(names[i + j]) for j, rx in enumerate(self.regexes)) for i in starts)
+    def matches_at(self, names: Sequence[str], i: int) -> bool:
+        """Whether the rule's names are the path's from index ``i`` on."""
+        k = len(self.parts)
+        if len(names) - i < k or (self.anchored and i != 0):
+            return False
+        if self.literal:
+            return tuple(names[i : i + k]) == self.parts
+        return all(rx.match(names[i + j]) for j, rx in enumerate(self.regexes))
 
 
 def _rules(patterns: Iterable[str]) -> tuple[_Rule, ...]:
@@ -202,6 +208,30 @@ def _rules(patterns: Iterable[str]) -> tuple[_Rule, ...]:
         rule = _Rule.parse(pattern)
         seen.setdefault((rule.anchored, rule.parts), rule)
     return tuple(seen.values())
+
+
+class _RuleSet:
+    """Rules indexed by their first name: a path costs a dict lookup per name, plus
+    the few rules with wildcards (``*.pem``)."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.rules = _rules(patterns)
+        self._by_first: dict[str, list[_Rule]] = {}
+        self._globs = [r for r in self.rules if not r.literal]
+        for rule in self.rules:
+            if rule.literal:
+                self._by_first.setdefault(rule.parts[0], []).append(rule)
+
+    def match(self, names: Sequence[str]) -> _Rule | None:
+        """The rule naming this path (folded names) or one of its ancestors."""
+        for i, name in enumerate(names):
+            for rule in self._by_first.get(name, ()):
+                if rule.matches_at(names, i):
+                    return rule
+        for rule in self._globs:
+            if any(rule.matches_at(names, i) for i in range(len(names))):
+                return rule
+        return None
 
 
 class Policy:
@@ -214,8 +244,8 @@ class Policy:
         read_only: bool = False,
         options: PolicyOptions | None = None,
     ) -> None:
-        self.protect = _rules(protect)
-        self.hide = _rules(hide)
+        self.protect = _RuleSet(protect)
+        self.hide = _RuleSet(hide)
         self.read_only = read_only
         self.options = options or PolicyOptions(read_only=read_only)  # what it was made of
 
@@ -237,11 +267,11 @@ class Policy:
 
     def rules(self) -> tuple[list[str], list[str], bool]:
         """(protect, hide, read_only) as text, for the agent to compile the same policy."""
-        return [r.text for r in self.protect], [r.text for r in self.hide], self.read_only
+        protect, hide = self.protect.rules, self.hide.rules
+        return [r.text for r in protect], [r.text for r in hide], self.read_only
 
     def hidden(self, path: bytes) -> bool:
-        names = _names(path)
-        return any(rule.matches(names) for rule in self.hide)
+        return self.hide.match(_names(path)) is not None
 
     def write_refusal(self, path: bytes) -> str | None:
         """Why the remote may not change ``path`` (create, write, chmod, delete, rename
@@ -249,13 +279,11 @@ class Policy:
         if self.read_only:
             return "read-only root"
         names = _names(path)
-        for rule in self.hide:
-            if rule.matches(names):
-                return f"hidden: {rule.text}"
-        for rule in self.protect:
-            if rule.matches(names):
-                return f"protected: {rule.text}"
-        return None
+        rule = self.hide.match(names)
+        if rule is not None:
+            return f"hidden: {rule.text}"
+        rule = self.protect.match(names)
+        return None if rule is None else f"protected: {rule.text}"
 
 
 def _names(path: bytes) -> list[str]:
