@@ -121,8 +121,8 @@ class MountServer:
                     if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
                         continue
                     relb = os.fsencode(rel)
-                    if not server.is_echo(relb):
-                        paths.add(relb)
+                    if not server.is_echo(relb) and not server.policy.hidden(relb):
+                        paths.add(relb)  # (a hidden path's name is not even told)
                 server.forget_made()
                 if paths:
                     self.invalidations += len(paths)
