@@ -264,8 +264,36 @@ def test_the_home_directory_needs_allow_home(testhost, tmp_path):
         one_line(r, 2, "--allow-home")
     r = exec_cli(testhost, "--root", str(home / "work"), "--", "true", env=env, cwd=home / "work")
     assert r.returncode == 0, describe(r)
-    r = exec_cli(
-        testhost, "--allow-home", "--root", str(home), "--", "ls", "-a", env=env, cwd=home
-    )
+    r = exec_cli(testhost, "--allow-home", "--root", str(home), "--", "ls", "-a", env=env, cwd=home)
     assert r.returncode == 0, describe(r)
     assert b"work" in r.stdout.split(), describe(r)
+
+
+# --- the Python API -----------------------------------------------------------------------
+
+
+def test_the_api_reports_refusals_and_takes_the_same_options(testhost, client_root, planted):
+    from test_api_e2e import remote_host
+
+    from topyaz_mount import PolicyOptions, RemoteMount
+    from topyaz_mount.errors import UsageError
+
+    with RemoteMount(remote_host(testhost), client_root) as remote:
+        r = remote.run(["sh", "-c", HOSTILE_SCRIPT], timeout=120)
+    assert r.returncode == 0, r
+    assert "refused create of .git/hooks/pre-commit (protected: .git)" in r.refused, r.refused
+    assert "refused write of .bashrc (protected: .bashrc)" in r.refused, r.refused
+    assert_outputs(client_root)
+    assert_untouched(client_root, planted)
+
+    policy = PolicyOptions(protect=("out",), read_only=False)
+    with RemoteMount(remote_host(testhost), client_root, policy=policy) as remote:
+        r = remote.run(["sh", "-c", "echo x > out/new.txt || echo refused"])
+    assert r.stdout == b"refused\n" and r.refused == [
+        "refused create of out/new.txt (protected: out)"
+    ], r
+    assert not (client_root / "out" / "new.txt").exists()
+    with pytest.raises(UsageError, match="may not be"):
+        RemoteMount(remote_host(testhost), "/etc").open()
+    with pytest.raises(UsageError, match="not a protection rule"):
+        RemoteMount(remote_host(testhost), client_root, PolicyOptions(allow_write=("x",))).open()
