@@ -154,7 +154,8 @@ class FileServer:
         if why is not None:
             self.refusals.add(Refusal(rel, op, why))
             code = errno.EROFS if self.policy.read_only else errno.EACCES
-            raise OSError(code, f"{op} refused: {why}")
+            # The reason stays here (it could name a hidden path beneath a renamed one).
+            raise OSError(code, f"{op} refused by the client's write policy")
 
     def _renamable(self, old: bytes, new: bytes) -> None:
         """A rename changes the path of everything beneath a directory too: moving a
