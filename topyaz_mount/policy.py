@@ -171,9 +171,11 @@ def fold(name: str | bytes) -> str:
 def _split_pattern(pattern: str) -> tuple[bool, tuple[str, ...]]:
     text = pattern.strip()
     anchored = text.startswith("/")
-    parts = tuple(p for p in text.strip("/").split("/"))
+    parts = tuple(text.strip("/").split("/"))
     if not text.strip("/") or "\x00" in text or any(p in ("", ".", "..") for p in parts):
-        raise PolicyError(f"{pattern!r}: expected names separated by '/' (like .git or *.pem)")
+        raise PolicyError(
+            f"pattern {pattern!r}: expected names separated by '/' (like .git or *.pem)"
+        )
     return anchored, tuple(fold(p) for p in parts)
 
 
