@@ -10,12 +10,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 import unicodedata
 from pathlib import Path
 
 import blake3
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from topyaz_mount import proto
 from topyaz_mount.errors import UsageError
@@ -531,3 +534,92 @@ def test_a_commit_whose_destination_became_protected_is_refused(home):
         call(server, proto.CommitEnd(1, 4, blake3.blake3(b"evil").digest()))
     assert info.value.errno == errno.EACCES
     assert snapshot(root) == before
+
+
+# --- property: no sequence of requests changes a protected path or shows a hidden one ----
+
+POLICY_PATHS = st.sampled_from(
+    [
+        b"out",
+        b"out/a",
+        b"out/.git",
+        b"t",
+        b"t/LaunchAgents",
+        b"t/LaunchAgents/e.plist",
+        b"Library",
+        b"Library/LaunchAgents",
+        b"proj",
+        b"proj/.git",
+        b"proj/.git/hooks",
+        b"proj/.git/hooks/pre-commit",
+        b"proj/.GIT/config",
+        b"proj/a.jpg",
+        b".bashrc",
+        b".ssh",
+        b".ssh/id_ed25519",
+        b"certs",
+        b"certs/server.pem",
+        b"link",
+        b"link/hooks/pre-commit",
+    ]
+)
+POLICY_REQUESTS = st.one_of(
+    st.builds(proto.Mkdir, POLICY_PATHS, st.sampled_from([0o755, 0o7777])),
+    st.builds(proto.Rmdir, POLICY_PATHS),
+    st.builds(proto.Unlink, POLICY_PATHS),
+    st.builds(proto.Rename, POLICY_PATHS, POLICY_PATHS, st.booleans()),
+    st.builds(
+        proto.SetAttr, POLICY_PATHS, st.sampled_from([None, 0o6777]), st.just(None), st.just(0)
+    ),
+    st.builds(proto.Symlink, POLICY_PATHS, st.sampled_from([b"proj/.git", b"../.ssh", b"x"])),
+    st.builds(proto.ListDir, POLICY_PATHS),
+    st.builds(proto.Stat, POLICY_PATHS),
+    st.builds(proto.OpenRead, POLICY_PATHS),
+    st.tuples(st.just("commit"), POLICY_PATHS, st.sampled_from([0o644, 0o6755])),
+)
+
+
+def _guarded(root: Path) -> dict[str, tuple[int, bytes | str | None, int]]:
+    """Everything under the root the default policy protects or hides."""
+    return {rel: v for rel, v in snapshot(root).items() if DEFAULT.write_refusal(rel.encode())}
+
+
+@settings(database=None, deadline=None, max_examples=80)
+@given(st.lists(POLICY_REQUESTS, min_size=1, max_size=12))
+def test_no_request_sequence_changes_a_protected_path_or_shows_a_hidden_one(reqs):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "home"
+        for d in ("proj/.git/hooks", ".ssh", "out", "certs"):
+            (root / d).mkdir(parents=True)
+        (root / "proj/.git/config").write_bytes(b"[core]\n")
+        (root / "proj/a.jpg").write_bytes(b"input")
+        (root / ".bashrc").write_bytes(b"# mine\n")
+        (root / ".ssh/id_ed25519").write_bytes(b"KEY")
+        (root / "certs/server.pem").write_bytes(b"CERT")
+        before = _guarded(root)
+        server = FileServer(root)
+        cid = 0
+        try:
+            for req in reqs:
+                try:
+                    if isinstance(req, tuple):
+                        _, path, mode = req
+                        cid += 1
+                        commit(server, cid, path, b"#!/bin/sh\nevil\n", mode)
+                    else:
+                        res = call(server, req)
+                        if isinstance(res, proto.Listing):
+                            assert not any(
+                                server.policy.hidden(req.path + b"/" + e.name) for e in res.entries
+                            )
+                        if isinstance(res, proto.Opened):
+                            call(server, proto.CloseRead(res.handle))
+                        if isinstance(req, proto.Stat | proto.OpenRead | proto.ListDir):
+                            assert not DEFAULT.hidden(req.path), req
+                except OSError:
+                    pass
+                assert _guarded(root) == before, req
+                for rel, (mode, _, _) in snapshot(root).items():
+                    assert not mode & 0o7000, (rel, oct(mode))
+        finally:
+            server.close()
