@@ -33,6 +33,7 @@ from topyaz_mount.policy import (
     Refusal,
     RefusalLog,
     fold,
+    link_target,
     root_refusal,
     safe_mode,
     summarize,
@@ -216,6 +217,14 @@ def test_the_agent_compiles_the_same_policy_from_its_rules():
     for path in (b"x/y", b".envrc", b".git/config", b"a.pem", b"out/a.png"):
         assert again.write_refusal(path) == policy.write_refusal(path)
         assert again.hidden(path) == policy.hidden(path)
+
+
+def test_link_targets_resolve_by_name_and_never_out_of_the_root():
+    assert link_target(b"out/g", b"../.git") == b".git"
+    assert link_target(b"out/g", b"./x//y/../z") == b"out/x/z"
+    assert link_target(b"a/b", b"..") == b""
+    assert link_target(b"a/b", b"../..") is None
+    assert link_target(b"g", b"/etc") is None
 
 
 def test_safe_mode_drops_setuid_setgid_sticky():
@@ -433,8 +442,8 @@ def test_a_symlink_made_by_the_job_does_not_carry_a_write_into_a_protected_place
     """The jail never follows a symlink on the client: a link to .git is allowed (it
     is only text) but a write through it stops at the link."""
     server, root = home
-    call(server, proto.Symlink(b"out/g", b"../proj/.git"))
-    call(server, proto.Symlink(b"out/h", str(root / "proj/.git/hooks").encode()))
+    os.symlink("../proj/.git", root / "out/g")  # links the user made, or raced in
+    os.symlink(root / "proj/.git/hooks", root / "out/h")
     before = snapshot(root)
     for path in (b"out/g/hooks/pre-commit", b"out/h/pre-commit", b"out/g/config"):
         with pytest.raises(OSError) as info:
@@ -449,6 +458,36 @@ def test_a_symlink_made_by_the_job_does_not_carry_a_write_into_a_protected_place
     commit(server, 10, b"out/g", b"plain")
     assert (root / "out/g").read_bytes() == b"plain" and not (root / "out/g").is_symlink()
     assert (root / "proj/.git/config").read_bytes() == b"[core]\n"
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "why"),
+    [
+        (b"out/g", b"../proj/.git", "a link to proj/.git, protected: .git"),
+        (b"out/h", b"../proj/.GIT/hooks/pre-commit", "protected: .git"),
+        (b"out/k", b"../.ssh/id_ed25519", "hidden: .ssh"),
+        (b"out/e", b"/etc/passwd", "a link out of the root"),
+        (b"out/up", b"../../outside", "a link out of the root"),
+        (b"proj/.git/hooks/pre-commit", b"../../a.jpg", "protected: .git"),
+    ],
+)
+def test_the_job_cannot_make_a_link_a_local_program_would_follow_somewhere_bad(
+    home, link, target, why
+):
+    server, root = home
+    before = snapshot(root)
+    refused(server, proto.Symlink(link, target))
+    assert snapshot(root) == before
+    (refusal,) = server.refusals.since(0)
+    assert refusal.op == "symlink" and why in refusal.why
+
+
+def test_links_within_the_root_are_made(home):
+    server, root = home
+    call(server, proto.Symlink(b"out/a", b"../proj/a.jpg"))
+    call(server, proto.Symlink(b"out/b", b"./sub/../x.png"))
+    assert os.readlink(root / "out/a") == "../proj/a.jpg"
+    assert os.readlink(root / "out/b") == "./sub/../x.png"
 
 
 def test_hidden_paths_do_not_exist_for_the_agent(home):

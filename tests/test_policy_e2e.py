@@ -33,8 +33,9 @@ echo 'ssh-ed25519 AAAA attacker' >> .ssh/authorized_keys 2>/dev/null \
   && echo KEY-WRITTEN || echo key-refused
 cat .ssh/id_ed25519 2>/dev/null && echo KEY-READ || echo key-unreadable
 ls -a | grep -qx .ssh && echo SSH-LISTED || echo ssh-not-listed
-ln -s ../.git out/g \
-  && { echo x > out/g/hooks/post-checkout && echo LINK-WRITTEN || echo link-refused; }
+echo x > out/g/hooks/post-checkout && echo LINK-WRITTEN || echo link-refused
+ln -s ../.git out/g2 && echo SYMLINK-MADE || echo symlink-refused
+ln -s /etc/passwd out/p && echo SYMLINK-OUT-MADE || echo symlink-out-refused
 mv .git out/stolen-git 2>/dev/null && echo GIT-MOVED || echo git-move-refused
 printf '#!/bin/sh\n' > out/tool && chmod 6777 out/tool && echo tool-chmod-ok
 mkdir out/d && chmod 7777 out/d && echo dir-chmod-ok
@@ -58,6 +59,7 @@ def planted(client_root: Path) -> dict[str, bytes | None]:
     }
     for rel, data in files.items():
         (client_root / rel).write_bytes(data)
+    os.symlink("../.git", client_root / "out" / "g")  # the user's own link
     # and what must stay absent
     return {
         **files,
@@ -65,6 +67,8 @@ def planted(client_root: Path) -> dict[str, bytes | None]:
         ".git/hooks/post-checkout": None,
         ".ssh/authorized_keys": None,
         "out/stolen-git": None,
+        "out/g2": None,
+        "out/p": None,
     }
 
 
@@ -89,6 +93,8 @@ def assert_job_was_refused(r: subprocess.CompletedProcess) -> None:
         "key-unreadable",
         "ssh-not-listed",
         "link-refused",
+        "symlink-refused",
+        "symlink-out-refused",
         "git-move-refused",
         "tool-chmod-ok",
         "dir-chmod-ok",
@@ -116,10 +122,12 @@ def assert_summary(r: subprocess.CompletedProcess) -> None:
         (".ssh", "hidden: .ssh"),
         (".git/hooks/post-checkout", "protected: .git"),
         (".git", "protected: .git"),
+        ("out/g2", "a link to .git, protected: .git"),
+        ("out/p", "a link out of the root"),
     ):
         found = [line for p, line in zip(paths, lines, strict=True) if p == path]
         assert len(found) == 1 and found[0].endswith(f"({why})"), (path, lines)
-    assert not any(p.startswith("out/") for p in paths), lines
+    assert not any(p.startswith("out/") for p in paths if p not in ("out/g2", "out/p")), lines
 
 
 def assert_outputs(root: Path) -> None:
@@ -213,7 +221,7 @@ def test_read_only_root_takes_no_writes(testhost, client_root, planted):
     assert b"Read-only file system" in r.stderr, describe(r)
     assert [line.rsplit(" (", 1)[1] for line in refusal_lines(r)] == ["read-only root)"] * 3
     assert sorted(p.name for p in client_root.iterdir()) == before
-    assert os.listdir(client_root / "out") == []
+    assert os.listdir(client_root / "out") == ["g"]  # the user's link only
     assert_untouched(client_root, planted)
 
 

@@ -147,10 +147,11 @@ class FileServer:
         if self.policy.hidden(rel):
             raise OSError(errno.ENOENT, "no such file or directory")
 
-    def _writable(self, rel: bytes, op: str) -> None:
-        """Refuse (and record) ``op`` on ``rel`` if the policy forbids changing it."""
+    def _writable(self, rel: bytes, op: str, why: str | None = None) -> None:
+        """Refuse (and record) ``op`` on ``rel`` if the policy forbids changing it
+        (or ``why`` already says why not)."""
         split_path(rel)
-        why = self.policy.write_refusal(rel)
+        why = why or self.policy.write_refusal(rel)
         if why is not None:
             self.refusals.add(Refusal(rel, op, why))
             code = errno.EROFS if self.policy.read_only else errno.EACCES
@@ -343,7 +344,7 @@ class FileServer:
         return proto.LinkTarget(self.jail.readlink(req.path))
 
     def _symlink(self, req: proto.Symlink) -> proto.AttrReply:
-        self._writable(req.path, "symlink")
+        self._writable(req.path, "symlink", self.policy.symlink_refusal(req.path, req.target))
         self.jail.symlink(req.path, req.target)
         self._made(req.path)
         return self._stat(proto.Stat(req.path))

@@ -287,6 +287,38 @@ class Policy:
         rule = self.protect.match(names)
         return None if rule is None else f"protected: {rule.text}"
 
+    def symlink_refusal(self, link: bytes, target: bytes) -> str | None:
+        """Why the remote may not make a symlink at ``link`` to ``target``: the client
+        never follows one, but a later local program may, so it must not lead out of
+        the root or to what the remote may not change."""
+        why = self.write_refusal(link)
+        if why is not None:
+            return why
+        resolved = link_target(link, target)
+        if resolved is None:
+            return "a link out of the root"
+        why = self.write_refusal(resolved)
+        return None if why is None else f"a link to {resolved.decode(errors='replace')}, {why}"
+
+
+def link_target(link: bytes, target: bytes) -> bytes | None:
+    """Where a symlink at ``link`` points, root-relative and resolved by name (without
+    following other links), or None when it points outside the root (absolute, or
+    climbing above it): such a link means something else on each side."""
+    if target.startswith(b"/"):
+        return None
+    parts = link.split(b"/")[:-1]
+    for name in target.split(b"/"):
+        if name in (b"", b"."):
+            continue
+        if name == b"..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(name)
+    return b"/".join(parts)
+
 
 def _names(path: bytes) -> list[str]:
     return [fold(part) for part in path.split(b"/") if part]
