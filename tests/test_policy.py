@@ -435,7 +435,9 @@ def test_a_directory_made_elsewhere_cannot_be_moved_into_a_protected_place(home)
     before = snapshot(root)
     refused(server, proto.Rename(b"t", b"Library"))
     assert snapshot(root) == before
-    assert server.refusals.since(0)[-1].path == b"Library/LaunchAgents"
+    (refusal,) = server.refusals.since(0)
+    assert refusal.path == b"t"
+    assert refusal.why == "would make Library/LaunchAgents, protected: Library/LaunchAgents"
 
 
 def test_a_symlink_made_by_the_job_does_not_carry_a_write_into_a_protected_place(home):
@@ -662,3 +664,17 @@ def test_no_request_sequence_changes_a_protected_path_or_shows_a_hidden_one(reqs
                     assert not mode & 0o7000, (rel, oct(mode))
         finally:
             server.close()
+
+
+def test_a_rename_names_what_it_would_move_and_a_huge_tree_is_refused(home, monkeypatch):
+    server, root = home
+    refused(server, proto.Rename(b"proj", b"elsewhere"))
+    (refusal,) = server.refusals.since(0)
+    assert (refusal.path, refusal.why) == (b"proj", "would move proj/.git, protected: .git")
+    for i in range(5):
+        (root / "out" / f"f{i}").write_bytes(b"x")
+    monkeypatch.setattr("topyaz_mount.fileserver.MAX_RENAME_SCAN", 3)
+    before = snapshot(root)
+    refused(server, proto.Rename(b"out", b"out2"))
+    assert snapshot(root) == before
+    assert server.refusals.since(1)[0].why == "over 3 entries to check"

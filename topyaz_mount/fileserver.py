@@ -177,9 +177,11 @@ class FileServer:
                 below = sub + b"/" + name if sub else name
                 seen += 1
                 if seen > MAX_RENAME_SCAN:
-                    raise OSError(errno.EACCES, "directory too big to check for a rename")
-                self._writable(old + b"/" + below, "rename")
-                self._writable(new + b"/" + below, "rename")
+                    self._writable(old, "rename", f"over {MAX_RENAME_SCAN} entries to check")
+                for verb, path in (("move", old + b"/" + below), ("make", new + b"/" + below)):
+                    why = self.policy.write_refusal(path)
+                    if why is not None:
+                        self._writable(old, "rename", f"would {verb} {os.fsdecode(path)}, {why}")
                 if stat.S_ISDIR(st.st_mode):
                     pending.append(below)
 
