@@ -369,7 +369,7 @@ def test_no_conflict_when_unchanged_or_unchecked(world):
         (b"a.png", b"a.remote-conflict.png"),
         (b"d/clip.tar.gz", b"d/clip.tar.remote-conflict.gz"),
         (b"README", b"README.remote-conflict"),
-        (b".bashrc", b".bashrc.remote-conflict"),
+        (b".notes", b".notes.remote-conflict"),  # .bashrc would be refused (policy)
         (b"x.", b"x.remote-conflict."),
     ],
 )

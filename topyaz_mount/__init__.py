@@ -17,6 +17,7 @@ _EXPORTS = {
     "RemoteHost": "api",
     "RemoteMount": "api",
     "open_remote": "api",
+    "PolicyOptions": "policy",
     "AgentUnavailable": "errors",
     "AuthenticationFailed": "errors",
     "ConnectionFailed": "errors",

@@ -23,6 +23,7 @@ import trio
 
 from .client import Session, open_session
 from .errors import collapse
+from .policy import Policy, PolicyOptions
 from .translate import PathMap
 from .transport import Remote, SshSettings
 from .waiting import first_of
@@ -68,6 +69,7 @@ class CompletedRun:
     stderr: bytes
     lost: list[str] = field(default_factory=list)
     stats: dict[str, int | float] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
 
 
 class AsyncRemote:
@@ -146,7 +148,12 @@ class AsyncRemote:
         if callback_errors:
             raise callback_errors[0]
         return CompletedRun(
-            result.exit_code, b"".join(out), b"".join(err), result.lost, result.stats
+            result.exit_code,
+            b"".join(out),
+            b"".join(err),
+            result.lost,
+            result.stats,
+            result.refused,
         )
 
     @property
@@ -156,14 +163,21 @@ class AsyncRemote:
 
 @asynccontextmanager
 async def open_remote(
-    host: RemoteHost | str, root: str | os.PathLike[str] | None = None
+    host: RemoteHost | str,
+    root: str | os.PathLike[str] | None = None,
+    policy: PolicyOptions | None = None,
 ) -> AsyncIterator[AsyncRemote]:
-    """Connect to ``host`` and mount ``root`` (default: the current directory) there."""
+    """Connect to ``host`` and mount ``root`` (default: the current directory) there.
+
+    ``policy``: what the remote may write and see (default: the default rules)."""
     remote = host if isinstance(host, RemoteHost) else RemoteHost.parse(host)
     settings = remote.settings()
     try:
         async with open_session(
-            settings, os.fspath(root or os.getcwd()), connect_timeout=remote.connection_timeout
+            settings,
+            os.fspath(root or os.getcwd()),
+            connect_timeout=remote.connection_timeout,
+            policy=Policy.from_options(policy or PolicyOptions()),
         ) as session:
             yield AsyncRemote(session)
     except BaseException as e:
@@ -181,9 +195,15 @@ class RemoteMount:
     ``with RemoteMount("gpu-box", "/photos") as remote: remote.run(["tpai", ...])``
     """
 
-    def __init__(self, host: RemoteHost | str, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        host: RemoteHost | str,
+        root: str | os.PathLike[str] | None = None,
+        policy: PolicyOptions | None = None,
+    ) -> None:
         self.host = host if isinstance(host, RemoteHost) else RemoteHost.parse(host)
         self.root = os.fspath(root or os.getcwd())
+        self.policy = policy
         self._token: trio.lowlevel.TrioToken | None = None
         self._remote: AsyncRemote | None = None
         self._close: trio.Event | None = None
@@ -232,7 +252,7 @@ class RemoteMount:
     async def _serve(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._close = trio.Event()
-        async with open_remote(self.host, self.root) as remote:
+        async with open_remote(self.host, self.root, self.policy) as remote:
             self._remote = remote
             self._ready.set()
             # End on close() or when the connection dies, whichever comes first.

@@ -7,6 +7,7 @@ status passes through unchanged. Tracebacks are for ``-vv`` only.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ import click
 
 from . import __version__
 from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse
+from .jail import checked_root
+from .policy import Policy, PolicyOptions
 from .translate import (
     DEFAULT_PRODUCTS,
     PathMap,
@@ -145,6 +148,68 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The write policy's options (see policy.py), handed on as one ``policy`` argument."""
+
+    @functools.wraps(fn)
+    def with_policy(
+        *args: Any,
+        protect: tuple[str, ...],
+        hide: tuple[str, ...],
+        allow_write: tuple[str, ...],
+        read_only: bool,
+        allow_home: bool,
+        **kwargs: Any,
+    ) -> Any:
+        options = PolicyOptions(protect, hide, allow_write, read_only, allow_home)
+        return fn(*args, policy=options, **kwargs)
+
+    options = [
+        click.option(
+            "--protect",
+            multiple=True,
+            metavar="PATTERN",
+            help="Also refuse the remote any change to paths matching PATTERN (repeatable).",
+        ),
+        click.option(
+            "--hide",
+            multiple=True,
+            metavar="PATTERN",
+            help="Also hide paths matching PATTERN from the remote (repeatable).",
+        ),
+        click.option(
+            "--allow-write",
+            multiple=True,
+            metavar="PATTERN",
+            help="Lift the protection rule PATTERN (e.g. .envrc; repeatable).",
+        ),
+        click.option(
+            "--read-only", is_flag=True, help="The remote may read the root but write nothing."
+        ),
+        click.option(
+            "--allow-home",
+            is_flag=True,
+            help="Allow the root to be your home directory (or an ancestor of it).",
+        ),
+    ]
+    for option in reversed(options):
+        with_policy = option(with_policy)
+    return with_policy
+
+
+def _policy_argv(options: PolicyOptions) -> list[str]:
+    """The same options as command-line flags (for the detached session process)."""
+    argv = []
+    for flag, patterns in (
+        ("--protect", options.protect),
+        ("--hide", options.hide),
+        ("--allow-write", options.allow_write),
+    ):
+        for pattern in patterns:
+            argv += [flag, pattern]
+    return argv + ["--read-only"] * options.read_only + ["--allow-home"] * options.allow_home
+
+
 def _settings(
     remote: str | None,
     ssh_options: Sequence[str],
@@ -265,6 +330,7 @@ def main() -> None:
     show_default=True,
     help="Remote program for `exec video`.",
 )
+@policy_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
     remote: str | None,
@@ -283,6 +349,7 @@ def exec_(
     giga_cmd: str,
     video_cmd: str,
     command: tuple[str, ...],
+    policy: PolicyOptions,
 ) -> None:
     """Run COMMAND on the remote host with the local root mounted there.
 
@@ -308,14 +375,20 @@ def exec_(
 
             if root is not None:
                 raise UsageError("--root cannot be used with --session (the session has one)")
+            if policy != PolicyOptions():
+                raise UsageError(
+                    "--protect, --hide, --allow-write, --read-only and --allow-home belong to "
+                    "`mount`: a session's commands share its policy"
+                )
             control.check_name(session_name)
             req = control.Exec(argv, cwd, env, forward_stdin, list(literal))
             done = trio.run(session_client.run_in_session, session_name, req, _say)
-            result: RunResult | None = RunResult(done.code, list(done.lost), [], dict(done.stats))
+            result: RunResult | None = RunResult(
+                done.code, list(done.lost), [], dict(done.stats), list(done.refused)
+            )
         else:
-            root_dir = os.path.realpath(root or cwd)
-            if not os.path.isdir(root_dir):
-                raise UsageError(f"--root {root}: not a directory")
+            rules = Policy.from_options(policy)
+            root_dir = str(checked_root(root or cwd, policy.allow_home))
             _precheck(argv, root_dir, cwd, env, literal)
             settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
             # Connect first; the rest of the client is imported while ssh connects.
@@ -328,7 +401,16 @@ def exec_(
                 spawned.kill()
                 raise
             result = trio.run(
-                exec_async, settings, root_dir, argv, cwd, env, forward_stdin, literal, spawned
+                exec_async,
+                settings,
+                root_dir,
+                argv,
+                cwd,
+                env,
+                forward_stdin,
+                literal,
+                spawned,
+                rules,
             )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
@@ -345,6 +427,8 @@ def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
         sys.exit(_fail("aborted; the remote session was torn down", 130))
     for line in result.lost:
         click.echo(f"topyaz-mount: error: {line}", err=True)
+    for line in result.refused:
+        click.echo(f"topyaz-mount: {line}", err=True)
     if stats_format == "json":
         click.echo(json.dumps(result.stats, sort_keys=True), err=True)
     elif stats_format == "text":
@@ -437,6 +521,7 @@ def _mount_child_argv(
     root: str,
     name: str,
     ready_fd: int,
+    policy: PolicyOptions,
 ) -> list[str]:
     argv = [sys.executable, "-m", "topyaz_mount", "mount", "--remote", remote]
     for opt in ssh_options:
@@ -446,7 +531,7 @@ def _mount_child_argv(
     argv += ["--remote-python", remote_python]
     if cache_cap:
         argv += ["--cache-cap", cache_cap]
-    argv += ["-v"] * verbose
+    argv += ["-v"] * verbose + _policy_argv(policy)
     return argv + ["--root", root, "--name", name, "--ready-fd", str(ready_fd)]
 
 
@@ -500,6 +585,7 @@ def _print_ready(info: dict) -> None:
 @click.option("--name", default=None, help="Session name (default: the root's name).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background.")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@policy_options
 def mount(
     remote: str | None,
     ssh_options: tuple[str, ...],
@@ -511,6 +597,7 @@ def mount(
     name: str | None,
     detach: bool,
     ready_fd: int | None,
+    policy: PolicyOptions,
 ) -> None:
     """Mount the local root on the remote host and keep it mounted.
 
@@ -536,9 +623,8 @@ def mount(
         sys.stdout.flush()
 
     try:
-        root_dir = os.path.realpath(root or os.getcwd())
-        if not os.path.isdir(root_dir):
-            raise UsageError(f"--root {root}: not a directory")
+        rules = Policy.from_options(policy)
+        root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
         session = control.check_name(name or mountd.default_name(Path(root_dir)))
         settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
         if detach:
@@ -557,6 +643,7 @@ def mount(
                 root_dir,
                 session,
                 w,
+                policy,
             )
             log_path = str(control.runtime_dir() / f"{session}.log")
             info = _detach(child, r, w, log_path)
@@ -566,7 +653,9 @@ def mount(
             click.echo(f"  log:           {log_path}")
             return
         server, lost = trio.run(
-            lambda: mountd.serve(settings, root_dir, session, on_ready=report_ready, say=_say)
+            lambda: mountd.serve(
+                settings, root_dir, session, on_ready=report_ready, say=_say, policy=rules
+            )
         )
     except BaseException as e:  # noqa: BLE001
         code = _report(e, verbose)
@@ -702,7 +791,7 @@ def shell(session_name: str, verbose: int, command: tuple[str, ...]) -> None:
             )
     except BaseException as e:  # noqa: BLE001
         sys.exit(_report(e, verbose))
-    _finish(RunResult(done.code, list(done.lost), [], dict(done.stats)))
+    _finish(RunResult(done.code, list(done.lost), [], dict(done.stats), list(done.refused)))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from .errors import (
 from .fileserver import FileServer
 from .hashindex import MANIFEST_HASH_BUDGET
 from .inputs import input_files
+from .jail import checked_root
+from .policy import MAX_REFUSALS_KEPT, Policy, PolicyOptions, Refusal, summarize
 from .rpc import ConnectionLost, Peer, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
@@ -54,6 +56,8 @@ class RunResult:
     lost: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, int | float] = field(default_factory=dict)
+    # One line per path the write policy refused the job (what was tried, and why).
+    refused: list[str] = field(default_factory=list)
 
 
 class Job:
@@ -153,7 +157,8 @@ class Session:
         self.server.background = self.nursery
         self.server.notify = self.peer.notify
         capabilities = ["exec", "jobs"] + (["watch"] if self.watch else [])
-        hello = proto.Hello(proto.PROTOCOL_VERSION, self.session_id, capabilities)
+        rules = proto.PolicyRules(*self.server.policy.rules())
+        hello = proto.Hello(proto.PROTOCOL_VERSION, self.session_id, capabilities, rules)
         try:
             with trio.fail_after(timeout):
                 welcome = await self.peer.call(hello)
@@ -317,6 +322,7 @@ class Session:
         files_before = self.server.stats.files_committed
         wire_before = (self.peer.bytes_sent, self.peer.bytes_received)
         hashed_before = self.server.index.hashed_bytes
+        refusals_before = self.server.refusals.count
         if self._hashed_base is not None:  # the manifest was hashed ahead: count it here
             hashed_before, self._hashed_base = self._hashed_base, None
         started_at = trio.current_time()
@@ -364,7 +370,13 @@ class Session:
             wall_seconds=round(trio.current_time() - started_at, 3),
         )
         stats.pop("content_bytes_committed", None)
-        return RunResult(exited.code, list(exited.lost), list(job.warnings), stats)
+        # The client's own refusals during the job, and those the agent made at open.
+        refusals = self.server.refusals.since(refusals_before) + [
+            Refusal(r.path, r.op, r.why) for r in exited.refused[:MAX_REFUSALS_KEPT]
+        ]
+        return RunResult(
+            exited.code, list(exited.lost), list(job.warnings), stats, summarize(refusals)
+        )
 
     def prepare_manifest(self, argv: Sequence[str], cwd: str) -> None:
         """Hash the inputs of the command about to run while ssh connects and the agent
@@ -441,6 +453,7 @@ async def open_session(
     watch: bool = False,
     spawned: subprocess.Popen | None = None,
     first_command: tuple[Sequence[str], str] | None = None,
+    policy: Policy | None = None,
 ) -> AsyncIterator[Session]:
     """Connect, mount ``root`` on the remote, and yield the session; always cleans up.
 
@@ -448,13 +461,13 @@ async def open_session(
     remote kernel may cache metadata longer. ``spawned``: ssh started already
     (``transport.spawn_ssh``), so the connection was made while Python imported.
     ``first_command``: (argv, cwd) of the command to run first, whose inputs are
-    hashed for its manifest while the connection is made."""
-    root_path = Path(os.path.realpath(root))
+    hashed for its manifest while the connection is made. ``policy``: what the remote
+    may write and see (default: the default rules); a root it refuses is a UsageError."""
     try:
-        if not root_path.is_dir():
-            raise UsageError(f"--root {root}: not a directory")
+        policy = policy or Policy.from_options(PolicyOptions())
+        root_path = checked_root(root, policy.options.allow_home)
         try:
-            server = FileServer(root_path)
+            server = FileServer(root_path, policy=policy)
         except OSError as e:
             raise UsageError(f"--root {root}: {e.strerror}") from None
     except BaseException:

@@ -91,6 +91,7 @@ class Finished(_Msg):
     code: int
     lost: list[str] = []
     stats: dict[str, float] = {}
+    refused: list[str] = []  # the write policy's summary lines (see policy.summarize)
 
 
 class Failed(_Msg):

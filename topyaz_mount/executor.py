@@ -22,6 +22,7 @@ from .errors import (
     JobTimeout,
     TopyazMountError,
 )
+from .policy import PolicyOptions
 
 __all__ = [
     "AuthenticationFailed",
@@ -65,8 +66,10 @@ class MountExecutor:
         context: ExecutorContext | None = None,
         *,
         root: str | os.PathLike[str] | None = None,
+        policy: PolicyOptions | None = None,
     ) -> None:
         self.options = options
+        self.policy = policy  # what the remote may write and see (default rules if None)
         self.context = context or ExecutorContext()
         self.root = os.path.realpath(root or self.context.working_dir or os.getcwd())
         self._mount: RemoteMount | None = None
@@ -86,7 +89,7 @@ class MountExecutor:
 
     def _session(self) -> RemoteMount:
         if self._mount is None or not self._mount.is_open:
-            mount = RemoteMount(self._host(), self.root)
+            mount = RemoteMount(self._host(), self.root, self.policy)
             mount.open()
             self._mount = mount
         return self._mount

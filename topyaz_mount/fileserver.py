@@ -5,6 +5,10 @@ the data goes into a hidden temporary file beside the destination, then size and
 blake3 hash are checked, the file is fsynced and renamed into place, and the
 directory is fsynced, so a reader never sees half an output and a crash never leaves
 a damaged one. Temporary files of unfinished commits are removed when the session ends.
+
+Every request passes the write policy first (policy.py): hidden paths do not exist for
+the agent, protected ones refuse every change, and each refusal is recorded for the
+summary the user sees when the job ends.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import trio
 from . import proto
 from .hashindex import QUICK_HASH_LIMIT, HashIndex
 from .jail import Jail, JailError, split_path
+from .policy import Policy, PolicyOptions, Refusal, RefusalLog, safe_mode
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_READS = 1024
 MAX_OPEN_COMMITS = 256
+MAX_RENAME_SCAN = 100_000  # entries of a renamed directory checked against the policy
 TEMP_MARK = b".tmcommit-"
 _TMPFILE_NAME = re.compile(rb"#\d+")
 
@@ -72,8 +78,12 @@ class TransferStats:
 
 
 class FileServer:
-    def __init__(self, root: Path, index: HashIndex | None = None) -> None:
+    def __init__(
+        self, root: Path, index: HashIndex | None = None, policy: Policy | None = None
+    ) -> None:
         self.jail = Jail(root)
+        self.policy = policy if policy is not None else Policy.from_options(PolicyOptions())
+        self.refusals = RefusalLog()
         self.index = index if index is not None else HashIndex()
         self._reads: dict[int, _Read] = {}
         self._commits: dict[int, _Commit] = {}
@@ -129,6 +139,52 @@ class FileServer:
         for rel in [p for p, (_, when) in self.made.items() if when < cutoff]:
             del self.made[rel]
 
+    # --- the write policy ------------------------------------------------------------
+
+    def _visible(self, rel: bytes) -> None:
+        """A hidden path does not exist, as far as the agent can tell."""
+        split_path(rel)
+        if self.policy.hidden(rel):
+            raise OSError(errno.ENOENT, "no such file or directory")
+
+    def _writable(self, rel: bytes, op: str, why: str | None = None) -> None:
+        """Refuse (and record) ``op`` on ``rel`` if the policy forbids changing it
+        (or ``why`` already says why not)."""
+        split_path(rel)
+        why = why or self.policy.write_refusal(rel)
+        if why is not None:
+            self.refusals.add(Refusal(rel, op, why))
+            code = errno.EROFS if self.policy.read_only else errno.EACCES
+            # The reason stays here (it could name a hidden path beneath a renamed one).
+            raise OSError(code, f"{op} refused by the client's write policy")
+
+    def _renamable(self, old: bytes, new: bytes) -> None:
+        """A rename changes the path of everything beneath a directory too: moving a
+        directory that holds ``.git`` (or one that would put ``LaunchAgents`` under
+        ``Library``) is refused like a rename of the protected path itself."""
+        self._writable(old, "rename")
+        self._writable(new, "rename")
+        try:
+            is_dir = stat.S_ISDIR(self.jail.lstat(old).st_mode)
+        except OSError:
+            return  # the rename itself reports it
+        if not is_dir:
+            return
+        pending, seen = [b""], 0
+        while pending:
+            sub = pending.pop()
+            for name, st in self.jail.listdir(old + b"/" + sub if sub else old):
+                below = sub + b"/" + name if sub else name
+                seen += 1
+                if seen > MAX_RENAME_SCAN:
+                    self._writable(old, "rename", f"over {MAX_RENAME_SCAN} entries to check")
+                for verb, path in (("move", old + b"/" + below), ("make", new + b"/" + below)):
+                    why = self.policy.write_refusal(path)
+                    if why is not None:
+                        self._writable(old, "rename", f"would {verb} {os.fsdecode(path)}, {why}")
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(below)
+
     # --- dispatch -------------------------------------------------------------------
 
     async def handle(self, req: object) -> object:
@@ -155,19 +211,23 @@ class FileServer:
     # --- requests -------------------------------------------------------------------
 
     def _stat(self, req: proto.Stat) -> proto.AttrReply:
+        self._visible(req.path)
         return proto.AttrReply(attr_of(self.jail.lstat(req.path)))
 
     def _listdir(self, req: proto.ListDir) -> proto.Listing:
+        self._visible(req.path)
+        prefix = req.path + b"/" if req.path else b""
         entries = [
             proto.DirEntry(name, attr_of(st))
             for name, st in self.jail.listdir(req.path)
-            if TEMP_MARK not in name
+            if TEMP_MARK not in name and not self.policy.hidden(prefix + name)
         ]
         return proto.Listing(entries)
 
     def _open_read(self, req: proto.OpenRead) -> proto.Opened:
         if len(self._reads) >= MAX_OPEN_READS:
             raise OSError(errno.EMFILE, "too many open files")
+        self._visible(req.path)
         fd = self.jail.open_read(req.path)
         st = os.fstat(fd)
         handle = self._next_handle
@@ -203,6 +263,7 @@ class FileServer:
         entries = []
         for rel in paths:
             try:
+                self._visible(rel)
                 fd = self.jail.open_read(rel)
             except OSError:
                 continue
@@ -239,26 +300,34 @@ class FileServer:
         return proto.Done()
 
     def _mkdir(self, req: proto.Mkdir) -> proto.AttrReply:
+        self._writable(req.path, "mkdir")
         self.jail.mkdir(req.path, req.mode)
         self._made(req.path)
         return self._stat(proto.Stat(req.path))
 
     def _rmdir(self, req: proto.Rmdir) -> proto.Done:
+        self._writable(req.path, "rmdir")
         self.jail.rmdir(req.path)
         self._made(req.path)
         return proto.Done()
 
     def _unlink(self, req: proto.Unlink) -> proto.Done:
+        self._writable(req.path, "delete")
         self.jail.unlink(req.path)
         self._made(req.path)
         return proto.Done()
 
     def _rename(self, req: proto.Rename) -> proto.Done:
+        self._renamable(req.old, req.new)
         self.jail.rename(req.old, req.new, req.noreplace)
         self._made(req.old, req.new)
         return proto.Done()
 
     def _setattr(self, req: proto.SetAttr) -> proto.AttrReply:
+        if req.mode is not None:
+            self._writable(req.path, "chmod")
+        if req.atime_ns is not None or req.mtime_ns is not None:
+            self._writable(req.path, "utime")
         if req.mode is not None:
             self.jail.chmod(req.path, req.mode)
         if req.atime_ns is not None or req.mtime_ns is not None:
@@ -273,9 +342,11 @@ class FileServer:
         )
 
     def _readlink(self, req: proto.ReadLink) -> proto.LinkTarget:
+        self._visible(req.path)
         return proto.LinkTarget(self.jail.readlink(req.path))
 
     def _symlink(self, req: proto.Symlink) -> proto.AttrReply:
+        self._writable(req.path, "symlink", self.policy.symlink_refusal(req.path, req.target))
         self.jail.symlink(req.path, req.target)
         self._made(req.path)
         return self._stat(proto.Stat(req.path))
@@ -287,6 +358,7 @@ class FileServer:
             raise OSError(errno.EMFILE, "too many outputs in flight")
         if req.commit in self._commits:
             raise OSError(errno.EEXIST, "commit id in use")
+        self._writable(req.path, "write")
         parts = split_path(req.path)
         if not parts:
             raise JailError(errno.EPERM, "cannot write the root")
@@ -306,7 +378,7 @@ class FileServer:
                 unnamed = b""
             dir_fd = os.dup(dfd)
         self._commits[req.commit] = _Commit(
-            req.path, dir_fd, temp_name, fd, req.mode, req.expect, req.check, unnamed
+            req.path, dir_fd, temp_name, fd, safe_mode(req.mode), req.expect, req.check, unnamed
         )
         return proto.Done()
 
@@ -315,6 +387,7 @@ class FileServer:
         if c is None:
             raise OSError(errno.EBADF, "unknown commit")
         try:
+            self._writable(c.path, "write")  # again: the path may have been moved since
             if c.error is not None:
                 raise c.error
             if c.written != req.size:
@@ -336,6 +409,7 @@ class FileServer:
             os.close(c.fd)
             c.fd = -1
             dest = self._destination(c)
+            self._writable(dest, "write")  # its conflict name, too
             with self.jail.parent(dest) as (dfd, dname):
                 os.rename(c.temp_name, dname, src_dir_fd=c.dir_fd, dst_dir_fd=dfd)
                 c.temp_name = b""

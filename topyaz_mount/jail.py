@@ -6,7 +6,8 @@ no ``.`` or ``..``, no NUL, nothing absolute. Directories are walked with
 anywhere but the last component stops the walk, and the last component is never
 followed either: symlinks are reported as links and the kernel on the remote follows
 them through the mount, where they can only lead to paths we check again.
-Special files (devices, FIFOs, sockets) are neither listed nor opened.
+Special files (devices, FIFOs, sockets) are neither listed nor opened, and no mode
+set here keeps a setuid, setgid or sticky bit (``policy.safe_mode``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import UsageError
+from .policy import root_refusal, safe_mode
 
 MAX_PATH = 4096
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -45,6 +49,19 @@ def split_path(rel: bytes) -> list[bytes]:
         if len(part) > 255:
             raise JailError(errno.ENAMETOOLONG, "name too long")
     return parts
+
+
+def checked_root(root: str | os.PathLike[str], allow_home: bool = False) -> Path:
+    """``root`` resolved (symlinks too), if it may be exposed to the remote at all;
+    else a UsageError, raised before any connection is made."""
+    real = os.path.realpath(root)
+    if not os.path.isdir(real):
+        raise UsageError(f"--root {os.fspath(root)}: not a directory")
+    home = os.path.realpath(os.path.expanduser("~"))
+    why = root_refusal(real, home, allow_home)
+    if why is not None:
+        raise UsageError(f"--root {os.fspath(root)}: {why}")
+    return Path(real)
 
 
 def is_special(mode: int) -> bool:
@@ -146,7 +163,7 @@ class Jail:
 
     def mkdir(self, rel: bytes, mode: int) -> None:
         with self.parent(rel) as (fd, name):
-            os.mkdir(name, mode & 0o7777, dir_fd=fd)
+            os.mkdir(name, safe_mode(mode), dir_fd=fd)
 
     def rmdir(self, rel: bytes) -> None:
         with self.parent(rel) as (fd, name):
@@ -179,7 +196,7 @@ class Jail:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
                 return  # Linux has no link modes
-            os.chmod(name, mode & 0o7777, dir_fd=fd)
+            os.chmod(name, safe_mode(mode), dir_fd=fd)
 
     def utime(self, rel: bytes, atime_ns: int | None, mtime_ns: int | None) -> None:
         with self.parent(rel) as (fd, name):

@@ -27,6 +27,7 @@ import trio
 from . import control, proto
 from .client import Job, Session, open_session
 from .errors import TopyazMountError, collapse
+from .policy import Policy
 from .translate import TranslationError
 from .transport import SshSettings
 from .waiting import first_of
@@ -120,8 +121,8 @@ class MountServer:
                     if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
                         continue
                     relb = os.fsencode(rel)
-                    if not server.is_echo(relb):
-                        paths.add(relb)
+                    if not server.is_echo(relb) and not server.policy.hidden(relb):
+                        paths.add(relb)  # (a hidden path's name is not even told)
                 server.forget_made()
                 if paths:
                     self.invalidations += len(paths)
@@ -248,7 +249,9 @@ class MountServer:
                     await send(control.Note(f"warning: {text}"))
                 if self.force and self.stop_requested.is_set():
                     await send(control.Note(f"session {self.name} was unmounted with --force"))
-                reply = control.Finished(result.exit_code, result.lost, dict(result.stats))
+                reply = control.Finished(
+                    result.exit_code, result.lost, dict(result.stats), result.refused
+                )
             nursery.cancel_scope.cancel()
         await send(reply)
 
@@ -299,6 +302,7 @@ async def serve(
     on_ready: Callable[[dict[str, Any]], None],
     say: Callable[[str], None],
     handle_signals: bool = True,
+    policy: Policy | None = None,
 ) -> tuple[MountServer, bool]:
     """Run session ``name`` until it is unmounted; returns it and whether it was lost."""
     path = control.socket_path(name)
@@ -310,7 +314,7 @@ async def serve(
         path.unlink()  # a stale socket of a session that died
     except FileNotFoundError:
         pass
-    async with open_session(settings, root, watch=True) as session:
+    async with open_session(settings, root, watch=True, policy=policy) as session:
         listener = await control.listen(path)
         try:
             server = MountServer(session, settings, name)

@@ -16,6 +16,7 @@ import click
 import trio
 
 from .client import RunResult, Session, open_session
+from .policy import Policy
 from .session_client import writer
 from .transport import SshSettings
 
@@ -45,11 +46,12 @@ async def exec_async(
     forward_stdin: bool,
     literal: Sequence[str],
     spawned: subprocess.Popen | None = None,
+    policy: Policy | None = None,
 ) -> RunResult | None:
     """Run ``argv`` through a new session; None if aborted by a third Ctrl-C."""
     with trio.CancelScope() as abort:
         async with open_session(
-            settings, root, spawned=spawned, first_command=(argv, cwd)
+            settings, root, spawned=spawned, first_command=(argv, cwd), policy=policy
         ) as session:
             stdin = trio.lowlevel.FdStream(os.dup(0)) if forward_stdin else None
             async with trio.open_nursery() as nursery:

@@ -146,10 +146,20 @@ class CommitAbort(_Msg):
 # --- requests the agent answers (client -> agent) -------------------------------------
 
 
+class PolicyRules(msgspec.Struct, frozen=True, array_like=True):
+    """The client's write policy (policy.py), so an honest agent refuses a protected
+    create at ``open`` instead of at commit. The client enforces it either way."""
+
+    protect: list[str]
+    hide: list[str]
+    read_only: bool = False
+
+
 class Hello(_Msg):
     version: int
     session_id: str
     capabilities: list[str] = []
+    policy: PolicyRules | None = None
 
 
 class Run(_Msg):
@@ -288,6 +298,14 @@ class Output(_Msg):
     data: bytes
 
 
+class Refused(msgspec.Struct, frozen=True, array_like=True):
+    """A change the agent refused by the client's policy: path, what was tried, why."""
+
+    path: bytes
+    op: str
+    why: str
+
+
 class Exited(_Msg):
     """The job ended and every output it wrote is committed (or listed in ``lost``)."""
 
@@ -295,6 +313,7 @@ class Exited(_Msg):
     code: int
     lost: list[str] = []
     stats: dict[str, int] = {}
+    refused: list[Refused] = []
 
 
 class StdinData(_Msg):

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from .. import proto
+from ..policy import MAX_REFUSALS_KEPT, Policy
 from . import listings, nudge
 from .link import ClientLink
 from .listings import Listings
@@ -204,8 +205,28 @@ class MountOps(pyfuse3.Operations):
         self.stats = FsStats()
         # Which job a process belongs to (set by the session; None: no job of ours).
         self.owner_of: Callable[[int], int | None] = lambda pid: None
+        # The client's write policy (from Hello): creates and opens for writing never
+        # reach the client before the commit, so they are refused here, at open.
+        self.policy: Policy | None = None
+        self.refused: list[tuple[int | None, proto.Refused]] = []
 
     # --- helpers --------------------------------------------------------------------
+
+    def _check_write(self, path: bytes, op: str, ctx: Any) -> None:
+        """EACCES (EROFS on a read-only root) if the client's policy forbids it."""
+        why = None if self.policy is None else self.policy.write_refusal(path)
+        if why is None:
+            return
+        if len(self.refused) < MAX_REFUSALS_KEPT:
+            self.refused.append((self.owner_of(ctx.pid), proto.Refused(path, op, why)))
+        assert self.policy is not None
+        raise OSError(errno.EROFS if self.policy.read_only else errno.EACCES, why)
+
+    def take_refused(self, owner: int | None, *, everyone: bool) -> list[proto.Refused]:
+        """The refusals of one job (and of no job's processes), removed from the list."""
+        mine = [r for o, r in self.refused if everyone or o in (owner, None)]
+        self.refused = [(o, r) for o, r in self.refused if not (everyone or o in (owner, None))]
+        return mine
 
     def entry(self, ino: int, attr: proto.Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -566,6 +587,8 @@ class MountOps(pyfuse3.Operations):
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
         old = join(self.inodes.path(parent_inode_old), name_old)
         new = join(self.inodes.path(parent_inode_new), name_new)
+        self._check_write(old, "rename", ctx)
+        self._check_write(new, "rename", ctx)
         src = self.spool.get(old)
         dst = self.spool.get(new)
         self.listings.moved(old, new)
@@ -599,6 +622,7 @@ class MountOps(pyfuse3.Operations):
     @handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         path = join(self.inodes.path(parent_inode), name)
+        self._check_write(path, "create", ctx)
         self.listings.touched(path)
         sf = self.spool.create(path, mode)
         self.spool.opened(sf)
@@ -622,6 +646,7 @@ class MountOps(pyfuse3.Operations):
         self.stats.opens += 1
         sf = self.spool.get(path)
         if writable:
+            self._check_write(path, "write", ctx)
             self.listings.touched(path)
             if sf is None:
                 sf = await self._adopt(path, truncate=bool(flags & os.O_TRUNC))

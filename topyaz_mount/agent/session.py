@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from .. import proto
+from ..policy import Policy
 from ..rpc import Peer
 from .job import Job
 from .link import ClientLink
@@ -309,6 +310,9 @@ class AgentSession:
         # A client that watches its root pushes every change (Invalidate), so the
         # kernel may keep entries and attributes long; without one, 5 s bounds staleness.
         self._build_filesystem(30.0 if "watch" in req.capabilities else 5.0)
+        if req.policy is not None:
+            assert self.ops is not None
+            self.ops.policy = Policy(req.policy.protect, req.policy.hide, req.policy.read_only)
         self.mount = Mount(self.ops, self.mountpoint)
         self.mount.mount()
         self.nursery.start_soon(self.mount.serve)
@@ -449,7 +453,8 @@ class AgentSession:
             after = self.transfer_stats()
             stats = {k: v - before.get(k, 0) for k, v in after.items()}
             self.jobs.pop(jid, None)
-            await self.link.notify(proto.Exited(jid, code, lost, stats))
+            refused = self.ops.take_refused(jid, everyone=alone) if self.ops else []
+            await self.link.notify(proto.Exited(jid, code, lost, stats, refused))
         except OSError as e:
             log.warning("could not report the end of job %d: %s", jid, e)
         finally:
