@@ -37,7 +37,7 @@ from .errors import (
 from .fileserver import FileServer
 from .hashindex import MANIFEST_HASH_BUDGET
 from .inputs import input_files
-from .rpc import ConnectionLost, Peer, RemoteError
+from .rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
 from .waiting import first_of
@@ -107,6 +107,7 @@ class Session:
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
         self._lost = trio.Event()
+        self.failure: proto.ProtocolError | None = None  # why the agent was cut off
         self.closed: proto.Closed | None = None
         self.watch = False  # the caller pushes local changes (long-lived sessions)
         # The next command's manifest, computed while the connection is made.
@@ -175,8 +176,8 @@ class Session:
         assert self.peer is not None
         try:
             await self.peer.run()
-        except proto.ProtocolError:
-            pass  # logged by the peer; the session reports the lost connection
+        except proto.ProtocolError as e:
+            self.failure = e  # the session reports the lost connection, with this reason
         finally:
             self._lost.set()
 
@@ -417,6 +418,10 @@ class Session:
     def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
         tail = [line for line in self.ssh.stderr_tail if line.strip()]
         why = f" ({tail[-1]})" if tail else ""
+        if isinstance(self.failure, PeerStalled):
+            why = " (the agent stopped reading its replies; giving up)"
+        elif self.failure is not None:
+            why = f" (the agent broke the protocol: {self.failure})"
         return ConnectionFailed(
             f"connection to {self.settings.remote} lost{during}{why}; outputs not "
             f"yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"

@@ -9,11 +9,23 @@ A call's request goes out ahead of bulk data whatever its reply's priority: a pr
 request queued behind megabytes of output data starved the input transfer of a job that
 reads and writes at once (seen: the upload ran at half the link's rate).
 
-Urgent calls have slots of their own, the reader never waits for a slot (only past a
-backlog of 4096 unanswered calls), and urgent replies skip the queue's size limit:
-otherwise a full queue of bulk replies holds every slot, the reader stops taking
-frames, and a lookup the job waits for sits behind all the prefetch requested before
-it (seen: a batch job started 5 s late, behind 128 MiB of prefetch on a WAN link).
+Urgent calls have slots of their own, the reader never waits for a slot, and urgent
+replies have room of their own above the bulk queue's limit: otherwise a full queue of
+bulk replies holds every slot, the reader stops taking frames, and a lookup the job
+waits for sits behind all the prefetch requested before it (seen: a batch job started
+5 s late, behind 128 MiB of prefetch on a WAN link).
+
+Memory is bounded whatever the peer does, because the peer may be hostile (a flood of
+urgent 4 MiB reads whose replies it never read grew the client past 3 GB). Outgoing
+frames wait past ``queue_limit`` (32 MiB; urgent ones past ``memory_limit``, 64 MiB),
+and a call's handler runs only once its reply has room, so a reply is never made only
+to wait in memory. The reader stops taking frames while the outgoing bytes reach
+``memory_limit`` or the calls read and not yet answered reach 4096 or 16 MiB; that is
+backpressure on the peer. Only urgent replies, which a working peer drains first, can
+fill the queue that far, so bulk replies never stop the reader. If the peer then takes
+none of our bytes for ``stall_timeout`` (60 s), the connection fails with
+``PeerStalled``. At most about 100 MiB is held: the outgoing bound plus one frame
+(8 MiB), the unanswered calls plus one frame, and the decoder's partial frame.
 """
 
 from __future__ import annotations
@@ -43,6 +55,10 @@ class ConnectionLost(Exception):
     """The stream ended or broke; no reply will come."""
 
 
+class PeerStalled(proto.ProtocolError):
+    """The peer sent requests but stopped reading their replies."""
+
+
 class _Pending:
     __slots__ = ("event", "result", "error")
 
@@ -61,8 +77,12 @@ class Peer:
         *,
         preamble: bytes = b"",
         queue_limit: int = 32 << 20,
+        memory_limit: int = 64 << 20,
         max_concurrent_calls: int = 128,
         max_urgent_calls: int = 32,
+        max_unanswered_calls: int = 4096,
+        max_unanswered_bytes: int = 16 << 20,
+        stall_timeout: float = 60.0,
     ) -> None:
         self._stream = stream
         self._on_call = on_call
@@ -74,7 +94,9 @@ class Peer:
         self._next_rid = 1
         self._queues: list[deque[bytes]] = [deque(), deque(), deque()]
         self._queued = 0
+        self._sending = 0  # the batch the writer is handing to the stream
         self._queue_limit = queue_limit
+        self._memory_limit = max(memory_limit, queue_limit)
         self._has_frames = trio.Event()
         self._has_room = trio.Event()
         self._has_room.set()
@@ -82,7 +104,12 @@ class Peer:
         self._urgent_slots = trio.Semaphore(max_urgent_calls)
         # Calls read and not yet answered: only past this many does the reader stop,
         # so a bulk call waiting for a slot never keeps an urgent one behind it unread.
-        self._backlog = trio.Semaphore(max(4096, max_concurrent_calls + max_urgent_calls))
+        self._max_unanswered = max(max_unanswered_calls, max_concurrent_calls + max_urgent_calls)
+        self._max_unanswered_bytes = max_unanswered_bytes
+        self._unanswered = 0
+        self._unanswered_bytes = 0
+        self._stall_timeout = stall_timeout
+        self._last_sent_at = 0.0
         self._closed: BaseException | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -151,8 +178,13 @@ class Peer:
         finally:
             self._lose(error or ConnectionLost("connection closed"))
         if isinstance(error, proto.ProtocolError):
-            log.error("protocol error from peer: %s", error)
+            log.info("protocol error from peer: %s", error)
             raise error
+
+    @property
+    def held_bytes(self) -> int:
+        """Outgoing bytes not yet taken by the stream, and calls read but not answered."""
+        return self._queued + self._sending + self._unanswered_bytes
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been handed to the stream."""
@@ -171,12 +203,39 @@ class Peer:
         self._has_frames.set()
         self._has_room.set()
 
+    def _limit_for(self, prio: int) -> int:
+        return self._memory_limit if prio == proto.PRIO_URGENT else self._queue_limit
+
+    def _room_changed(self) -> None:
+        self._has_room.set()
+
+    async def _wait_room(self, blocked: Callable[[], bool], *, stall_check: bool = False) -> None:
+        """Wait while ``blocked()``; with ``stall_check``, fail if meanwhile the peer
+        takes none of our bytes for ``stall_timeout`` while we have some for it."""
+        started = trio.current_time()
+        while blocked() and self._closed is None:
+            if self._has_room.is_set():
+                self._has_room = trio.Event()
+            if not stall_check:
+                await self._has_room.wait()
+                continue
+            deadline = max(started, self._last_sent_at) + self._stall_timeout
+            with trio.move_on_at(deadline):
+                await self._has_room.wait()
+            now = trio.current_time()
+            if (
+                now >= max(started, self._last_sent_at) + self._stall_timeout
+                and self._queued + self._sending
+                and blocked()
+            ):
+                raise PeerStalled(
+                    f"the peer stopped reading our replies ({self.held_bytes >> 20} MiB "
+                    f"waiting for {self._stall_timeout:g} s); giving up"
+                )
+
     async def _enqueue(self, frame: bytes, prio: int) -> None:
-        while (
-            prio != proto.PRIO_URGENT and self._queued >= self._queue_limit and self._closed is None
-        ):
-            self._has_room = trio.Event() if self._has_room.is_set() else self._has_room
-            await self._has_room.wait()
+        limit = self._limit_for(prio)
+        await self._wait_room(lambda: self._queued + self._sending >= limit)
         if self._closed is not None:
             raise ConnectionLost(str(self._closed))
         self._queues[min(max(prio, 0), 2)].append(frame)
@@ -194,8 +253,6 @@ class Peer:
             if size >= limit:
                 break
         self._queued -= size
-        if self._queued < self._queue_limit:
-            self._has_room.set()
         return b"".join(parts)
 
     async def _write_loop(self) -> None:
@@ -207,22 +264,33 @@ class Peer:
                     return
                 continue
             batch = self._take_batch()
+            self._sending = len(batch)
             await self._stream.send_all(batch)
+            self._sending = 0
+            self._last_sent_at = trio.current_time()
             self.bytes_sent += len(batch)
+            self._room_changed()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        for frame in self._decoder.frames():
-            await self._dispatch(frame, nursery)
+        for frame, size in self._decoder.sized_frames():
+            await self._dispatch(frame, size, nursery)
         while True:
             data = await self._stream.receive_some(1 << 18)
             if not data:
                 return
             self.bytes_received += len(data)
             self._decoder.feed(data)
-            for frame in self._decoder.frames():
-                await self._dispatch(frame, nursery)
+            for frame, size in self._decoder.sized_frames():
+                await self._dispatch(frame, size, nursery)
 
-    async def _dispatch(self, frame: Any, nursery: trio.Nursery) -> None:
+    def _reader_blocked(self) -> bool:
+        return (
+            self._queued + self._sending >= self._memory_limit
+            or self._unanswered >= self._max_unanswered
+            or self._unanswered_bytes >= self._max_unanswered_bytes
+        )
+
+    async def _dispatch(self, frame: Any, size: int, nursery: trio.Nursery) -> None:
         if isinstance(frame, proto.Reply | proto.Fail):
             pending = self._pending.get(frame.rid)
             if pending is None:
@@ -234,19 +302,28 @@ class Peer:
             pending.event.set()
         elif isinstance(frame, proto.Call):
             slots = self._urgent_slots if frame.prio == proto.PRIO_URGENT else self._call_slots
-            await self._backlog.acquire()
-            nursery.start_soon(self._serve, frame, slots)
+            await self._wait_room(self._reader_blocked, stall_check=True)
+            self._unanswered += 1
+            self._unanswered_bytes += size
+            nursery.start_soon(self._serve, frame, size, slots)
         else:
             await self._on_notice(frame.msg)
 
-    async def _serve(self, call: proto.Call, slots: trio.Semaphore) -> None:
+    async def _serve(self, call: proto.Call, size: int, slots: trio.Semaphore) -> None:
         try:
             async with slots:
                 await self._answer(call)
         finally:
-            self._backlog.release()
+            self._unanswered -= 1
+            self._unanswered_bytes -= size
+            self._room_changed()
 
     async def _answer(self, call: proto.Call) -> None:
+        # The reply's room first: a reply made before there is room would wait in memory.
+        limit = self._limit_for(call.prio)
+        await self._wait_room(lambda: self._queued + self._sending >= limit)
+        if self._closed is not None:
+            return
         try:
             res = await self._on_call(call.req)
             frame = proto.encode(proto.Reply(call.rid, res))
