@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse
+from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse, exit_status
+from .safetext import printable
 from .translate import (
     DEFAULT_PRODUCTS,
     PathMap,
@@ -40,15 +41,22 @@ log = logging.getLogger("topyaz_mount")
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"topyaz-mount: {message}", err=True)
+    _say(message)
     return code
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines carry remote text (the agent's messages, names): shown as escapes."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
 
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, format="topyaz-mount: %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("topyaz-mount: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
@@ -336,7 +344,8 @@ def exec_(
 
 
 def _say(text: str) -> None:
-    click.echo(f"topyaz-mount: {text}", err=True)
+    """One line of ours on stderr; any remote text in it is shown as escapes."""
+    click.echo(f"topyaz-mount: {printable(text)}", err=True)
 
 
 def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
@@ -344,12 +353,15 @@ def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
     if result is None:
         sys.exit(_fail("aborted; the remote session was torn down", 130))
     for line in result.lost:
-        click.echo(f"topyaz-mount: error: {line}", err=True)
+        _say(f"error: {line}")
     if stats_format == "json":
         click.echo(json.dumps(result.stats, sort_keys=True), err=True)
     elif stats_format == "text":
-        click.echo(f"topyaz-mount: {_stats_line(result.stats)}", err=True)
-    sys.exit(EXIT_FAILURE if result.lost and result.exit_code == 0 else result.exit_code)
+        _say(_stats_line(result.stats))
+    code, note = exit_status(result.exit_code)
+    if note is not None:
+        _say(f"error: {note}")
+    sys.exit(EXIT_FAILURE if result.lost and code == 0 else code)
 
 
 @main.command("cache")
@@ -387,8 +399,8 @@ def cache_(
     if as_json:
         click.echo(json.dumps(out, sort_keys=True))
         return
-    click.echo(f"cache at {out['path']} on {settings.remote}")
-    click.echo(f"  objects  {out['objects']}")
+    click.echo(f"cache at {printable(str(out['path']))} on {settings.remote}")
+    click.echo(f"  objects  {printable(str(out['objects']))}")
     click.echo(f"  size     {_human(out['bytes'])} of {_human(out['cap'])} cap")
     click.echo(
         f"  hit rate {out['hit_rate'] * 100:.1f} % ({out['hits']} hits, "
@@ -420,7 +432,7 @@ def doctor(
     for check in out["checks"]:
         mark = "ok  " if check["ok"] else "FAIL"
         failed += not check["ok"]
-        click.echo(f"{mark} {check['check']}: {check['detail']}")
+        click.echo(f"{mark} {printable(str(check['check']))}: {printable(str(check['detail']))}")
     sys.exit(EXIT_FAILURE if failed else 0)
 
 
@@ -480,10 +492,8 @@ def _detach(child_argv: list[str], ready_r: int, ready_w: int, log_path: str) ->
 
 def _print_ready(info: dict) -> None:
     name = info["name"]
-    click.echo(
-        f"topyaz-mount: session {name}: {info['root']} mounted at "
-        f"{info['host']}:{info['mountpoint']}"
-    )
+    place = printable(f"{info['root']} mounted at {info['host']}:{info['mountpoint']}")
+    click.echo(f"topyaz-mount: session {name}: {place}")
     click.echo(f"  run commands:  topyaz-mount exec --session {name} -- COMMAND")
     click.echo(f"  remote shell:  topyaz-mount shell --session {name}")
     click.echo(f"  unmount:       topyaz-mount unmount {name}")
@@ -652,8 +662,9 @@ def status(name: str | None, as_json: bool) -> None:
         return
     for s in sessions:
         moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
+        place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
         click.echo(
-            f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}\n"
+            f"{place}\n"
             f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "
             f"{s.get('pending_outputs', 0)} outputs pending "
             f"({_human(s.get('pending_bytes', 0))}), moved {_human(moved)} "

@@ -33,6 +33,7 @@ from .errors import (
     JobTimeout,
     RemoteCommandFailed,
     UsageError,
+    exit_status,
 )
 from .fileserver import FileServer
 from .hashindex import MANIFEST_HASH_BUDGET
@@ -197,10 +198,13 @@ class Session:
                 job.exited = msg
                 job.done.set()
         elif isinstance(msg, proto.Log):
-            job = self._jobs.get(msg.job)
-            if job is not None:
-                job.warnings.append(msg.text)
-            (job.on_warning if job is not None and job.on_warning else self.on_warning)(msg.text)
+            self._warn(self._jobs.get(msg.job), msg.text)
+
+    def _warn(self, job: Job | None, text: str) -> None:
+        """A line for the user about ``job`` (its result lists it too)."""
+        if job is not None:
+            job.warnings.append(text)
+        (job.on_warning if job is not None and job.on_warning else self.on_warning)(text)
 
     async def goodbye(self, force: bool = False) -> proto.Closed | None:
         """End the remote session (idempotent); what it could not commit is named."""
@@ -365,7 +369,10 @@ class Session:
             wall_seconds=round(trio.current_time() - started_at, 3),
         )
         stats.pop("content_bytes_committed", None)
-        return RunResult(exited.code, list(exited.lost), list(job.warnings), stats)
+        code, note = exit_status(exited.code)
+        if note is not None:
+            self._warn(job, note)
+        return RunResult(code, list(exited.lost), list(job.warnings), stats)
 
     def prepare_manifest(self, argv: Sequence[str], cwd: str) -> None:
         """Hash the inputs of the command about to run while ssh connects and the agent

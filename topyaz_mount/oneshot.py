@@ -16,6 +16,7 @@ import click
 import trio
 
 from .client import RunResult, Session, open_session
+from .safetext import printable
 from .session_client import writer
 from .transport import SshSettings
 
@@ -55,7 +56,7 @@ async def exec_async(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward_signals, session, abort)
                 session.on_warning = lambda text: click.echo(
-                    f"topyaz-mount: warning: {text}", err=True
+                    f"topyaz-mount: warning: {printable(text)}", err=True
                 )
                 result = await session.run(
                     argv,
