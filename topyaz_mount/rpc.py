@@ -47,6 +47,9 @@ CallHandler = Callable[[Any], Awaitable[Any]]
 NoticeHandler = Callable[[Any], Awaitable[None]]
 
 
+STALL_TIMEOUT = 60.0  # a peer that takes none of our bytes this long while we wait is cut off
+
+
 class RemoteError(OSError):
     """The peer answered a request with an errno."""
 
@@ -82,7 +85,7 @@ class Peer:
         max_urgent_calls: int = 32,
         max_unanswered_calls: int = 4096,
         max_unanswered_bytes: int = 16 << 20,
-        stall_timeout: float = 60.0,
+        stall_timeout: float | None = None,
     ) -> None:
         self._stream = stream
         self._on_call = on_call
@@ -108,7 +111,7 @@ class Peer:
         self._max_unanswered_bytes = max_unanswered_bytes
         self._unanswered = 0
         self._unanswered_bytes = 0
-        self._stall_timeout = stall_timeout
+        self._stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
         self._last_sent_at = 0.0
         self._closed: BaseException | None = None
         self.bytes_sent = 0
