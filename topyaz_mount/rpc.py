@@ -22,9 +22,10 @@ and a call's handler runs only once its reply has room, so a reply is never made
 to wait in memory. The reader stops taking frames while the outgoing bytes reach
 ``memory_limit`` or the calls read and not yet answered reach 4096 or 16 MiB; that is
 backpressure on the peer. Only urgent replies, which a working peer drains first, can
-fill the queue that far, so bulk replies never stop the reader. If the peer then takes
-none of our bytes for ``stall_timeout`` (60 s), the connection fails with
-``PeerStalled``. At most about 100 MiB is held: the outgoing bound plus one frame
+fill the queue that far, so bulk replies never stop the reader. While the reader or a
+reply waits on these bounds and the peer takes none of our bytes for ``stall_timeout``
+(60 s), the connection fails with ``PeerStalled``; a slow peer that keeps reading is
+never cut off. At most about 100 MiB is held: the outgoing bound plus one frame
 (8 MiB), the unanswered calls plus one frame, and the decoder's partial frame.
 """
 
@@ -113,6 +114,8 @@ class Peer:
         self._unanswered_bytes = 0
         self._stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
         self._last_sent_at = 0.0
+        self._peer_waits = 0  # the reader and replies waiting for room
+        self._peer_blocked_since = 0.0
         self._closed: BaseException | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -177,6 +180,7 @@ class Peer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(until_broken, self._write_loop)
+                nursery.start_soon(until_broken, self._watch_stall)
                 await until_broken(self._read_loop, nursery)
         finally:
             self._lose(error or ConnectionLost("connection closed"))
@@ -212,28 +216,36 @@ class Peer:
     def _room_changed(self) -> None:
         self._has_room.set()
 
-    async def _wait_room(self, blocked: Callable[[], bool], *, stall_check: bool = False) -> None:
-        """Wait while ``blocked()``; with ``stall_check``, fail if meanwhile the peer
-        takes none of our bytes for ``stall_timeout`` while we have some for it."""
-        started = trio.current_time()
-        while blocked() and self._closed is None:
-            if self._has_room.is_set():
-                self._has_room = trio.Event()
-            if not stall_check:
+    async def _wait_room(self, blocked: Callable[[], bool], *, for_peer: bool = False) -> None:
+        """Wait while ``blocked()``. ``for_peer``: the wait is for the peer's own
+        requests (the reader, or a reply), which the stall watch counts."""
+        if not blocked():
+            return
+        if for_peer:
+            self._peer_waits += 1
+            if self._peer_waits == 1:
+                self._peer_blocked_since = trio.current_time()
+        try:
+            while blocked() and self._closed is None:
+                if self._has_room.is_set():
+                    self._has_room = trio.Event()
                 await self._has_room.wait()
+        finally:
+            if for_peer:
+                self._peer_waits -= 1
+
+    async def _watch_stall(self) -> None:
+        """Cut the peer off once its requests have waited on our memory bound for
+        ``stall_timeout`` while it took none of the bytes we have for it."""
+        while True:
+            await trio.sleep(self._stall_timeout / 8)
+            if not self._peer_waits or not self._queued + self._sending:
                 continue
-            deadline = max(started, self._last_sent_at) + self._stall_timeout
-            with trio.move_on_at(deadline):
-                await self._has_room.wait()
-            now = trio.current_time()
-            if (
-                now >= max(started, self._last_sent_at) + self._stall_timeout
-                and self._queued + self._sending
-                and blocked()
-            ):
+            quiet_since = max(self._peer_blocked_since, self._last_sent_at)
+            if trio.current_time() - quiet_since >= self._stall_timeout:
                 raise PeerStalled(
                     f"the peer stopped reading our replies ({self.held_bytes >> 20} MiB "
-                    f"waiting for {self._stall_timeout:g} s); giving up"
+                    f"held for {self._stall_timeout:g} s); giving up"
                 )
 
     async def _enqueue(self, frame: bytes, prio: int) -> None:
@@ -305,7 +317,7 @@ class Peer:
             pending.event.set()
         elif isinstance(frame, proto.Call):
             slots = self._urgent_slots if frame.prio == proto.PRIO_URGENT else self._call_slots
-            await self._wait_room(self._reader_blocked, stall_check=True)
+            await self._wait_room(self._reader_blocked, for_peer=True)
             self._unanswered += 1
             self._unanswered_bytes += size
             nursery.start_soon(self._serve, frame, size, slots)
@@ -324,7 +336,7 @@ class Peer:
     async def _answer(self, call: proto.Call) -> None:
         # The reply's room first: a reply made before there is room would wait in memory.
         limit = self._limit_for(call.prio)
-        await self._wait_room(lambda: self._queued + self._sending >= limit)
+        await self._wait_room(lambda: self._queued + self._sending >= limit, for_peer=True)
         if self._closed is not None:
             return
         try:
