@@ -546,48 +546,70 @@ def test_a_low_fd_limit_still_leaves_room_for_listings_and_commits(world, soft, 
 # --- through the real command line --------------------------------------------------------
 
 
+ESCAPED = "\\x1b]52;c;aGFjaw==\\x07\\x1b[2J\\x0atopyaz-mount: all outputs committed"
+
+
+def _cli_with_hostile_ssh(tmp_path: Path, cwd: Path, *args: str, **env: str):
+    """The real command line, whose ``ssh`` runs tests/hostile_agent.py instead."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake_ssh = bin_dir / "ssh"
+    agent = REPO / "tests" / "hostile_agent.py"
+    fake_ssh.write_text(f'#!/bin/sh\nexec {sys.executable} {agent} "$@"\n')
+    fake_ssh.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "TOPYAZ_MOUNT_REMOTE": "gpu", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "topyaz_mount", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+def _no_control_characters(text: bytes) -> None:
+    for control in (b"\x1b", b"\x07", b"\r"):
+        assert control not in text
+
+
 @pytest.mark.parametrize(("remote_code", "local_code"), [(256, 255), (3, 3)])
 def test_the_command_line_escapes_remote_text_and_clamps_the_status(
     world, tmp_path, remote_code, local_code
 ):
     """A fake ssh runs the hostile agent: its text in our lines (hostile_agent.NASTY) is
     shown as escapes, the job's own stdout passes untouched, and 256 is 255, not success."""
-    root, _ = world
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_ssh = bin_dir / "ssh"
-    agent = REPO / "tests" / "hostile_agent.py"
-    fake_ssh.write_text(f"#!/bin/sh\nexec {sys.executable} {agent}\n")
-    fake_ssh.chmod(0o755)
-    before = Tree(root.parent)
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "PYTHONPATH": str(REPO),
-        "HOSTILE_EXIT_CODE": str(remote_code),
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "topyaz_mount", "exec", "--remote", "gpu", "--", "true"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        timeout=DEADLINE,
-        check=False,
+    root, outside = world
+    before = Tree(root, outside)
+    out = _cli_with_hostile_ssh(
+        tmp_path, root, "exec", "--", "true", HOSTILE_EXIT_CODE=str(remote_code)
     )
     assert out.returncode == local_code, out.stderr
     assert out.stdout == b"job stdout \x1b[31mred\x1b[0m\n"  # the job's own bytes, untouched
-    err = out.stderr.decode()
-    for control in ("\x1b", "\x07", "\r"):
-        assert control not in err
-    lines = err.splitlines()
+    _no_control_characters(out.stderr)
+    lines = out.stderr.decode().splitlines()
     assert all(line.startswith("topyaz-mount: ") for line in lines), lines
     assert "topyaz-mount: all outputs committed" not in lines
-    escaped = "\\x1b]52;c;aGFjaw==\\x07\\x1b[2J\\x0atopyaz-mount: all outputs committed"
-    assert f"topyaz-mount: warning: remote says {escaped}" in lines
-    assert f"topyaz-mount: error: out/{escaped}: not written" in lines
+    assert f"topyaz-mount: warning: remote says {ESCAPED}" in lines
+    assert f"topyaz-mount: error: out/{ESCAPED}: not written" in lines
     if remote_code != local_code:
         assert (
             "topyaz-mount: warning: the remote reported exit status 256, not 0-255; exiting 255"
             in lines
         )
     assert before.changes() == {}
+
+
+@pytest.mark.parametrize("command", ["doctor", "cache"])
+def test_doctor_and_cache_show_the_agents_answer_as_escapes(tmp_path, command):
+    out = _cli_with_hostile_ssh(tmp_path, tmp_path, command)
+    _no_control_characters(out.stdout + out.stderr)
+    lines = out.stdout.decode().splitlines()
+    assert "topyaz-mount: all outputs committed" not in lines
+    assert out.returncode == 0, out.stderr
+    if command == "doctor":
+        assert lines[-1] == f"ok   fuse {ESCAPED}: {ESCAPED}"
+    else:
+        assert lines[:2] == [f"cache at {ESCAPED} on gpu", f"  objects  {ESCAPED}"]
+        assert lines[3].startswith("  hit rate 50.0 % (" + ESCAPED + " hits")

@@ -394,20 +394,26 @@ def cache_(
         if prune_to is not None:
             extra += ["--prune-to", str(parse_size(prune_to))]
         out = _agent_json(settings, *extra)
-    except BaseException as e:  # noqa: BLE001
+        if as_json:
+            click.echo(json.dumps(out, sort_keys=True))
+            return
+        _show_cache(out, settings.remote, clear or prune_to is not None)
+    except BaseException as e:  # noqa: BLE001 - also an agent's answer of the wrong shape
         sys.exit(_report(e, verbose))
-    if as_json:
-        click.echo(json.dumps(out, sort_keys=True))
-        return
-    click.echo(f"cache at {printable(str(out['path']))} on {settings.remote}")
-    click.echo(f"  objects  {printable(str(out['objects']))}")
-    click.echo(f"  size     {_human(out['bytes'])} of {_human(out['cap'])} cap")
-    click.echo(
+
+
+def _show_cache(out: dict, remote: Remote, freed: bool) -> None:
+    lines = [
+        f"cache at {out['path']} on {remote}",
+        f"  objects  {out['objects']}",
+        f"  size     {_human(out['bytes'])} of {_human(out['cap'])} cap",
         f"  hit rate {out['hit_rate'] * 100:.1f} % ({out['hits']} hits, "
-        f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again"
-    )
-    if clear or prune_to is not None:
-        click.echo(f"  freed    {_human(out['freed'])}")
+        f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again",
+    ]
+    if freed:
+        lines.append(f"  freed    {_human(out['freed'])}")
+    for line in lines:  # the agent's answer: shown as escapes where it is not text
+        click.echo(printable(line))
 
 
 @main.command("doctor")
@@ -425,14 +431,14 @@ def doctor(
     try:
         settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
         out = _agent_json(settings, "--doctor")
-    except BaseException as e:  # noqa: BLE001
+        click.echo(f"ssh to {settings.remote}: ok ({settings.remote_python})")
+        failed = 0
+        for check in out["checks"]:
+            mark = "ok  " if check["ok"] else "FAIL"
+            failed += not check["ok"]
+            click.echo(printable(f"{mark} {check['check']}: {check['detail']}"))
+    except BaseException as e:  # noqa: BLE001 - also an agent's answer of the wrong shape
         sys.exit(_report(e, verbose))
-    click.echo(f"ssh to {settings.remote}: ok ({settings.remote_python})")
-    failed = 0
-    for check in out["checks"]:
-        mark = "ok  " if check["ok"] else "FAIL"
-        failed += not check["ok"]
-        click.echo(f"{mark} {printable(str(check['check']))}: {printable(str(check['detail']))}")
     sys.exit(EXIT_FAILURE if failed else 0)
 
 
