@@ -598,8 +598,7 @@ def mount(
                 pass
         sys.exit(code)
     if lost:
-        tail = [x for x in server.session.ssh.stderr_tail if x.strip()]
-        why = f" ({tail[-1]})" if tail else ""
+        why = server.session.lost_reason()
         sys.exit(
             _fail(
                 f"connection to {settings.remote} lost{why}; session {session} ended. Outputs "

@@ -422,13 +422,17 @@ class Session:
     async def _wait_exit(self, job: Job) -> None:
         await first_of(job.done, self._lost)
 
-    def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
-        tail = [line for line in self.ssh.stderr_tail if line.strip()]
-        why = f" ({tail[-1]})" if tail else ""
+    def lost_reason(self) -> str:
+        """Why the connection ended, as " (…)" for our message, or ""."""
         if isinstance(self.failure, PeerStalled):
-            why = " (the agent stopped reading its replies; giving up)"
-        elif self.failure is not None:
-            why = f" (the agent broke the protocol: {self.failure})"
+            return " (the agent stopped reading its replies; giving up)"
+        if self.failure is not None:
+            return f" (the agent broke the protocol: {self.failure})"
+        tail = [line for line in self.ssh.stderr_tail if line.strip()]
+        return f" ({tail[-1]})" if tail else ""
+
+    def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
+        why = self.lost_reason()
         return ConnectionFailed(
             f"connection to {self.settings.remote} lost{during}{why}; outputs not "
             f"yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"
