@@ -21,7 +21,7 @@ import pytest
 import trio
 from hostile_agent import RawAgent, Tree, client_and_agent, session_for, socket_streams
 
-from topyaz_mount import proto, rpc
+from topyaz_mount import fileserver, proto, rpc
 from topyaz_mount.errors import ConnectionFailed
 from topyaz_mount.fileserver import FileServer, OpenCaps
 from topyaz_mount.rpc import RemoteError
@@ -237,6 +237,23 @@ def test_requests_on_handles_it_never_opened(world):
 
 
 # --- floods and bounds ------------------------------------------------------------------
+
+
+def test_a_flood_of_namespace_requests_is_remembered_within_a_bound(world, monkeypatch):
+    root, _ = world
+    monkeypatch.setattr(fileserver, "MAX_MADE", 100)
+    before = Tree(root.parent)
+
+    async def body():
+        async with client_and_agent(root) as (session, agent):
+            for i in range(300):
+                await agent.call(proto.Mkdir(b"sub/d%d" % i, 0o755))
+                await agent.call(proto.Rmdir(b"sub/d%d" % i))
+            assert len(session.server.made) == 100
+            assert b"sub/d299" in session.server.made  # the newest are kept
+
+    run(body)
+    assert before.changes() == {}
 
 
 def _peak_rss_reset() -> None:

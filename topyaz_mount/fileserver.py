@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_OPEN_READS = 1024
 MAX_OPEN_COMMITS = 256
+MAX_MADE = 65536  # paths remembered as the agent's own changes (for the watcher)
 # Descriptors kept back from both caps: listings, the jail's own, sockets, pipes, logs.
 FD_RESERVE = 64
 FD_CEILING = 65536  # the soft limit raised no higher (macOS refuses an unlimited one)
@@ -163,7 +164,10 @@ class FileServer:
     def _made(self, *paths: bytes) -> None:
         now = time.monotonic()
         for rel in paths:
+            self.made.pop(rel, None)  # re-inserted: the dict stays oldest first
             self.made[rel] = (self.state_of(rel), now)
+        while len(self.made) > MAX_MADE:  # a flood of requests must not grow us
+            del self.made[next(iter(self.made))]
 
     def is_echo(self, rel: bytes) -> bool:
         """Whether ``rel`` is as the agent's last request left it (not the user's change)."""
