@@ -48,6 +48,8 @@ class HostileAgent:
                 proto.PROTOCOL_VERSION, req.session_id, MOUNTPOINT, 4242, req.capabilities
             )
         if isinstance(req, proto.Run):
+            if os.environ.get("HOSTILE_RUN_FAILS"):
+                raise OSError(2, f"no such program {NASTY}")
             if self.script is not None and self.nursery is not None:
                 self.nursery.start_soon(self.script, self, req)
             return proto.Started(4243)

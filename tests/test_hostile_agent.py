@@ -269,9 +269,7 @@ def _rss(field: str) -> int:
     raise AssertionError(field)
 
 
-def test_a_flood_of_urgent_reads_never_drained_is_bounded_and_ends_the_session(
-    world, monkeypatch
-):
+def test_a_flood_of_urgent_reads_never_drained_is_bounded_and_ends_the_session(world, monkeypatch):
     """4000 urgent 4 MiB reads whose replies the agent never reads: 16 GB if unbounded."""
     root, _ = world
     (root / "big.bin").write_bytes(os.urandom(4 * proto.CHUNK_SIZE))
@@ -630,3 +628,13 @@ def test_doctor_and_cache_show_the_agents_answer_as_escapes(tmp_path, command):
     else:
         assert lines[:2] == [f"cache at {ESCAPED} on gpu", f"  objects  {ESCAPED}"]
         assert lines[3].startswith("  hit rate 50.0 % (" + ESCAPED + " hits")
+
+
+def test_an_error_text_from_the_agent_is_one_escaped_line(world, tmp_path):
+    root, outside = world
+    before = Tree(root, outside)
+    out = _cli_with_hostile_ssh(tmp_path, root, "exec", "--", "true", HOSTILE_RUN_FAILS="1")
+    assert out.returncode == 127  # the remote's "not found", as a shell says it
+    _no_control_characters(out.stderr)
+    assert out.stderr.decode().splitlines() == [f"topyaz-mount: on gpu: no such program {ESCAPED}"]
+    assert before.changes() == {}
