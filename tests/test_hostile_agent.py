@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -638,3 +639,31 @@ def test_an_error_text_from_the_agent_is_one_escaped_line(world, tmp_path):
     _no_control_characters(out.stderr)
     assert out.stderr.decode().splitlines() == [f"topyaz-mount: on gpu: no such program {ESCAPED}"]
     assert before.changes() == {}
+
+
+# --- the real agent, past the client's disk cap ----------------------------------------------
+
+
+@pytest.mark.e2e
+def test_an_output_past_the_disk_cap_is_refused_named_and_leaves_nothing(testhost, small_disk):
+    """A job's output bigger than the cap: exit non-zero naming it, the root untouched."""
+    from e2e_util import describe, run_exec
+
+    root = small_disk / "root"
+    before = Tree(small_disk)
+    free_before = _free(small_disk)
+    result = run_exec(
+        testhost, root, "sh", "-c", "head -c 30000000 /dev/zero > out/big.bin && echo written"
+    )
+    assert result.returncode not in (0, None), describe(result)
+    assert result.stdout == b"written\n", describe(result)
+    err = result.stderr.decode()
+    assert "out/big.bin: not written on the client" in err, describe(result)
+    assert "disk cap" in err, describe(result)
+    assert before.changes() == {}
+    assert _free(small_disk) == free_before
+    kept = Path(err.rsplit("kept on the remote host at ", 1)[1].split()[0])
+    try:  # the output is whole on the remote
+        assert kept.read_bytes() == bytes(30000000)
+    finally:
+        shutil.rmtree(kept.parent.parent)  # kept/<session>/ of this run
