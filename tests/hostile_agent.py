@@ -194,10 +194,26 @@ async def _cli_scenario(agent: HostileAgent, run: proto.Run) -> None:
     await agent.notify(proto.Exited(run.job, code, [f"out/{NASTY}: not written"]))
 
 
+async def _flood(stream: trio.abc.Stream) -> None:
+    """Once the job runs: 4000 urgent 4 MiB reads (16 GB of replies), none read."""
+    agent = RawAgent(stream)
+    await agent.handshake()
+    run = await agent.receive()
+    assert isinstance(run, proto.Call) and isinstance(run.req, proto.Run), run
+    await agent.send(proto.Reply(run.rid, proto.Started(4243)))
+    opened = await agent.call(proto.OpenRead(b"in.txt"))
+    read = proto.ReadChunk(opened.res.handle, 0, 4 * proto.CHUNK_SIZE)
+    for _ in range(4000):
+        await agent.send(agent.call_frame(read))
+    await trio.sleep_forever()
+
+
 async def _serve_stdio() -> None:
     stream = trio.StapledStream(
         trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0))
     )
+    if os.environ.get("HOSTILE_FLOOD"):
+        await _flood(stream)
     agent = HostileAgent(stream, _cli_scenario)
     async with trio.open_nursery() as nursery:
         agent.nursery = nursery

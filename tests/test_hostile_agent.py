@@ -562,10 +562,25 @@ def test_a_low_fd_limit_still_leaves_room_for_listings_and_commits(world, soft, 
 # --- through the real command line --------------------------------------------------------
 
 
+CLI = [sys.executable, "-m", "topyaz_mount"]
+# The same command line, with the stall deadline at 2 s; it writes its peak RSS at exit.
+CLI_QUICK_STALL = [
+    sys.executable,
+    "-c",
+    "import atexit, os, sys, topyaz_mount.rpc as rpc\n"
+    "rpc.STALL_TIMEOUT = 2.0\n"
+    "def peak():\n"
+    "    with open('/proc/self/status') as f, open(os.environ['PEAK_FILE'], 'w') as out:\n"
+    "        out.write(next(x for x in f if x.startswith('VmHWM:')).split()[1])\n"
+    "atexit.register(peak)\n"
+    "from topyaz_mount.cli import main\n"
+    "sys.argv[0] = 'topyaz-mount'\n"
+    "main()\n",
+]
 ESCAPED = "\\x1b]52;c;aGFjaw==\\x07\\x1b[2J\\x0atopyaz-mount: all outputs committed"
 
 
-def _cli_with_hostile_ssh(tmp_path: Path, cwd: Path, *args: str, **env: str):
+def _cli_with_hostile_ssh(tmp_path: Path, cwd: Path, *args: str, cli=CLI, **env: str):
     """The real command line, whose ``ssh`` runs tests/hostile_agent.py instead."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -576,7 +591,7 @@ def _cli_with_hostile_ssh(tmp_path: Path, cwd: Path, *args: str, **env: str):
     path = f"{bin_dir}:{os.environ['PATH']}"
     env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "TOPYAZ_MOUNT_REMOTE": "gpu", **env}
     return subprocess.run(
-        [sys.executable, "-m", "topyaz_mount", *args],
+        [*cli, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -667,3 +682,28 @@ def test_an_output_past_the_disk_cap_is_refused_named_and_leaves_nothing(testhos
         assert kept.read_bytes() == bytes(30000000)
     finally:
         shutil.rmtree(kept.parent.parent)  # kept/<session>/ of this run
+
+
+def test_the_command_line_gives_up_on_an_agent_that_floods_and_never_reads(world, tmp_path):
+    root, outside = world
+    (root / "in.txt").write_bytes(os.urandom(4 * proto.CHUNK_SIZE))
+    before = Tree(root, outside)
+    peak_file = tmp_path / "peak"
+    out = _cli_with_hostile_ssh(
+        tmp_path,
+        root,
+        "exec",
+        "--",
+        "true",
+        cli=CLI_QUICK_STALL,
+        HOSTILE_FLOOD="1",
+        PEAK_FILE=str(peak_file),
+    )
+    assert out.returncode == 255, out.stderr
+    lines = out.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("topyaz-mount: connection to gpu lost during the job (the agent ")
+    assert "(the agent stopped reading its replies; giving up)" in lines[0]
+    peak = int(peak_file.read_text()) << 10
+    assert peak < 300 << 20, peak  # 16 GB asked for; the bound is about 100 MiB
+    assert before.changes() == {}
