@@ -51,6 +51,9 @@ class _PrintableFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         return printable(super().formatMessage(record))
 
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - a traceback's lines, for -vv
+        return "\n".join(printable(line) for line in super().formatException(ei).splitlines())
+
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
