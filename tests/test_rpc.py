@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from topyaz_mount import proto
-from topyaz_mount.rpc import ConnectionLost, Peer, RemoteError
+from topyaz_mount.rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 
 TIMEOUT = 5
 
@@ -659,5 +659,79 @@ def test_urgent_replies_skip_a_full_queue():
             res = await a.peer.call(proto.Stat(b"x"), proto.PRIO_URGENT)
             assert res.attr.size == 7
             b.peer._queued = 0
+
+    run(body)
+
+
+# --- the memory bound -------------------------------------------------------------------
+
+
+def _socket_pair():
+    import socket
+
+    a, b = socket.socketpair()
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(a)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(b)),
+    )
+
+
+async def _big_reply(req):
+    return proto.Data(b"x" * (256 << 10))
+
+
+def _flood_frames(n: int) -> bytes:
+    read = proto.ReadChunk(1, 0, 256 << 10)
+    return b"".join(proto.encode(proto.Call(rid, proto.PRIO_URGENT, read)) for rid in range(n))
+
+
+def test_urgent_replies_stop_the_reader_at_the_bound_and_a_peer_that_never_reads_is_cut_off():
+    async def body():
+        ours, theirs = _socket_pair()
+        peer = Peer(
+            ours, _big_reply, _ignore, queue_limit=1 << 20, memory_limit=2 << 20, stall_timeout=0.5
+        )
+        peak = 0
+        failure: list[BaseException] = []
+
+        async def run_peer():
+            try:
+                await peer.run()
+            except PeerStalled as e:
+                failure.append(e)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run_peer)
+            await theirs.send_all(_flood_frames(400))  # 100 MiB of replies asked for
+            while not peer.closed:
+                peak = max(peak, peer.held_bytes)
+                await trio.sleep(0.001)
+        assert "stopped reading our replies" in str(failure[0])
+        # the bound, one reply over it (made before the stream took the last), the calls
+        assert 0 < peak <= (2 << 20) + (257 << 10) + (16 << 20)
+
+    run(body)
+
+
+def test_a_slow_peer_that_keeps_reading_is_never_cut_off():
+    """Backpressure, not failure: the stall deadline runs only while nothing is taken."""
+
+    async def body():
+        ours, theirs = _socket_pair()
+        peer = Peer(
+            ours, _big_reply, _ignore, queue_limit=1 << 20, memory_limit=2 << 20, stall_timeout=0.5
+        )
+        n_calls = 40  # 10 MiB of replies, five times the bound
+        async with trio.open_nursery() as n:
+            n.start_soon(peer.run)
+            await theirs.send_all(_flood_frames(n_calls))
+            decoder = proto.FrameDecoder()
+            replies = 0
+            while replies < n_calls:
+                await trio.sleep(0.05)  # a slow link: 256 KiB every 50 ms
+                decoder.feed(await theirs.receive_some(256 << 10))
+                replies += len(decoder.frames())
+            assert not peer.closed
+            n.cancel_scope.cancel()
 
     run(body)

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse
+from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse, exit_status
 from .jail import checked_root
 from .policy import Policy, PolicyOptions
+from .safetext import printable
 from .translate import (
     DEFAULT_PRODUCTS,
     PathMap,
@@ -43,15 +44,25 @@ log = logging.getLogger("topyaz_mount")
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"topyaz-mount: {message}", err=True)
+    _say(message)
     return code
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines carry remote text (the agent's messages, names): shown as escapes."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - a traceback's lines, for -vv
+        return "\n".join(printable(line) for line in super().formatException(ei).splitlines())
 
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, format="topyaz-mount: %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("topyaz-mount: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
@@ -418,7 +429,8 @@ def exec_(
 
 
 def _say(text: str) -> None:
-    click.echo(f"topyaz-mount: {text}", err=True)
+    """One line of ours on stderr; any remote text in it is shown as escapes."""
+    click.echo(f"topyaz-mount: {printable(text)}", err=True)
 
 
 def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
@@ -426,14 +438,17 @@ def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
     if result is None:
         sys.exit(_fail("aborted; the remote session was torn down", 130))
     for line in result.lost:
-        click.echo(f"topyaz-mount: error: {line}", err=True)
+        _say(f"error: {line}")
     for line in result.refused:
-        click.echo(f"topyaz-mount: {line}", err=True)
+        _say(line)
     if stats_format == "json":
         click.echo(json.dumps(result.stats, sort_keys=True), err=True)
     elif stats_format == "text":
-        click.echo(f"topyaz-mount: {_stats_line(result.stats)}", err=True)
-    sys.exit(EXIT_FAILURE if result.lost and result.exit_code == 0 else result.exit_code)
+        _say(_stats_line(result.stats))
+    code, note = exit_status(result.exit_code)
+    if note is not None:
+        _say(f"error: {note}")
+    sys.exit(EXIT_FAILURE if result.lost and code == 0 else code)
 
 
 @main.command("cache")
@@ -466,20 +481,26 @@ def cache_(
         if prune_to is not None:
             extra += ["--prune-to", str(parse_size(prune_to))]
         out = _agent_json(settings, *extra)
-    except BaseException as e:  # noqa: BLE001
+        if as_json:
+            click.echo(json.dumps(out, sort_keys=True))
+            return
+        _show_cache(out, settings.remote, clear or prune_to is not None)
+    except BaseException as e:  # noqa: BLE001 - also an agent's answer of the wrong shape
         sys.exit(_report(e, verbose))
-    if as_json:
-        click.echo(json.dumps(out, sort_keys=True))
-        return
-    click.echo(f"cache at {out['path']} on {settings.remote}")
-    click.echo(f"  objects  {out['objects']}")
-    click.echo(f"  size     {_human(out['bytes'])} of {_human(out['cap'])} cap")
-    click.echo(
+
+
+def _show_cache(out: dict, remote: Remote, freed: bool) -> None:
+    lines = [
+        f"cache at {out['path']} on {remote}",
+        f"  objects  {out['objects']}",
+        f"  size     {_human(out['bytes'])} of {_human(out['cap'])} cap",
         f"  hit rate {out['hit_rate'] * 100:.1f} % ({out['hits']} hits, "
-        f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again"
-    )
-    if clear or prune_to is not None:
-        click.echo(f"  freed    {_human(out['freed'])}")
+        f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again",
+    ]
+    if freed:
+        lines.append(f"  freed    {_human(out['freed'])}")
+    for line in lines:  # the agent's answer: shown as escapes where it is not text
+        click.echo(printable(line))
 
 
 @main.command("doctor")
@@ -497,14 +518,14 @@ def doctor(
     try:
         settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
         out = _agent_json(settings, "--doctor")
-    except BaseException as e:  # noqa: BLE001
+        click.echo(f"ssh to {settings.remote}: ok ({settings.remote_python})")
+        failed = 0
+        for check in out["checks"]:
+            mark = "ok  " if check["ok"] else "FAIL"
+            failed += not check["ok"]
+            click.echo(printable(f"{mark} {check['check']}: {check['detail']}"))
+    except BaseException as e:  # noqa: BLE001 - also an agent's answer of the wrong shape
         sys.exit(_report(e, verbose))
-    click.echo(f"ssh to {settings.remote}: ok ({settings.remote_python})")
-    failed = 0
-    for check in out["checks"]:
-        mark = "ok  " if check["ok"] else "FAIL"
-        failed += not check["ok"]
-        click.echo(f"{mark} {check['check']}: {check['detail']}")
     sys.exit(EXIT_FAILURE if failed else 0)
 
 
@@ -565,10 +586,8 @@ def _detach(child_argv: list[str], ready_r: int, ready_w: int, log_path: str) ->
 
 def _print_ready(info: dict) -> None:
     name = info["name"]
-    click.echo(
-        f"topyaz-mount: session {name}: {info['root']} mounted at "
-        f"{info['host']}:{info['mountpoint']}"
-    )
+    place = printable(f"{info['root']} mounted at {info['host']}:{info['mountpoint']}")
+    click.echo(f"topyaz-mount: session {name}: {place}")
     click.echo(f"  run commands:  topyaz-mount exec --session {name} -- COMMAND")
     click.echo(f"  remote shell:  topyaz-mount shell --session {name}")
     click.echo(f"  unmount:       topyaz-mount unmount {name}")
@@ -671,8 +690,7 @@ def mount(
                 pass
         sys.exit(code)
     if lost:
-        tail = [x for x in server.session.ssh.stderr_tail if x.strip()]
-        why = f" ({tail[-1]})" if tail else ""
+        why = server.session.lost_reason()
         sys.exit(
             _fail(
                 f"connection to {settings.remote} lost{why}; session {session} ended. Outputs "
@@ -741,8 +759,9 @@ def status(name: str | None, as_json: bool) -> None:
         return
     for s in sessions:
         moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
+        place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
         click.echo(
-            f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}\n"
+            f"{place}\n"
             f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "
             f"{s.get('pending_outputs', 0)} outputs pending "
             f"({_human(s.get('pending_bytes', 0))}), moved {_human(moved)} "

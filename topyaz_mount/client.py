@@ -33,13 +33,14 @@ from .errors import (
     JobTimeout,
     RemoteCommandFailed,
     UsageError,
+    exit_status,
 )
 from .fileserver import FileServer
 from .hashindex import MANIFEST_HASH_BUDGET
 from .inputs import input_files
 from .jail import checked_root
 from .policy import MAX_REFUSALS_KEPT, Policy, PolicyOptions, Refusal, summarize
-from .rpc import ConnectionLost, Peer, RemoteError
+from .rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
 from .waiting import first_of
@@ -111,6 +112,7 @@ class Session:
         self._jobs: dict[int, Job] = {}
         self._job_ids = itertools.count(1)
         self._lost = trio.Event()
+        self.failure: proto.ProtocolError | None = None  # why the agent was cut off
         self.closed: proto.Closed | None = None
         self.watch = False  # the caller pushes local changes (long-lived sessions)
         # The next command's manifest, computed while the connection is made.
@@ -180,8 +182,8 @@ class Session:
         assert self.peer is not None
         try:
             await self.peer.run()
-        except proto.ProtocolError:
-            pass  # logged by the peer; the session reports the lost connection
+        except proto.ProtocolError as e:
+            self.failure = e  # the session reports the lost connection, with this reason
         finally:
             self._lost.set()
 
@@ -201,10 +203,13 @@ class Session:
                 job.exited = msg
                 job.done.set()
         elif isinstance(msg, proto.Log):
-            job = self._jobs.get(msg.job)
-            if job is not None:
-                job.warnings.append(msg.text)
-            (job.on_warning if job is not None and job.on_warning else self.on_warning)(msg.text)
+            self._warn(self._jobs.get(msg.job), msg.text)
+
+    def _warn(self, job: Job | None, text: str) -> None:
+        """A line for the user about ``job`` (its result lists it too)."""
+        if job is not None:
+            job.warnings.append(text)
+        (job.on_warning if job is not None and job.on_warning else self.on_warning)(text)
 
     async def goodbye(self, force: bool = False) -> proto.Closed | None:
         """End the remote session (idempotent); what it could not commit is named."""
@@ -374,9 +379,10 @@ class Session:
         refusals = self.server.refusals.since(refusals_before) + [
             Refusal(r.path, r.op, r.why) for r in exited.refused[:MAX_REFUSALS_KEPT]
         ]
-        return RunResult(
-            exited.code, list(exited.lost), list(job.warnings), stats, summarize(refusals)
-        )
+        code, note = exit_status(exited.code)
+        if note is not None:
+            self._warn(job, note)
+        return RunResult(code, list(exited.lost), list(job.warnings), stats, summarize(refusals))
 
     def prepare_manifest(self, argv: Sequence[str], cwd: str) -> None:
         """Hash the inputs of the command about to run while ssh connects and the agent
@@ -426,9 +432,17 @@ class Session:
     async def _wait_exit(self, job: Job) -> None:
         await first_of(job.done, self._lost)
 
-    def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
+    def lost_reason(self) -> str:
+        """Why the connection ended, as " (…)" for our message, or ""."""
+        if isinstance(self.failure, PeerStalled):
+            return " (the agent stopped reading its replies; giving up)"
+        if self.failure is not None:
+            return f" (the agent broke the protocol: {self.failure})"
         tail = [line for line in self.ssh.stderr_tail if line.strip()]
-        why = f" ({tail[-1]})" if tail else ""
+        return f" ({tail[-1]})" if tail else ""
+
+    def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
+        why = self.lost_reason()
         return ConnectionFailed(
             f"connection to {self.settings.remote} lost{during}{why}; outputs not "
             f"yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"

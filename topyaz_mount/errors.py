@@ -6,6 +6,18 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 255  # like ssh: topyaz-mount itself failed, not the remote command
 
 
+def exit_status(code: int) -> tuple[int, str | None]:
+    """The local exit status for the remote command's, and a note if it had to change.
+
+    A process exits 0-255, and death by signal N is 128+N (the shell's convention; the
+    agent reports it so). Anything else came from a broken or hostile agent: it is 255,
+    never the value modulo 256, so 256 cannot pass for success.
+    """
+    if 0 <= code <= 255:
+        return code, None
+    return EXIT_FAILURE, f"the remote reported exit status {code}, not 0-255; exiting 255"
+
+
 class TopyazMountError(Exception):
     exit_code = EXIT_FAILURE
 

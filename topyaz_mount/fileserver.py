@@ -9,6 +9,11 @@ a damaged one. Temporary files of unfinished commits are removed when the sessio
 Every request passes the write policy first (policy.py): hidden paths do not exist for
 the agent, protected ones refuse every change, and each refusal is recorded for the
 summary the user sees when the job ends.
+
+The agent may be hostile, so what it can make us hold is capped: commit data in flight
+across the session (a share of the free disk, see DISK_SHARE; a commit past it fails with
+ENOSPC and its temporary file goes at once), and open reads and commits (from the fd
+limit, which the client raises to its hard limit, so listings always have fds left).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import errno
 import logging
 import os
 import re
+import resource
 import secrets
 import stat
 import time
@@ -38,6 +44,17 @@ log = logging.getLogger(__name__)
 MAX_OPEN_READS = 1024
 MAX_OPEN_COMMITS = 256
 MAX_RENAME_SCAN = 100_000  # entries of a renamed directory checked against the policy
+MAX_MADE = 65536  # paths remembered as the agent's own changes (for the watcher)
+# Descriptors kept back from both caps: listings, the jail's own, sockets, pipes, logs.
+FD_RESERVE = 64
+FD_CEILING = 65536  # the soft limit raised no higher (macOS refuses an unlimited one)
+
+# Commit data in flight (written to temporary files, not yet renamed into place) may use
+# this share of the space free without it, and never the filesystem's last
+# DISK_RESERVE_FRACTION (at most DISK_RESERVE_MAX): a hostile agent cannot fill the disk.
+DISK_SHARE = 0.75
+DISK_RESERVE_FRACTION = 0.05
+DISK_RESERVE_MAX = 1 << 30
 TEMP_MARK = b".tmcommit-"
 _TMPFILE_NAME = re.compile(rb"#\d+")
 
@@ -61,6 +78,37 @@ class _Commit:
     error: OSError | None = None
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (at most FD_CEILING); the
+    resulting soft limit. Many inputs open at once must not run listings out of fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_CEILING if hard == resource.RLIM_INFINITY else min(hard, FD_CEILING)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (OSError, ValueError):
+            pass
+    return FD_CEILING if soft == resource.RLIM_INFINITY else soft
+
+
+@dataclass(frozen=True)
+class OpenCaps:
+    """How many reads and commits may be open at once, from the fd limit."""
+
+    reads: int
+    commits: int
+
+    @classmethod
+    def for_limit(cls, fd_limit: int) -> OpenCaps:
+        # A commit holds two fds (file and directory), a read up to two (file and its
+        # hashing copy); FD_RESERVE is left for everything else.
+        spare = max(fd_limit - FD_RESERVE, 8)
+        commits = max(1, min(MAX_OPEN_COMMITS, spare // 8))
+        reads = max(1, min(MAX_OPEN_READS, (spare - 2 * commits) // 2))
+        return cls(reads, commits)
+
+
 @dataclass
 class _Read:
     fd: int
@@ -79,8 +127,14 @@ class TransferStats:
 
 class FileServer:
     def __init__(
-        self, root: Path, index: HashIndex | None = None, policy: Policy | None = None
+        self,
+        root: Path,
+        index: HashIndex | None = None,
+        policy: Policy | None = None,
+        disk_share: float = DISK_SHARE,
     ) -> None:
+        self.caps = OpenCaps.for_limit(raise_fd_limit())
+        self.disk_share = disk_share
         self.jail = Jail(root)
         self.policy = policy if policy is not None else Policy.from_options(PolicyOptions())
         self.refusals = RefusalLog()
@@ -122,7 +176,10 @@ class FileServer:
     def _made(self, *paths: bytes) -> None:
         now = time.monotonic()
         for rel in paths:
+            self.made.pop(rel, None)  # re-inserted: the dict stays oldest first
             self.made[rel] = (self.state_of(rel), now)
+        while len(self.made) > MAX_MADE:  # a flood of requests must not grow us
+            del self.made[next(iter(self.made))]
 
     def is_echo(self, rel: bytes) -> bool:
         """Whether ``rel`` is as the agent's last request left it (not the user's change)."""
@@ -197,16 +254,47 @@ class FileServer:
         c = self._commits.get(msg.commit)
         if c is None or c.error is not None:
             return
-        if msg.offset != c.written:
-            c.error = OSError(errno.EIO, "commit data out of order")
-            return
         try:
+            if msg.offset != c.written:
+                raise OSError(errno.EIO, "commit data out of order")
+            self._check_room(c.fd, len(msg.data))
             _write_all(c.fd, msg.data)
         except OSError as e:
+            # Failed for good (its end reports it): give the space back now.
             c.error = e
+            self._drop_temp(c)
             return
         c.hasher.update(msg.data)
         c.written += len(msg.data)
+
+    def commit_bytes_in_flight(self) -> int:
+        """Data of every unfinished commit of the session, on the client's disk."""
+        return sum(c.written for c in self._commits.values() if c.fd >= 0)
+
+    def _check_room(self, fd: int, more: int) -> None:
+        """ENOSPC if ``more`` bytes of commit data would pass the disk cap (see DISK_SHARE)."""
+        st = os.fstatvfs(fd)
+        in_flight = self.commit_bytes_in_flight()
+        free_without = st.f_bavail * st.f_frsize + in_flight
+        reserve = min(DISK_RESERVE_MAX, int(st.f_blocks * st.f_frsize * DISK_RESERVE_FRACTION))
+        cap = min(int(free_without * self.disk_share), free_without - reserve)
+        if in_flight + more > cap:
+            raise OSError(
+                errno.ENOSPC,
+                f"outputs in flight would pass the client's disk cap ({max(cap, 0) >> 20} MiB)",
+            )
+
+    def _drop_temp(self, c: _Commit) -> None:
+        """Close and remove a failed commit's temporary file; its entry stays for its end."""
+        if c.fd >= 0:
+            os.close(c.fd)
+            c.fd = -1
+        if c.temp_name:
+            try:
+                os.unlink(c.temp_name, dir_fd=c.dir_fd)
+            except OSError:
+                pass
+            c.temp_name = b""
 
     # --- requests -------------------------------------------------------------------
 
@@ -225,7 +313,7 @@ class FileServer:
         return proto.Listing(entries)
 
     def _open_read(self, req: proto.OpenRead) -> proto.Opened:
-        if len(self._reads) >= MAX_OPEN_READS:
+        if len(self._reads) >= self.caps.reads:
             raise OSError(errno.EMFILE, "too many open files")
         self._visible(req.path)
         fd = self.jail.open_read(req.path)
@@ -354,7 +442,7 @@ class FileServer:
     # --- commits --------------------------------------------------------------------
 
     def _commit_begin(self, req: proto.CommitBegin) -> proto.Done:
-        if len(self._commits) >= MAX_OPEN_COMMITS:
+        if len(self._commits) >= self.caps.commits:
             raise OSError(errno.EMFILE, "too many outputs in flight")
         if req.commit in self._commits:
             raise OSError(errno.EEXIST, "commit id in use")
@@ -365,6 +453,7 @@ class FileServer:
         name = parts[-1]
         temp_name = b"." + name[:180] + TEMP_MARK + secrets.token_hex(6).encode()
         with self.jail.parent(req.path) as (dfd, _):
+            self._check_room(dfd, 1)  # refused at once when the cap is reached
             try:
                 # Unnamed until it is complete: a client killed mid-commit leaves nothing.
                 fd = os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)

@@ -17,6 +17,7 @@ import trio
 
 from .client import RunResult, Session, open_session
 from .policy import Policy
+from .safetext import printable
 from .session_client import writer
 from .transport import SshSettings
 
@@ -57,7 +58,7 @@ async def exec_async(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward_signals, session, abort)
                 session.on_warning = lambda text: click.echo(
-                    f"topyaz-mount: warning: {text}", err=True
+                    f"topyaz-mount: warning: {printable(text)}", err=True
                 )
                 result = await session.run(
                     argv,

@@ -459,7 +459,11 @@ class FrameDecoder:
         self._buf += data
 
     def frames(self) -> list[Frame]:
-        out: list[Frame] = []
+        return [frame for frame, _ in self.sized_frames()]
+
+    def sized_frames(self) -> list[tuple[Frame, int]]:
+        """The complete frames buffered, each with its size on the wire."""
+        out: list[tuple[Frame, int]] = []
         buf = self._buf
         pos = 0
         while len(buf) - pos >= 4:
@@ -470,7 +474,7 @@ class FrameDecoder:
                 break
             body = memoryview(buf)[pos + 4 : pos + 4 + size]
             try:
-                out.append(_decoder.decode(body))
+                out.append((_decoder.decode(body), 4 + size))
             except msgspec.DecodeError as e:
                 raise ProtocolError(f"malformed frame: {e}") from None
             finally:

@@ -9,11 +9,24 @@ A call's request goes out ahead of bulk data whatever its reply's priority: a pr
 request queued behind megabytes of output data starved the input transfer of a job that
 reads and writes at once (seen: the upload ran at half the link's rate).
 
-Urgent calls have slots of their own, the reader never waits for a slot (only past a
-backlog of 4096 unanswered calls), and urgent replies skip the queue's size limit:
-otherwise a full queue of bulk replies holds every slot, the reader stops taking
-frames, and a lookup the job waits for sits behind all the prefetch requested before
-it (seen: a batch job started 5 s late, behind 128 MiB of prefetch on a WAN link).
+Urgent calls have slots of their own, the reader never waits for a slot, and urgent
+replies have room of their own above the bulk queue's limit: otherwise a full queue of
+bulk replies holds every slot, the reader stops taking frames, and a lookup the job
+waits for sits behind all the prefetch requested before it (seen: a batch job started
+5 s late, behind 128 MiB of prefetch on a WAN link).
+
+Memory is bounded whatever the peer does, because the peer may be hostile (a flood of
+urgent 4 MiB reads whose replies it never read grew the client past 3 GB). Outgoing
+frames wait past ``queue_limit`` (32 MiB; urgent ones past ``memory_limit``, 64 MiB),
+and a call's handler runs only once its reply has room, so a reply is never made only
+to wait in memory. The reader stops taking frames while the outgoing bytes reach
+``memory_limit`` or the calls read and not yet answered reach 4096 or 16 MiB; that is
+backpressure on the peer. Only urgent replies, which a working peer drains first, can
+fill the queue that far, so bulk replies never stop the reader. While the reader or a
+reply waits on these bounds and the peer takes none of our bytes for ``stall_timeout``
+(60 s), the connection fails with ``PeerStalled``; a slow peer that keeps reading is
+never cut off. At most about 100 MiB is held: the outgoing bound plus one frame
+(8 MiB), the unanswered calls plus one frame, and the decoder's partial frame.
 """
 
 from __future__ import annotations
@@ -35,12 +48,19 @@ CallHandler = Callable[[Any], Awaitable[Any]]
 NoticeHandler = Callable[[Any], Awaitable[None]]
 
 
+STALL_TIMEOUT = 60.0  # a peer that takes none of our bytes this long while we wait is cut off
+
+
 class RemoteError(OSError):
     """The peer answered a request with an errno."""
 
 
 class ConnectionLost(Exception):
     """The stream ended or broke; no reply will come."""
+
+
+class PeerStalled(proto.ProtocolError):
+    """The peer sent requests but stopped reading their replies."""
 
 
 class _Pending:
@@ -61,8 +81,12 @@ class Peer:
         *,
         preamble: bytes = b"",
         queue_limit: int = 32 << 20,
+        memory_limit: int = 64 << 20,
         max_concurrent_calls: int = 128,
         max_urgent_calls: int = 32,
+        max_unanswered_calls: int = 4096,
+        max_unanswered_bytes: int = 16 << 20,
+        stall_timeout: float | None = None,
     ) -> None:
         self._stream = stream
         self._on_call = on_call
@@ -74,7 +98,9 @@ class Peer:
         self._next_rid = 1
         self._queues: list[deque[bytes]] = [deque(), deque(), deque()]
         self._queued = 0
+        self._sending = 0  # the batch the writer is handing to the stream
         self._queue_limit = queue_limit
+        self._memory_limit = max(memory_limit, queue_limit)
         self._has_frames = trio.Event()
         self._has_room = trio.Event()
         self._has_room.set()
@@ -82,7 +108,14 @@ class Peer:
         self._urgent_slots = trio.Semaphore(max_urgent_calls)
         # Calls read and not yet answered: only past this many does the reader stop,
         # so a bulk call waiting for a slot never keeps an urgent one behind it unread.
-        self._backlog = trio.Semaphore(max(4096, max_concurrent_calls + max_urgent_calls))
+        self._max_unanswered = max(max_unanswered_calls, max_concurrent_calls + max_urgent_calls)
+        self._max_unanswered_bytes = max_unanswered_bytes
+        self._unanswered = 0
+        self._unanswered_bytes = 0
+        self._stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
+        self._last_sent_at = 0.0
+        self._peer_waits = 0  # the reader and replies waiting for room
+        self._peer_blocked_since = 0.0
         self._closed: BaseException | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -147,12 +180,18 @@ class Peer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(until_broken, self._write_loop)
+                nursery.start_soon(until_broken, self._watch_stall)
                 await until_broken(self._read_loop, nursery)
         finally:
             self._lose(error or ConnectionLost("connection closed"))
         if isinstance(error, proto.ProtocolError):
-            log.error("protocol error from peer: %s", error)
+            log.info("protocol error from peer: %s", error)
             raise error
+
+    @property
+    def held_bytes(self) -> int:
+        """Outgoing bytes not yet taken by the stream, and calls read but not answered."""
+        return self._queued + self._sending + self._unanswered_bytes
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been handed to the stream."""
@@ -171,12 +210,47 @@ class Peer:
         self._has_frames.set()
         self._has_room.set()
 
+    def _limit_for(self, prio: int) -> int:
+        return self._memory_limit if prio == proto.PRIO_URGENT else self._queue_limit
+
+    def _room_changed(self) -> None:
+        self._has_room.set()
+
+    async def _wait_room(self, blocked: Callable[[], bool], *, for_peer: bool = False) -> None:
+        """Wait while ``blocked()``. ``for_peer``: the wait is for the peer's own
+        requests (the reader, or a reply), which the stall watch counts."""
+        if not blocked():
+            return
+        if for_peer:
+            self._peer_waits += 1
+            if self._peer_waits == 1:
+                self._peer_blocked_since = trio.current_time()
+        try:
+            while blocked() and self._closed is None:
+                if self._has_room.is_set():
+                    self._has_room = trio.Event()
+                await self._has_room.wait()
+        finally:
+            if for_peer:
+                self._peer_waits -= 1
+
+    async def _watch_stall(self) -> None:
+        """Cut the peer off once its requests have waited on our memory bound for
+        ``stall_timeout`` while it took none of the bytes we have for it."""
+        while True:
+            await trio.sleep(self._stall_timeout / 8)
+            if not self._peer_waits or not self._queued + self._sending:
+                continue
+            quiet_since = max(self._peer_blocked_since, self._last_sent_at)
+            if trio.current_time() - quiet_since >= self._stall_timeout:
+                raise PeerStalled(
+                    f"the peer stopped reading our replies ({self.held_bytes >> 20} MiB "
+                    f"held for {self._stall_timeout:g} s); giving up"
+                )
+
     async def _enqueue(self, frame: bytes, prio: int) -> None:
-        while (
-            prio != proto.PRIO_URGENT and self._queued >= self._queue_limit and self._closed is None
-        ):
-            self._has_room = trio.Event() if self._has_room.is_set() else self._has_room
-            await self._has_room.wait()
+        limit = self._limit_for(prio)
+        await self._wait_room(lambda: self._queued + self._sending >= limit)
         if self._closed is not None:
             raise ConnectionLost(str(self._closed))
         self._queues[min(max(prio, 0), 2)].append(frame)
@@ -194,8 +268,6 @@ class Peer:
             if size >= limit:
                 break
         self._queued -= size
-        if self._queued < self._queue_limit:
-            self._has_room.set()
         return b"".join(parts)
 
     async def _write_loop(self) -> None:
@@ -207,22 +279,33 @@ class Peer:
                     return
                 continue
             batch = self._take_batch()
+            self._sending = len(batch)
             await self._stream.send_all(batch)
+            self._sending = 0
+            self._last_sent_at = trio.current_time()
             self.bytes_sent += len(batch)
+            self._room_changed()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
-        for frame in self._decoder.frames():
-            await self._dispatch(frame, nursery)
+        for frame, size in self._decoder.sized_frames():
+            await self._dispatch(frame, size, nursery)
         while True:
             data = await self._stream.receive_some(1 << 18)
             if not data:
                 return
             self.bytes_received += len(data)
             self._decoder.feed(data)
-            for frame in self._decoder.frames():
-                await self._dispatch(frame, nursery)
+            for frame, size in self._decoder.sized_frames():
+                await self._dispatch(frame, size, nursery)
 
-    async def _dispatch(self, frame: Any, nursery: trio.Nursery) -> None:
+    def _reader_blocked(self) -> bool:
+        return (
+            self._queued + self._sending >= self._memory_limit
+            or self._unanswered >= self._max_unanswered
+            or self._unanswered_bytes >= self._max_unanswered_bytes
+        )
+
+    async def _dispatch(self, frame: Any, size: int, nursery: trio.Nursery) -> None:
         if isinstance(frame, proto.Reply | proto.Fail):
             pending = self._pending.get(frame.rid)
             if pending is None:
@@ -234,19 +317,28 @@ class Peer:
             pending.event.set()
         elif isinstance(frame, proto.Call):
             slots = self._urgent_slots if frame.prio == proto.PRIO_URGENT else self._call_slots
-            await self._backlog.acquire()
-            nursery.start_soon(self._serve, frame, slots)
+            await self._wait_room(self._reader_blocked, for_peer=True)
+            self._unanswered += 1
+            self._unanswered_bytes += size
+            nursery.start_soon(self._serve, frame, size, slots)
         else:
             await self._on_notice(frame.msg)
 
-    async def _serve(self, call: proto.Call, slots: trio.Semaphore) -> None:
+    async def _serve(self, call: proto.Call, size: int, slots: trio.Semaphore) -> None:
         try:
             async with slots:
                 await self._answer(call)
         finally:
-            self._backlog.release()
+            self._unanswered -= 1
+            self._unanswered_bytes -= size
+            self._room_changed()
 
     async def _answer(self, call: proto.Call) -> None:
+        # The reply's room first: a reply made before there is room would wait in memory.
+        limit = self._limit_for(call.prio)
+        await self._wait_room(lambda: self._queued + self._sending >= limit, for_peer=True)
+        if self._closed is not None:
+            return
         try:
             res = await self._on_call(call.req)
             frame = proto.encode(proto.Reply(call.rid, res))

@@ -245,8 +245,8 @@ class AgentSession:
     async def _run_peer(self) -> None:
         try:
             await self.peer.run()
-        except proto.ProtocolError:
-            pass  # logged by the peer; treated as a lost connection
+        except proto.ProtocolError as e:
+            log.error("protocol error from the client: %s", e)  # then as a lost connection
         finally:
             if not self.torn_down:
                 self.connection_lost = True
