@@ -217,7 +217,7 @@ def test_package_missing_on_remote():
     )
     assert type(e) is AgentUnavailable
     assert "topyaz-mount is not installed" in str(e)
-    assert "pip install" in str(e)
+    assert "run `topyaz-mount setup --remote alice@gpu:2222`" in str(e)
 
 
 def test_dependency_missing_on_remote():
