@@ -219,13 +219,20 @@ class HostFacts:
         )
 
     def pip_platforms(self) -> list[str]:
-        """``pip download --platform`` values for the host (pip widens manylinux)."""
+        """``pip download --platform`` values for the host: every manylinux its glibc
+        runs, newest first (pip does not widen one itself), and the plain platform."""
         plat = str(self.raw.get("platform", "")).replace("-", "_").replace(".", "_")
         libc = _libc_tuple(str(self.raw.get("libc", "")))
-        if plat.startswith("linux_") and libc:
-            arch = plat.removeprefix("linux_")
-            return [f"manylinux_{libc[0]}_{libc[1]}_{arch}", plat]
-        return [plat]
+        if not (plat.startswith("linux_") and len(libc) == 2 and libc[0] == 2):
+            return [plat]
+        arch = plat.removeprefix("linux_")
+        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+        tags = []
+        for minor in range(libc[1], 4, -1):
+            tags.append(f"manylinux_2_{minor}_{arch}")
+            if minor in legacy:
+                tags.append(f"{legacy[minor]}_{arch}")
+        return [*tags, plat]
 
     def build_problems(self) -> list[str]:
         """What the host lacks to compile a C extension against libfuse3."""
