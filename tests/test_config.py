@@ -7,7 +7,6 @@ import stat
 import sys
 
 import pytest
-from packaging.requirements import Requirement
 
 from topyaz_mount.api import RemoteHost
 from topyaz_mount.cli import _settings
@@ -19,7 +18,6 @@ from topyaz_mount.config import (
     save_profile,
 )
 from topyaz_mount.errors import UsageError
-from topyaz_mount.hostsetup import HostFacts, host_requirements, own_wheel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,36 +118,3 @@ def test_bad_config_is_one_clear_error(config):
     with pytest.raises(UsageError, match="backend 'smb'"):
         config.write_text('[hosts.gpu]\nbackend = "smb"\n')
         _settings("gpu", (), None, None, None, 0)
-
-
-def facts(sys_platform: str, python: str, libc: str = "glibc 2.31") -> HostFacts:
-    return HostFacts({
-        "platform": "linux-x86_64" if sys_platform == "linux" else "macosx-14.0-arm64",
-        "libc": libc,
-        "markers": {
-            "implementation_name": "cpython", "os_name": "posix",
-            "platform_machine": "x86_64", "platform_system": "Linux",
-            "python_version": python, "python_full_version": python + ".0",
-            "sys_platform": sys_platform, "platform_python_implementation": "CPython",
-            "implementation_version": python + ".0", "platform_release": "",
-            "platform_version": "",
-        },
-    })
-
-
-def test_host_requirements_follow_the_hosts_markers():
-    wheel = own_wheel()
-
-    def names(host: HostFacts) -> set[str]:
-        return {Requirement(r).name for r in host_requirements(wheel, host)}
-
-    assert {"pyfuse3", "trio", "tomli"} <= names(facts("linux", "3.10"))
-    mac = names(facts("darwin", "3.12"))
-    assert "pyfuse3" not in mac and "tomli" not in mac and "trio" in mac
-
-
-def test_pip_platforms_widen_manylinux():
-    tags = facts("linux", "3.11", "glibc 2.28").pip_platforms()
-    assert tags[0] == "manylinux_2_28_x86_64" and tags[-1] == "linux_x86_64"
-    assert "manylinux2014_x86_64" in tags and "manylinux_2_17_x86_64" in tags
-    assert "manylinux_2_29_x86_64" not in tags

@@ -1,0 +1,73 @@
+"""setup's client side: the own wheel, the host's requirements and platform tags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from topyaz_mount.hostsetup import HostFacts, host_requirements, own_wheel
+
+
+def facts(sys_platform: str, python: str, libc: str = "glibc 2.31") -> HostFacts:
+    return HostFacts({
+        "platform": "linux-x86_64" if sys_platform == "linux" else "macosx-14.0-arm64",
+        "libc": libc,
+        "markers": {
+            "implementation_name": "cpython", "os_name": "posix",
+            "platform_machine": "x86_64", "platform_system": "Linux",
+            "python_version": python, "python_full_version": python + ".0",
+            "sys_platform": sys_platform, "platform_python_implementation": "CPython",
+            "implementation_version": python + ".0", "platform_release": "",
+            "platform_version": "",
+        },
+    })
+
+
+def test_host_requirements_follow_the_hosts_markers():
+    wheel = own_wheel()
+
+    def names(host: HostFacts) -> set[str]:
+        return {Requirement(r).name for r in host_requirements(wheel, host)}
+
+    assert {"pyfuse3", "trio", "tomli"} <= names(facts("linux", "3.10"))
+    mac = names(facts("darwin", "3.12"))
+    assert "pyfuse3" not in mac and "tomli" not in mac and "trio" in mac
+
+
+def test_pip_platforms_widen_manylinux():
+    tags = facts("linux", "3.11", "glibc 2.28").pip_platforms()
+    assert tags[0] == "manylinux_2_28_x86_64" and tags[-1] == "linux_x86_64"
+    assert "manylinux2014_x86_64" in tags and "manylinux_2_17_x86_64" in tags
+    assert "manylinux_2_29_x86_64" not in tags
+
+
+def test_an_installed_wheel_is_repacked_file_for_file(tmp_path):
+    """A client installed from a wheel (pipx) has no source tree: it packs what it has."""
+    wheel = own_wheel()
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+         "--disable-pip-version-check", "--target", str(target), str(wheel)],
+        check=True, capture_output=True,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    code = "from topyaz_mount.hostsetup import own_wheel; print(own_wheel())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True, cwd=tmp_path).stdout.strip()
+    repacked = Path(out)
+    assert repacked.parent == tmp_path / "cache" / "topyaz-mount" / "wheels"
+    assert repacked.name == wheel.name
+
+    def contents(path: Path) -> dict[str, bytes]:
+        with zipfile.ZipFile(path) as zf:
+            return {n: zf.read(n) for n in zf.namelist() if not n.endswith("/RECORD")}
+
+    assert contents(repacked) == contents(wheel)
+    with zipfile.ZipFile(repacked) as zf:
+        record = zf.read(next(n for n in zf.namelist() if n.endswith("/RECORD"))).decode()
+    assert len(record.splitlines()) == len(contents(wheel)) + 1
