@@ -31,6 +31,7 @@ from .config import (
     save_profile,
 )
 from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse
+from .safetext import printable
 from .translate import (
     DEFAULT_PRODUCTS,
     PathMap,
@@ -425,9 +426,9 @@ def doctor(
     has_profile = load_profile(host) is not None
     click.echo(f"profile: {where}" if has_profile else f"profile: none ({where} is not set)")
     if facts.ready_for(None):
-        click.echo(f"ok   setup: topyaz-mount {__version__} in {facts.venv}")
+        click.echo(f"ok   setup: topyaz-mount {__version__} in {printable(facts.venv)}")
     else:
-        others = ", ".join(facts.raw.get("others") or []) or "none"
+        others = printable(", ".join(facts.raw.get("others") or []) or "none")
         click.echo(
             f"--   setup: topyaz-mount {__version__} not set up (there: {others}); "
             f"`topyaz-mount setup --remote {host}` does it"
@@ -436,9 +437,9 @@ def doctor(
     try:
         out = _agent_json(settings, "--doctor")
     except TopyazMountError as e:
-        click.echo(f"FAIL agent ({settings.remote_python}): {collapse(e)}")
+        click.echo(f"FAIL agent ({printable(settings.remote_python)}): {collapse(e)}")
         sys.exit(EXIT_FAILURE)
-    click.echo(f"ok   agent: {settings.remote_python}")
+    click.echo(f"ok   agent: {printable(settings.remote_python)}")
     for check in out["checks"]:
         mark = "ok  " if check["ok"] else "FAIL"
         failed += not check["ok"]

@@ -40,6 +40,7 @@ from typing import Any
 
 from . import __version__
 from .errors import AgentUnavailable, ConnectionFailed
+from .safetext import printable
 from .transport import SshSettings, explain_startup_failure
 
 READY_MARKER = ".topyaz-mount-ready"
@@ -568,7 +569,11 @@ def _human(n: float) -> str:
 def setup_host(req: SetupRequest) -> SetupResult:
     """Probe; if not ready (and not ``check_only``) make the venv and install."""
     started = time.monotonic()
-    settings, say = req.settings, req.say
+    settings = req.settings
+
+    def say(text: str) -> None:  # the host chose much of what is said: no raw controls
+        req.say(printable(text))
+
     host = settings.remote
     facts = probe(settings, req.python)
     say(
@@ -598,7 +603,9 @@ def setup_host(req: SetupRequest) -> SetupResult:
         return SetupResult(True, False, facts.venv_python, facts, elapsed)
     if not facts.raw.get("has_venv"):
         fix = facts.install_command("python3-venv")
-        raise SetupFailed(f"{facts.python} on {host} cannot make a venv: run `{fix}` there")
+        raise SetupFailed(
+            printable(f"{facts.python} on {host} cannot make a venv: run `{fix}` there")
+        )
     if not facts.raw.get("libfuse3"):
         raise SetupFailed(f"{host} lacks libfuse3: run `{facts.install_command('fuse3')}` there")
     made = _json_answer(
@@ -610,7 +617,9 @@ def setup_host(req: SetupRequest) -> SetupResult:
         ),
     )
     if not made.get("ok"):
-        raise SetupFailed(f"cannot make a venv at {facts.venv} on {host}: {made.get('error')}")
+        raise SetupFailed(
+            printable(f"cannot make a venv at {facts.venv} on {host}: {made.get('error')}")
+        )
     online = bool(made.get("online"))
     mode = "online" if online else "offline"
     say(
@@ -635,7 +644,7 @@ def setup_host(req: SetupRequest) -> SetupResult:
     done = _json_answer(settings, _ssh(settings, f"exec {command}", payload, timeout=1800))
     if not done.get("ok"):
         error = str(done.get("error") or "no message")
-        raise SetupFailed(f"pip install on {host} failed: {error}")
+        raise SetupFailed(f"pip install on {host} failed: {printable(error)}")
     elapsed = time.monotonic() - started
     say(f"{host}: installed topyaz-mount {__version__} ({mode}) in {elapsed:.1f} s")
     return SetupResult(True, True, facts.venv_python, facts, elapsed, mode)
