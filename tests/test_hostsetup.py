@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from topyaz_mount.hostsetup import HostFacts, host_requirements, own_wheel
+from topyaz_mount.hostsetup import HostFacts, build_requires, host_requirements, own_wheel
 
 
 def facts(sys_platform: str, python: str, libc: str = "glibc 2.31") -> HostFacts:
@@ -71,3 +72,22 @@ def test_an_installed_wheel_is_repacked_file_for_file(tmp_path):
     with zipfile.ZipFile(repacked) as zf:
         record = zf.read(next(n for n in zf.namelist() if n.endswith("/RECORD"))).decode()
     assert len(record.splitlines()) == len(contents(wheel)) + 1
+
+
+def test_build_requires_of_an_sdist(tmp_path):
+    """Offline, the host builds a source-only package in isolation from uploaded wheels."""
+    src = tmp_path / "pkg-1.0"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=78.1.1", "Cython"]\n'
+    )
+    (src / "sub").mkdir()
+    (src / "sub" / "pyproject.toml").write_text('[build-system]\nrequires = ["decoy"]\n')
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="pkg-1.0")
+    assert build_requires(sdist) == ["setuptools>=78.1.1", "Cython"]
+    (src / "pyproject.toml").unlink()
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="pkg-1.0")
+    assert build_requires(sdist) == ["setuptools>=40.8", "wheel"]

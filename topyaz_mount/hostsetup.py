@@ -145,7 +145,7 @@ print(json.dumps({"ok": True, "online": reach.returncode == 0, "why": lines[-1] 
 # Runs in the new venv: unpack the wheels from stdin, pip install, write the marker.
 # argv: online (1/0), the own wheel's file name, the marker's JSON.
 _INSTALL = r"""
-import json, os, shutil, subprocess, sys, tarfile, tempfile
+import json, os, re, shutil, subprocess, sys, tarfile, tempfile
 online, own, marker = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
 house = tempfile.mkdtemp(prefix="wheelhouse-", dir=sys.prefix)
 try:
@@ -169,7 +169,8 @@ try:
             os.fsync(f.fileno())
         os.rename(tmp, os.path.join(sys.prefix, ".topyaz-mount-ready"))
     tail = errors or done.stderr.strip().splitlines()[-3:]
-    print(json.dumps({"ok": done.returncode == 0, "error": " / ".join(tail)}))
+    missing = re.findall(r"No matching distribution found for (\S+)", done.stderr)
+    print(json.dumps({"ok": done.returncode == 0, "error": " / ".join(tail), "missing": missing}))
 finally:
     shutil.rmtree(house, ignore_errors=True)
 """
@@ -475,6 +476,18 @@ def host_requirements(wheel: Path, facts: HostFacts) -> list[str]:
     return wanted
 
 
+def _bare(requirement: str) -> str:
+    """A requirement pip named, without its marker (evaluated on the host already)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        req = Requirement(requirement)
+    except InvalidRequirement:
+        raise SetupFailed(f"the host's pip asked for {printable(requirement)!r}") from None
+    req.marker = None
+    return str(req)
+
+
 def _name(requirement: str) -> str:
     from packaging.requirements import Requirement
 
@@ -524,15 +537,26 @@ def gather(
         elif host_builds:
             _pip("download", "-q", "--no-deps", "--no-binary=:all:", "-d", str(house), req)
             notes.append(f"{name} source (compiled on the host)")
-            reqs += ["setuptools", "wheel"]
+            if not online:  # the host's pip builds it in isolation: its build requirements
+                reqs += build_requires(next(house.glob(f"{name}-*.tar.gz")))
         else:
             why = "no binary wheel exists and this machine's platform or Python differs"
             raise _host_cannot_build(settings, facts, name, why)
     if online:
         return notes
-    binary = [r for r in reqs if r not in from_source]
+    count = download_binary(facts, house, [r for r in reqs if r not in from_source])
+    notes.append(f"{count} wheels downloaded for {facts.pip_platforms()[0]}")
+    return notes
+
+
+def download_binary(facts: HostFacts, house: Path, requirements: list[str]) -> int:
+    """Wheels for the host's platform and Python (and their dependencies) into ``house``.
+
+    pip evaluates the dependencies' markers for this interpreter, not the host's, so a
+    host on another Python may still lack one: the install names it and ``setup_host``
+    comes back here for it.
+    """
     before = len(list(house.iterdir()))
-    platform_args = [f"--platform={p}" for p in facts.pip_platforms()]
     abi = str(facts.raw.get("abi") or "")
     _pip(
         "download",
@@ -541,13 +565,31 @@ def gather(
         "-d",
         str(house),
         f"--python-version={facts.short_version}",
-        *platform_args,
+        *(f"--platform={p}" for p in facts.pip_platforms()),
         *(["--implementation=cp", f"--abi={abi}"] if abi else []),
-        *binary,
+        *requirements,
     )
-    count = len(list(house.iterdir())) - before
-    notes.append(f"{count} wheels downloaded for {facts.pip_platforms()[0]}")
-    return notes
+    return len(list(house.iterdir())) - before
+
+
+def build_requires(sdist: Path) -> list[str]:
+    """``[build-system] requires`` of a source distribution (PEP 518)."""
+    from .config import tomllib
+
+    with tarfile.open(sdist) as tar:
+        member = next(
+            (
+                m
+                for m in tar.getmembers()
+                if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml")
+            ),
+            None,
+        )
+        data = tar.extractfile(member) if member is not None else None
+        if data is None:
+            return ["setuptools>=40.8", "wheel"]
+        requires = tomllib.loads(data.read().decode()).get("build-system", {}).get("requires")
+    return [str(r) for r in requires] if isinstance(requires, list) else ["setuptools", "wheel"]
 
 
 def _tar(house: Path) -> bytes:
@@ -631,20 +673,26 @@ def setup_host(req: SetupRequest) -> SetupResult:
             f"uploading the dependencies from here"
         )
     )
-    with tempfile.TemporaryDirectory(prefix="topyaz-mount-setup-") as tmp:
-        house = Path(tmp)
-        notes = gather(settings, facts, wheel, online, house)
-        payload = _tar(house)
-    say(f"{host}: uploading {_human(len(payload))}: {'; '.join(notes)}")
     marker = json.dumps({"version": __version__, "wheel": wheel_hash, "mode": mode})
     command = " ".join(
         shlex.quote(w)
         for w in (facts.venv_python, "-c", _INSTALL, "1" if online else "0", wheel.name, marker)
     )
-    done = _json_answer(settings, _ssh(settings, f"exec {command}", payload, timeout=1800))
-    if not done.get("ok"):
-        error = str(done.get("error") or "no message")
-        raise SetupFailed(f"pip install on {host} failed: {printable(error)}")
+    with tempfile.TemporaryDirectory(prefix="topyaz-mount-setup-") as tmp:
+        house = Path(tmp)
+        notes = gather(settings, facts, wheel, online, house)
+        for attempt in range(1, 5):
+            payload = _tar(house)
+            say(f"{host}: uploading {_human(len(payload))}: {'; '.join(notes)}")
+            done = _json_answer(settings, _ssh(settings, f"exec {command}", payload, 1800))
+            if done.get("ok"):
+                break
+            missing = [_bare(str(m)) for m in done.get("missing") or []]
+            if online or not missing or attempt == 4:
+                error = str(done.get("error") or "no message")
+                raise SetupFailed(f"pip install on {host} failed: {printable(error)}")
+            count = download_binary(facts, house, missing)
+            notes = [f"{count} more wheels its pip asked for ({', '.join(missing)})"]
     elapsed = time.monotonic() - started
     say(f"{host}: installed topyaz-mount {__version__} ({mode}) in {elapsed:.1f} s")
     return SetupResult(True, True, facts.venv_python, facts, elapsed, mode)
