@@ -169,7 +169,7 @@ try:
             os.fsync(f.fileno())
         os.rename(tmp, os.path.join(sys.prefix, ".topyaz-mount-ready"))
     tail = errors or done.stderr.strip().splitlines()[-3:]
-    missing = re.findall(r"No matching distribution found for (\S+)", done.stderr)
+    missing = re.findall(r"No matching distribution found for ([^;\s]+)", done.stderr)
     print(json.dumps({"ok": done.returncode == 0, "error": " / ".join(tail), "missing": missing}))
 finally:
     shutil.rmtree(house, ignore_errors=True)
