@@ -39,16 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import AgentUnavailable, ConnectionFailed
+from .errors import AgentUnavailable
 from .safetext import printable
-from .transport import SshSettings, explain_startup_failure
+from .transport import SshSettings, run_remote_json
 
 READY_MARKER = ".topyaz-mount-ready"
 DIST_NAME = "topyaz-mount"
 
-# Requirements with no binary wheels on any index, and what building them needs on a
-# Debian-like host (package names for apt-get and dnf).
-BUILT_FROM_SOURCE = {"pyfuse3": ("libfuse3-dev", "fuse3-devel")}
+# Requirements with no binary wheels on any index, and the Debian package of the headers
+# building them needs on the host (install_command maps it for dnf).
+BUILT_FROM_SOURCE = {"pyfuse3": "libfuse3-dev"}
 
 # Finds a Python >= 3.10 and runs the probe with it; $1 is the client's version.
 _CANDIDATES = (
@@ -293,47 +293,15 @@ class SetupRequest:
 @dataclass(frozen=True)
 class SetupResult:
     ready: bool
-    changed: bool
-    venv_python: str | None
-    facts: HostFacts | None
-    seconds: float
-    mode: str = ""  # "online" or "offline" when it installed
-
-
-def _ssh(
-    settings: SshSettings, command: str, stdin: bytes = b"", timeout: float = 120
-) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(
-            settings.argv_for(command), input=stdin, capture_output=True, timeout=timeout
-        )
-    except FileNotFoundError:
-        raise ConnectionFailed(
-            f"the ssh client {settings.ssh_program!r} is not installed"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise ConnectionFailed(f"no answer from {settings.remote} in {timeout:.0f} s") from None
-
-
-def _json_answer(settings: SshSettings, done: subprocess.CompletedProcess) -> dict[str, Any]:
-    lines = done.stdout.decode(errors="replace").strip().splitlines()
-    if lines:
-        try:
-            answer = json.loads(lines[-1])
-            if isinstance(answer, dict):
-                return answer
-        except ValueError:
-            pass
-    tail = done.stderr.decode(errors="replace").splitlines()[-40:]
-    raise explain_startup_failure(settings, tail)
+    venv_python: str | None  # what the profile's remote_python becomes
 
 
 def probe(settings: SshSettings, python: str | None = None) -> HostFacts:
     """What the host has (one ssh round trip, read-only)."""
     candidates = shlex.quote(python) if python else _CANDIDATES
     script = f"PROBE={shlex.quote(_PROBE)}\nCANDIDATES={shlex.quote(candidates)}\n{_FIND_PYTHON}"
-    done = _ssh(settings, f"sh -s -- {shlex.quote(__version__)}", script.encode())
-    facts = HostFacts(_json_answer(settings, done))
+    command = f"sh -s -- {shlex.quote(__version__)}"
+    facts = HostFacts(run_remote_json(settings, command=command, stdin=script.encode()))
     if not facts.python:
         raise SetupFailed(
             f"no Python >= 3.10 on {settings.remote}: install one there "
@@ -510,8 +478,7 @@ def _local_build(requirement: str, house: Path) -> None:
 
 def _host_cannot_build(settings: SshSettings, facts: HostFacts, name: str, why: str) -> SetupFailed:
     missing = facts.build_problems()
-    debian, _ = BUILT_FROM_SOURCE[name]
-    fix = facts.install_command("gcc", "python3-dev", "pkg-config", debian)
+    fix = facts.install_command("gcc", "python3-dev", "pkg-config", BUILT_FROM_SOURCE[name])
     return SetupFailed(
         f"{name} must be compiled on {settings.remote} ({why}), which lacks "
         f"{', '.join(missing)}: run `{fix}` there"
@@ -632,8 +599,7 @@ def setup_host(req: SetupRequest) -> SetupResult:
                 f"{host}: topyaz-mount {__version__} is not set up (versions there: {others}); "
                 f"run `topyaz-mount setup --remote {host}`"
             )
-        elapsed = time.monotonic() - started
-        return SetupResult(ready, False, facts.venv_python if ready else None, facts, elapsed)
+        return SetupResult(ready, facts.venv_python if ready else None)
     wheel = own_wheel()
     wheel_hash = _sha256(wheel)
     if facts.ready_for(wheel_hash):
@@ -642,7 +608,7 @@ def setup_host(req: SetupRequest) -> SetupResult:
             f"{host}: topyaz-mount {__version__} is set up already in {facts.venv}; nothing "
             f"to do (checked in {elapsed:.1f} s)"
         )
-        return SetupResult(True, False, facts.venv_python, facts, elapsed)
+        return SetupResult(True, facts.venv_python)
     if not facts.raw.get("has_venv"):
         fix = facts.install_command("python3-venv")
         raise SetupFailed(
@@ -650,13 +616,10 @@ def setup_host(req: SetupRequest) -> SetupResult:
         )
     if not facts.raw.get("libfuse3"):
         raise SetupFailed(f"{host} lacks libfuse3: run `{facts.install_command('fuse3')}` there")
-    made = _json_answer(
+    made = run_remote_json(
         settings,
-        _ssh(
-            settings,
-            f"exec {shlex.quote(facts.python or 'python3')} -c {shlex.quote(_MAKE_VENV)} "
-            f"{shlex.quote(facts.venv)}",
-        ),
+        command=f"exec {shlex.quote(facts.python or 'python3')} -c {shlex.quote(_MAKE_VENV)} "
+        f"{shlex.quote(facts.venv)}",
     )
     if not made.get("ok"):
         raise SetupFailed(
@@ -684,7 +647,7 @@ def setup_host(req: SetupRequest) -> SetupResult:
         for attempt in range(1, 5):
             payload = _tar(house)
             say(f"{host}: uploading {_human(len(payload))}: {'; '.join(notes)}")
-            done = _json_answer(settings, _ssh(settings, f"exec {command}", payload, 1800))
+            done = run_remote_json(settings, 1800, command=f"exec {command}", stdin=payload)
             if done.get("ok"):
                 break
             missing = [_bare(str(m)) for m in done.get("missing") or []]
@@ -695,4 +658,4 @@ def setup_host(req: SetupRequest) -> SetupResult:
             notes = [f"{count} more wheels its pip asked for ({', '.join(missing)})"]
     elapsed = time.monotonic() - started
     say(f"{host}: installed topyaz-mount {__version__} ({mode}) in {elapsed:.1f} s")
-    return SetupResult(True, True, facts.venv_python, facts, elapsed, mode)
+    return SetupResult(True, facts.venv_python)

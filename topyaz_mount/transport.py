@@ -273,14 +273,16 @@ def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception
     return AgentUnavailable(f"the topyaz-mount agent on {host} did not start: {last}")
 
 
-def run_remote_json(settings: SshSettings, timeout: float = 120) -> dict:
-    """Run the agent in a one-shot mode that prints one JSON object (``cache``)."""
+def run_remote_json(
+    settings: SshSettings, timeout: float = 120, command: str | None = None, stdin: bytes = b""
+) -> dict:
+    """Run something one-shot that prints one JSON object last: the agent in one of its
+    modes (``cache``, ``doctor``), or ``command`` (``setup``'s snippets) fed ``stdin``."""
     import json
 
+    argv = settings.argv() if command is None else settings.argv_for(command)
     try:
-        done = subprocess.run(
-            settings.argv(), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
-        )
+        done = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
     except FileNotFoundError:
         raise ConnectionFailed(
             f"the ssh client {settings.ssh_program!r} is not installed"
@@ -290,7 +292,9 @@ def run_remote_json(settings: SshSettings, timeout: float = 120) -> dict:
     lines = done.stdout.decode(errors="replace").strip().splitlines()
     if done.returncode == 0 and lines:
         try:
-            return json.loads(lines[-1])
+            answer = json.loads(lines[-1])
+            if isinstance(answer, dict):
+                return answer
         except ValueError:
             pass
     tail = done.stderr.decode(errors="replace").splitlines()[-40:]
