@@ -114,6 +114,14 @@ def test_setup_again_does_nothing(host_setup):
     r = cli(config, "setup", "--remote", testhost.remote, "--check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"topyaz-mount {__version__} is set up in {venv_dir()}" in r.stdout
+    # Given the venv's own python (say, TOPYAZ_MOUNT_REMOTE_PYTHON set for exec), setup
+    # would make the venv from the interpreter it is about to remove: it takes the base.
+    venv_python = f"{venv_dir()}/bin/python"
+    r = cli(config, "setup", "--remote", testhost.remote, "--check",
+            "--remote-python", venv_python)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = r.stdout.splitlines()[0]
+    assert " at /" in first and str(venv_dir()) not in first
 
 
 def test_doctor_shows_the_setup(host_setup):

@@ -89,8 +89,11 @@ def pkg_config(name):
     except OSError:
         return False
 impl = sys.implementation
+python = sys.executable
+if os.path.realpath(sys.prefix) == os.path.realpath(venv):  # the venv setup remakes
+    python = getattr(sys, "_base_executable", python)
 print(json.dumps({
-    "python": sys.executable,
+    "python": python,
     "version": platform.python_version(),
     "abi": impl.cache_tag.replace("cpython-", "cp") if impl.name == "cpython" else "",
     "platform": sysconfig.get_platform(),
