@@ -9,9 +9,16 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from topyaz_mount.hostsetup import HostFacts, build_requires, host_requirements, own_wheel
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A wheel cache of the test's own (own_wheel builds this checkout's wheel there)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "own-cache"))
 
 
 def facts(sys_platform: str, python: str, libc: str = "glibc 2.31") -> HostFacts:
@@ -29,7 +36,7 @@ def facts(sys_platform: str, python: str, libc: str = "glibc 2.31") -> HostFacts
     })
 
 
-def test_host_requirements_follow_the_hosts_markers():
+def test_host_requirements_follow_the_hosts_markers(own_cache):
     wheel = own_wheel()
 
     def names(host: HostFacts) -> set[str]:
@@ -47,7 +54,7 @@ def test_pip_platforms_widen_manylinux():
     assert "manylinux_2_29_x86_64" not in tags
 
 
-def test_an_installed_wheel_is_repacked_file_for_file(tmp_path):
+def test_an_installed_wheel_is_repacked_file_for_file(tmp_path, own_cache):
     """A client installed from a wheel (pipx) has no source tree: it packs what it has."""
     wheel = own_wheel()
     target = tmp_path / "site"

@@ -35,7 +35,12 @@ def venv_dir() -> Path:
 
 
 def cli(config: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**client_env(), "TOPYAZ_MOUNT_CONFIG": str(config)}
+    """The CLI with this module's config file, and its wheel cache beside it."""
+    env = {
+        **client_env(),
+        "TOPYAZ_MOUNT_CONFIG": str(config),
+        "XDG_CACHE_HOME": str(config.parent / "cache"),
+    }
     return subprocess.run(
         [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd="/"
     )

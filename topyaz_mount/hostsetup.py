@@ -357,6 +357,9 @@ def _build_from_source(root: Path) -> Path:
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.parent.glob("src-*"):  # wheels of the tree's earlier contents
+        if stale != out:
+            shutil.rmtree(stale, ignore_errors=True)
     return sorted(out.glob("topyaz_mount-*.whl"))[0]
 
 
