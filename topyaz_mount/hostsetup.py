@@ -620,6 +620,11 @@ def setup_host(req: SetupRequest) -> SetupResult:
         raise SetupFailed(
             printable(f"{facts.python} on {host} cannot make a venv: run `{fix}` there")
         )
+    system = str(facts.raw["markers"].get("sys_platform"))
+    if system != "linux":
+        raise SetupFailed(
+            printable(f"{host} runs {system}: the agent's only backend is FUSE 3 on Linux")
+        )
     if not facts.raw.get("libfuse3"):
         raise SetupFailed(f"{host} lacks libfuse3: run `{facts.install_command('fuse3')}` there")
     made = run_remote_json(
