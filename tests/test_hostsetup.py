@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from topyaz_mount.hostsetup import HostFacts, build_requires, host_requirements, own_wheel
+from topyaz_mount.hostsetup import (
+    HostFacts,
+    SetupFailed,
+    build_requires,
+    gather,
+    host_requirements,
+    own_wheel,
+)
+from topyaz_mount.transport import Remote, SshSettings
 
 
 @pytest.fixture
@@ -98,3 +106,20 @@ def test_build_requires_of_an_sdist(tmp_path):
     with tarfile.open(sdist, "w:gz") as tar:
         tar.add(src, arcname="pkg-1.0")
     assert build_requires(sdist) == ["setuptools>=40.8", "wheel"]
+
+
+def test_a_host_that_cannot_compile_pyfuse3_is_told_the_fix(tmp_path, own_cache):
+    """Another Python than this one (no wheel built here helps) and no build tools."""
+    host = facts("linux", "3.10")
+    host.raw.update(abi="cp310", compiler=False, python_headers=True, pkg_config=True,
+                    fuse3_headers=False, apt=True)
+    settings = SshSettings(Remote("gpu"))
+    with pytest.raises(SetupFailed) as info:
+        gather(settings, host, own_wheel(), True, tmp_path)
+    message = str(info.value)
+    assert "pyfuse3 must be compiled on gpu" in message
+    assert "lacks a C compiler, the libfuse3 headers" in message
+    assert "run `apt-get install gcc python3-dev pkg-config libfuse3-dev` there" in message
+    host.raw.update(apt=False, dnf=True)
+    with pytest.raises(SetupFailed, match="dnf install gcc python3-devel pkgconf fuse3-devel"):
+        gather(settings, host, own_wheel(), False, tmp_path)
