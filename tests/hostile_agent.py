@@ -234,8 +234,19 @@ def _one_shot(mode: str) -> None:
     print(json.dumps(answer))
 
 
+def _probe() -> None:
+    """``setup``'s and ``doctor``'s probe of the host (a shell script on stdin): lies too."""
+    import json
+
+    sys.stdin.read()
+    print(json.dumps({"python": NASTY, "venv": NASTY, "ready": {}, "others": [NASTY]}))
+
+
 if __name__ == "__main__":
     remote_command = " ".join(sys.argv[1:])  # what ssh would run on the host
+    if "sh -s" in remote_command:
+        _probe()
+        sys.exit(0)
     for mode in ("--doctor", "--cache-stats"):
         if mode in remote_command:
             _one_shot(mode)

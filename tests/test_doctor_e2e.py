@@ -35,5 +35,8 @@ def test_doctor_names_an_unusable_dev_fuse(testhost):
 def test_doctor_without_the_package(testhost):
     r = doctor(testhost, "--remote-python", "/usr/bin/python3")
     assert r.returncode == 255
-    assert r.stderr.count("\n") == 1 and "not installed" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr == ""
+    assert "--   setup: topyaz-mount" in r.stdout and "not set up" in r.stdout
+    fail = [x for x in r.stdout.splitlines() if x.startswith("FAIL")]
+    assert len(fail) == 1 and fail[0].startswith("FAIL agent (/usr/bin/python3): ")
+    assert "not installed" in fail[0] and "topyaz-mount setup --remote" in fail[0]

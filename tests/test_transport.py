@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from topyaz_mount import __version__
 from topyaz_mount.errors import (
     AgentUnavailable,
     AuthenticationFailed,
@@ -120,7 +121,7 @@ def test_argv_minimal():
         "ServerAliveCountMax=4",
         "--",
         "gpu",
-        "exec python3 -m topyaz_mount.agent --log-level WARNING",
+        f"exec python3 -m topyaz_mount.agent --client-version {__version__} --log-level WARNING",
     ]
 
 
@@ -166,6 +167,8 @@ def test_remote_command_quotes_every_word():
         "python3; rm -rf ~",
         "-m",
         "topyaz_mount.agent",
+        "--client-version",
+        __version__,
         "--log-level",
         "INFO",
         "--base-dir",
@@ -182,7 +185,10 @@ def test_remote_command_quotes_every_word():
 def test_remote_command_round_trips_through_a_shell_split(py, args):
     s = SshSettings(Remote("gpu"), remote_python=py, agent_args=tuple(args))
     words = shlex.split(s.remote_command())
-    assert words == ["exec", py, "-m", "topyaz_mount.agent", "--log-level", "WARNING", *args]
+    assert words == [
+        "exec", py, "-m", "topyaz_mount.agent", "--client-version", __version__,
+        "--log-level", "WARNING", *args,
+    ]
 
 
 def test_no_port_flag_without_port_and_no_config_flag_without_file():
@@ -217,7 +223,7 @@ def test_package_missing_on_remote():
     )
     assert type(e) is AgentUnavailable
     assert "topyaz-mount is not installed" in str(e)
-    assert "pip install" in str(e)
+    assert "run `topyaz-mount setup --remote alice@gpu:2222`" in str(e)
 
 
 def test_dependency_missing_on_remote():

@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from .client import Session, open_session
+from .config import HostOptions, host_settings
 from .errors import collapse
 from .policy import Policy, PolicyOptions
 from .translate import PathMap
@@ -39,7 +40,7 @@ class RemoteHost:
     ssh_key: str | None = None
     ssh_options: tuple[str, ...] = ()
     ssh_config: str | None = None
-    remote_python: str = "python3"
+    remote_python: str | None = None  # None: the host's profile (from `setup`), else python3
     connection_timeout: float = 30.0
 
     @classmethod
@@ -52,12 +53,11 @@ class RemoteHost:
         if self.ssh_key:
             options += [f"IdentityFile={os.path.expanduser(self.ssh_key)}", "IdentitiesOnly=yes"]
         options.append(f"ConnectTimeout={max(1, int(self.connection_timeout))}")
-        return SshSettings(
-            Remote(self.host, self.user, self.port),
-            tuple(options),
-            self.ssh_config,
-            self.remote_python,
+        flags = HostOptions(
+            remote_python=self.remote_python, ssh_options=tuple(options), ssh_config=self.ssh_config
         )
+        settings, _ = host_settings(Remote(self.host, self.user, self.port), flags)
+        return settings
 
 
 @dataclass

@@ -22,6 +22,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
+from .config import (
+    HostOptions,
+    config_path,
+    host_settings,
+    load_profile,
+    parse_size,
+    resolve,
+    save_profile,
+)
 from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse, exit_status
 from .jail import checked_root
 from .policy import Policy, PolicyOptions
@@ -83,20 +92,6 @@ def _precheck(argv: list[str], root: str, cwd: str, env: dict[str, str], literal
     translate_env(env, pm, cwd)
 
 
-def parse_size(text: str) -> int:
-    """``500M``, ``20G``, ``1.5T`` or plain bytes."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1] if t and t[-1] in units else ""
-    try:
-        value = float(t[: len(t) - len(unit)] if unit else t)
-    except ValueError:
-        raise UsageError(f"{text!r}: expected a size like 500M or 20G") from None
-    if value < 0:
-        raise UsageError(f"{text!r}: a size cannot be negative")
-    return int(value * units[unit])
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -139,10 +134,10 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ssh-config", "-F", default=None, help="ssh configuration file (ssh -F)."),
         click.option(
             "--remote-python",
-            default="python3",
+            default=None,
             envvar="TOPYAZ_MOUNT_REMOTE_PYTHON",
-            show_default=True,
-            help="Python on the remote that has topyaz-mount.",
+            help="Python on the remote that has topyaz-mount (default: the host's "
+            "profile from `setup`, else python3).",
         ),
         click.option(
             "--cache-cap",
@@ -221,27 +216,31 @@ def _policy_argv(options: PolicyOptions) -> list[str]:
     return argv + ["--read-only"] * options.read_only + ["--allow-home"] * options.allow_home
 
 
+def _profile(remote: str | None, flags: HostOptions) -> HostOptions:
+    """``flags`` over the host's profile (written by ``setup``) over the defaults."""
+    return resolve(flags, load_profile(str(Remote.parse(remote))) if remote else None)
+
+
 def _settings(
     remote: str | None,
     ssh_options: Sequence[str],
     ssh_config: str | None,
-    remote_python: str,
+    remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
 ) -> SshSettings:
     if not remote:
         raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
-    agent_args: tuple[str, ...] = ()
-    if cache_cap is not None:
-        agent_args = ("--cache-cap", str(parse_size(cache_cap)))
-    return SshSettings(
-        Remote.parse(remote),
-        tuple(ssh_options),
-        ssh_config,
-        remote_python,
-        agent_args=agent_args,
-        agent_log_level="INFO" if verbose else "WARNING",
+    flags = HostOptions(
+        remote_python=remote_python,
+        ssh_options=tuple(ssh_options),
+        ssh_config=ssh_config,
+        cache_cap=cache_cap,
     )
+    settings, _ = host_settings(
+        Remote.parse(remote), flags, agent_log_level="INFO" if verbose else "WARNING"
+    )
+    return settings
 
 
 def _agent_json(settings: SshSettings, *mode: str) -> dict:
@@ -322,24 +321,24 @@ def main() -> None:
 )
 @click.option(
     "--photo-cmd",
-    default=shlex.join(DEFAULT_PRODUCTS["photo"]),
+    default=None,
     envvar="TOPYAZ_MOUNT_PHOTO_CMD",
-    show_default=True,
-    help="Remote program for `exec photo`.",
+    help="Remote program for `exec photo` (default: the host's profile, else "
+    f"`{shlex.join(DEFAULT_PRODUCTS['photo'])}`).",
 )
 @click.option(
     "--giga-cmd",
-    default=shlex.join(DEFAULT_PRODUCTS["giga"]),
+    default=None,
     envvar="TOPYAZ_MOUNT_GIGA_CMD",
-    show_default=True,
-    help="Remote program for `exec giga`.",
+    help="Remote program for `exec giga` (default: the host's profile, else "
+    f"`{shlex.join(DEFAULT_PRODUCTS['giga'])}`).",
 )
 @click.option(
     "--video-cmd",
-    default=shlex.join(DEFAULT_PRODUCTS["video"]),
+    default=None,
     envvar="TOPYAZ_MOUNT_VIDEO_CMD",
-    show_default=True,
-    help="Remote program for `exec video`.",
+    help="Remote program for `exec video` (default: the host's profile, else "
+    f"`{shlex.join(DEFAULT_PRODUCTS['video'])}`).",
 )
 @policy_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -347,7 +346,7 @@ def exec_(
     remote: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
-    remote_python: str,
+    remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
     root: str | None,
@@ -356,9 +355,9 @@ def exec_(
     forward_stdin: bool,
     literal: tuple[str, ...],
     stats_format: str | None,
-    photo_cmd: str,
-    giga_cmd: str,
-    video_cmd: str,
+    photo_cmd: str | None,
+    giga_cmd: str | None,
+    video_cmd: str | None,
     command: tuple[str, ...],
     policy: PolicyOptions,
 ) -> None:
@@ -370,10 +369,13 @@ def exec_(
     """
     _setup_logging(verbose)
     try:
+        opts = _profile(
+            remote, HostOptions(photo_cmd=photo_cmd, giga_cmd=giga_cmd, video_cmd=video_cmd)
+        )
         products = {
-            "photo": shlex.split(photo_cmd),
-            "giga": shlex.split(giga_cmd),
-            "video": shlex.split(video_cmd),
+            "photo": shlex.split(opts.photo_cmd or ""),
+            "giga": shlex.split(opts.giga_cmd or ""),
+            "video": shlex.split(opts.video_cmd or ""),
         }
         argv = expand_product(list(command), products)
         cwd = os.getcwd()
@@ -466,7 +468,7 @@ def cache_(
     remote: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
-    remote_python: str,
+    remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
     clear: bool,
@@ -509,24 +511,93 @@ def doctor(
     remote: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
-    remote_python: str,
+    remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
 ) -> None:
     """Check that the remote host can serve topyaz-mount, and say what is missing."""
+    from .hostsetup import probe
+
     _setup_logging(verbose)
     try:
         settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        facts = probe(settings)
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    host = str(settings.remote)
+    click.echo(f"ssh to {host}: ok")
+    where = f'{config_path()} [hosts."{host}"]'
+    has_profile = load_profile(host) is not None
+    click.echo(f"profile: {where}" if has_profile else f"profile: none ({where} is not set)")
+    if facts.ready_for(None):
+        click.echo(f"ok   setup: topyaz-mount {__version__} in {printable(facts.venv)}")
+    else:
+        others = printable(", ".join(facts.raw.get("others") or []) or "none")
+        click.echo(
+            f"--   setup: topyaz-mount {__version__} not set up (there: {others}); "
+            f"`topyaz-mount setup --remote {host}` does it"
+        )
+    failed = 0
+    try:
         out = _agent_json(settings, "--doctor")
-        click.echo(f"ssh to {settings.remote}: ok ({settings.remote_python})")
-        failed = 0
+    except TopyazMountError as e:
+        click.echo(
+            f"FAIL agent ({printable(settings.remote_python)}): {printable(str(collapse(e)))}"
+        )
+        sys.exit(EXIT_FAILURE)
+    click.echo(f"ok   agent: {printable(settings.remote_python)}")
+    try:
         for check in out["checks"]:
             mark = "ok  " if check["ok"] else "FAIL"
             failed += not check["ok"]
             click.echo(printable(f"{mark} {check['check']}: {check['detail']}"))
-    except BaseException as e:  # noqa: BLE001 - also an agent's answer of the wrong shape
+    except BaseException as e:  # noqa: BLE001 - an agent's answer of the wrong shape
         sys.exit(_report(e, verbose))
     sys.exit(EXIT_FAILURE if failed else 0)
+
+
+@main.command("setup")
+@remote_options
+@click.option("--check", "check_only", is_flag=True, help="Only report; change nothing.")
+def setup(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str | None,
+    cache_cap: str | None,
+    verbose: int,
+    check_only: bool,
+) -> None:
+    """Make the host ready: a venv with this version of topyaz-mount, and a profile.
+
+    Afterwards exec, mount, cache, doctor and the Python API need no --remote-python.
+    --remote-python here names the interpreter to make the venv from (default: the
+    first Python >= 3.10 found there). Works offline too: what the host cannot
+    download, this machine uploads.
+    """
+    from .hostsetup import SetupRequest, setup_host
+
+    _setup_logging(verbose)
+
+    def say(text: str) -> None:
+        click.echo(f"topyaz-mount setup: {text}")
+
+    try:
+        settings = _settings(remote, ssh_options, ssh_config, None, cache_cap, verbose)
+        result = setup_host(SetupRequest(settings, check_only, say, remote_python))
+        if result.ready and not check_only:
+            updates = HostOptions(
+                remote_python=result.venv_python,
+                backend="fuse",
+                ssh_options=tuple(ssh_options) or None,
+                ssh_config=os.path.abspath(ssh_config) if ssh_config else None,
+                cache_cap=cache_cap,
+            )
+            if save_profile(str(settings.remote), updates):
+                say(f'profile written: {config_path()} [hosts."{settings.remote}"]')
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    sys.exit(0 if result.ready else 1)
 
 
 # --- long-lived sessions ------------------------------------------------------------
@@ -536,7 +607,7 @@ def _mount_child_argv(
     remote: str,
     ssh_options: Sequence[str],
     ssh_config: str | None,
-    remote_python: str,
+    remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
     root: str,
@@ -549,7 +620,8 @@ def _mount_child_argv(
         argv += ["-o", opt]
     if ssh_config:
         argv += ["--ssh-config", ssh_config]
-    argv += ["--remote-python", remote_python]
+    if remote_python:
+        argv += ["--remote-python", remote_python]
     if cache_cap:
         argv += ["--cache-cap", cache_cap]
     argv += ["-v"] * verbose + _policy_argv(policy)
@@ -609,7 +681,7 @@ def mount(
     remote: str | None,
     ssh_options: tuple[str, ...],
     ssh_config: str | None,
-    remote_python: str,
+    remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
     root: str | None,

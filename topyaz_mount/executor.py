@@ -46,7 +46,7 @@ class RemoteOptions:
     remote_folder: str | None = None  # topyaz staged files here; the mount needs no folder
     ssh_options: tuple[str, ...] = ()
     ssh_config: str | None = None
-    remote_python: str = "python3"
+    remote_python: str | None = None  # None: the host's profile (from `setup`), else python3
 
 
 @dataclass

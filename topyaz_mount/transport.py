@@ -74,6 +74,10 @@ class SshSettings:
     agent_log_level: str = "WARNING"
 
     def argv(self) -> list[str]:
+        return self.argv_for(self.remote_command())
+
+    def argv_for(self, command: str) -> list[str]:
+        """ssh running ``command`` (a shell command line) on the remote instead."""
         argv = [self.ssh_program, "-T", "-x"]
         if self.config_file:
             argv += ["-F", self.config_file]
@@ -84,11 +88,13 @@ class SshSettings:
         # ssh takes the first value it sees for an option, so the user's come first
         # and these only fill in what the user left unset.
         argv += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
-        argv += ["--", self.remote.destination, self.remote_command()]
+        argv += ["--", self.remote.destination, command]
         return argv
 
     def remote_command(self) -> str:
-        words = [self.remote_python, "-m", "topyaz_mount.agent"]
+        from . import __version__
+
+        words = [self.remote_python, "-m", "topyaz_mount.agent", "--client-version", __version__]
         words += ["--log-level", self.agent_log_level, *self.agent_args]
         return "exec " + " ".join(shlex.quote(w) for w in words)
 
@@ -215,30 +221,42 @@ async def start_ssh(settings: SshSettings) -> SshProcess:
 
 def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception:
     """Turn what ssh / the remote shell printed into one clear error."""
+    from . import __version__
+
     host = str(settings.remote)
     text = "\n".join(tail)
     last = next((line for line in reversed(tail) if line.strip()), "no message")
     py = settings.remote_python
     if "Permission denied" in text or "Too many authentication failures" in text:
         return AuthenticationFailed(f"cannot log in to {host}: {last}")
+    setup = f"run `topyaz-mount setup --remote {host}`"
+    skew = re.search(r"topyaz-mount version skew: agent (\S+), client (\S+)", text)
+    if skew:
+        return AgentUnavailable(
+            f"topyaz-mount on {host} is {skew[1]}, this client is {skew[2]}: {setup} "
+            f"to install {skew[2]} there"
+        )
+    if "unrecognized arguments: --client-version" in text:
+        return AgentUnavailable(
+            f"topyaz-mount on {host} ({py}) is older than this client ({__version__}): {setup}"
+        )
     missing = re.search(r"No module named '?([\w.]+)'?", text)
     if missing:
         module = missing.group(1).split(".")[0]
         if module == "topyaz_mount":
             return AgentUnavailable(
-                f"topyaz-mount is not installed on {host} for {py}: install it there with "
-                f"`{py} -m pip install 'topyaz-mount[remote]'`, or pass --remote-python"
+                f"topyaz-mount is not installed on {host} for {py}: {setup}, "
+                f"or pass --remote-python"
             )
-        return AgentUnavailable(
-            f"{py} on {host} lacks the Python package {module!r}: install it there with "
-            f"`{py} -m pip install 'topyaz-mount[remote]'`"
-        )
+        return AgentUnavailable(f"{py} on {host} lacks the Python package {module!r}: {setup}")
     shell_says = (
         rf"{re.escape(py)}: (command )?not found|command not found: {re.escape(py)}"
         rf"|{re.escape(py)}: No such file or directory|exec: {re.escape(py)}: not found"
     )
     if re.search(shell_says, text):
-        return AgentUnavailable(f"no Python interpreter {py!r} on {host}; pass --remote-python")
+        return AgentUnavailable(
+            f"no Python interpreter {py!r} on {host}: {setup}, or pass --remote-python"
+        )
     patterns = (
         "Could not resolve hostname",
         "Connection refused",
@@ -255,14 +273,16 @@ def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception
     return AgentUnavailable(f"the topyaz-mount agent on {host} did not start: {last}")
 
 
-def run_remote_json(settings: SshSettings, timeout: float = 120) -> dict:
-    """Run the agent in a one-shot mode that prints one JSON object (``cache``)."""
+def run_remote_json(
+    settings: SshSettings, timeout: float = 120, command: str | None = None, stdin: bytes = b""
+) -> dict:
+    """Run something one-shot that prints one JSON object last: the agent in one of its
+    modes (``cache``, ``doctor``), or ``command`` (``setup``'s snippets) fed ``stdin``."""
     import json
 
+    argv = settings.argv() if command is None else settings.argv_for(command)
     try:
-        done = subprocess.run(
-            settings.argv(), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
-        )
+        done = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
     except FileNotFoundError:
         raise ConnectionFailed(
             f"the ssh client {settings.ssh_program!r} is not installed"
@@ -272,7 +292,9 @@ def run_remote_json(settings: SshSettings, timeout: float = 120) -> dict:
     lines = done.stdout.decode(errors="replace").strip().splitlines()
     if done.returncode == 0 and lines:
         try:
-            return json.loads(lines[-1])
+            answer = json.loads(lines[-1])
+            if isinstance(answer, dict):
+                return answer
         except ValueError:
             pass
     tail = done.stderr.decode(errors="replace").splitlines()[-40:]

@@ -51,7 +51,11 @@ def _cache_command(base_dir: Path, cap: int | None, clear: bool, prune_to: int |
     return 0
 
 
-def _doctor(base_dir: Path) -> int:
+# The line the client reads back (transport.explain_startup_failure) on version skew.
+SKEW_MARK = "topyaz-mount version skew:"
+
+
+def _doctor(base_dir: Path, client_version: str | None) -> int:
     """``topyaz-mount doctor``'s remote half: each check, ok or what is wrong."""
     import importlib
     import shutil
@@ -62,7 +66,12 @@ def _doctor(base_dir: Path) -> int:
 
     checks: list[dict[str, object]] = [
         {"check": "python", "ok": _sys.version_info >= (3, 10), "detail": _sys.version.split()[0]},
-        {"check": "topyaz-mount", "ok": True, "detail": __version__},
+        {
+            "check": "topyaz-mount",
+            "ok": client_version in (None, __version__),
+            "detail": __version__
+            + (f" (the client is {client_version})" if client_version else ""),
+        },
     ]
     for module in ("pyfuse3", "trio", "msgspec", "blake3", "platformdirs"):
         try:
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clear", action="store_true", help="with --cache-stats")
     parser.add_argument("--prune-to", type=int, default=None, help="with --cache-stats")
     parser.add_argument("--doctor", action="store_true", help="print checks as JSON, exit")
+    parser.add_argument("--client-version", default=None, help="refuse to serve another")
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -111,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     base_dir = args.base_dir or default_base_dir()
     if args.doctor:
-        return _doctor(base_dir)
+        return _doctor(base_dir, args.client_version)
+    from .. import __version__
+
+    if args.client_version not in (None, __version__):
+        print(f"{SKEW_MARK} agent {__version__}, client {args.client_version}", file=sys.stderr)
+        return 3
     if args.cache_stats:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
     channel_in = os.dup(0)

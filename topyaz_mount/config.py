@@ -1,0 +1,278 @@
+"""Host profiles: what ``setup`` learnt about a host, so later commands need no flags.
+
+``~/.config/topyaz-mount/config.toml`` (platformdirs) holds one table per host::
+
+    [hosts."gpu-box"]
+    remote_python = "/home/me/.local/share/topyaz-mount/venv-0.1.0/bin/python"
+    backend = "fuse"
+    photo_cmd = "topyaz photo"
+    ssh_options = ["IdentityFile=~/.ssh/gpu"]
+    cache_cap = "20G"
+
+Precedence is one rule, in ``resolve``: a flag (or its environment variable) beats the
+profile, the profile beats the built-in default. The file is the user's too: writing a
+profile replaces only that host's table, byte for byte everything else stays, and the
+new file is renamed into place so a crash never leaves half a config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .translate import DEFAULT_PRODUCTS
+from .transport import Remote, SshSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+CONFIG_ENV = "TOPYAZ_MOUNT_CONFIG"
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """Everything a host can be told; ``None`` means "not said here"."""
+
+    remote_python: str | None = None
+    backend: str | None = None
+    photo_cmd: str | None = None
+    giga_cmd: str | None = None
+    video_cmd: str | None = None
+    ssh_options: tuple[str, ...] | None = None
+    ssh_config: str | None = None
+    cache_cap: str | None = None
+
+
+DEFAULTS = HostOptions(
+    remote_python="python3",
+    backend="fuse",
+    photo_cmd=shlex.join(DEFAULT_PRODUCTS["photo"]),
+    giga_cmd=shlex.join(DEFAULT_PRODUCTS["giga"]),
+    video_cmd=shlex.join(DEFAULT_PRODUCTS["video"]),
+    ssh_options=(),
+)
+
+_STRING_KEYS = {f.name for f in fields(HostOptions)} - {"ssh_options"}
+
+
+def config_path() -> Path:
+    """``$TOPYAZ_MOUNT_CONFIG``, else the platform's user config dir."""
+    given = os.environ.get(CONFIG_ENV)
+    if given:
+        return Path(given)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("topyaz-mount")) / "config.toml"
+
+
+def resolve(flags: HostOptions, profile: HostOptions | None) -> HostOptions:
+    """Flags over the profile over the defaults, key by key.
+
+    ssh options are the one list: the flags' come first and ssh takes the first value
+    it sees of an option, so a flag still wins over the profile's value of the same one.
+    """
+    merged: dict[str, Any] = {}
+    for f in fields(HostOptions):
+        name = f.name
+        layers = [flags, profile or HostOptions(), DEFAULTS]
+        if name == "ssh_options":
+            merged[name] = (*(flags.ssh_options or ()), *((profile and profile.ssh_options) or ()))
+            continue
+        merged[name] = next(
+            (getattr(x, name) for x in layers if getattr(x, name) is not None), None
+        )
+    return HostOptions(**merged)
+
+
+def parse_size(text: str) -> int:
+    """``500M``, ``20G``, ``1.5T`` or plain bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise UsageError(f"{text!r}: expected a size like 500M or 20G") from None
+    if value < 0:
+        raise UsageError(f"{text!r}: a size cannot be negative")
+    return int(value * units[unit])
+
+
+def host_settings(
+    remote: Remote, flags: HostOptions, agent_log_level: str = "WARNING"
+) -> tuple[SshSettings, HostOptions]:
+    """How to reach ``remote``: the one place flags meet the host's profile."""
+    opts = resolve(flags, load_profile(str(remote)))
+    if opts.backend != "fuse":
+        raise UsageError(f"backend {opts.backend!r} for {remote}: this client knows only 'fuse'")
+    agent_args: tuple[str, ...] = ()
+    if opts.cache_cap is not None:
+        agent_args = ("--cache-cap", str(parse_size(opts.cache_cap)))
+    settings = SshSettings(
+        remote,
+        opts.ssh_options or (),
+        opts.ssh_config,
+        opts.remote_python or "python3",
+        agent_args=agent_args,
+        agent_log_level=agent_log_level,
+    )
+    return settings, opts
+
+
+def _parse_profile(name: str, table: Mapping[str, Any], path: Path) -> HostOptions:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "ssh_options":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{path}: hosts.{name}.ssh_options must be a list of strings")
+            values[key] = tuple(value)
+        elif key in _STRING_KEYS:
+            if isinstance(value, int) and key == "cache_cap":
+                value = str(value)
+            if not isinstance(value, str):
+                raise UsageError(f"{path}: hosts.{name}.{key} must be a string")
+            values[key] = value
+        # Unknown keys are the user's business (or a newer version's): left alone.
+    return HostOptions(**values)
+
+
+def _read(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return "", {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_profile(host: str, path: Path | None = None) -> HostOptions | None:
+    """The profile of ``host`` (as typed after ``--remote``), or None."""
+    path = path or config_path()
+    _, data = _read(path)
+    hosts = data.get("hosts", {})
+    table = hosts.get(host) if isinstance(hosts, dict) else None
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: hosts.{host} must be a table")
+    return _parse_profile(host, table, path)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's string escapes are TOML basic-string escapes (\uXXXX included).
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _render(host: str, table: Mapping[str, Any]) -> str:
+    lines = [f"[hosts.{_toml_string(host)}]"]
+    for key, value in table.items():
+        if isinstance(value, (list, tuple)):
+            rendered = "[" + ", ".join(_toml_string(str(v)) for v in value) + "]"
+        elif isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            rendered = repr(value)
+        else:
+            rendered = _toml_string(str(value))
+        lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+_HEADER = re.compile(r"^\[")
+
+
+def _names_table(line: str, host: str) -> bool:
+    """Is this header line ``[hosts."HOST"]``, however the user quoted it?"""
+    try:
+        header = tomllib.loads("[_probe." + line.strip()[1:] + "\n")
+    except tomllib.TOMLDecodeError:
+        return False
+    return header == {"_probe": {"hosts": {host: {}}}}
+
+
+def _without_table(text: str, host: str) -> tuple[str, int]:
+    """``text`` with the host's table cut out, and where it was (the end if absent)."""
+    lines = text.splitlines(keepends=True)
+    start = None
+    for i, line in enumerate(lines):
+        if not _HEADER.match(line):
+            continue
+        if start is not None:
+            return "".join(lines[:start] + lines[i:]), len("".join(lines[:start]))
+        if _names_table(line, host):
+            start = i
+    if start is not None:
+        return "".join(lines[:start]), len("".join(lines[:start]))
+    return text, len(text)
+
+
+def save_profile(host: str, updates: HostOptions, path: Path | None = None) -> bool:
+    """Write ``updates`` (its non-None keys) into the host's table, atomically; False
+    if it said all that already (the file is then not touched).
+
+    Keys the user set in that table and ``updates`` does not name stay as they were;
+    other tables and comments stay byte for byte.
+    """
+    path = path or config_path()
+    text, data = _read(path)
+    hosts = data.get("hosts", {})
+    old = hosts.get(host, {}) if isinstance(hosts, dict) else {}
+    table: dict[str, Any] = dict(old) if isinstance(old, dict) else {}
+    for f in fields(HostOptions):
+        value = getattr(updates, f.name)
+        if value is not None:
+            table[f.name] = list(value) if isinstance(value, tuple) else value
+    if table == old:
+        return False
+    rest, at = _without_table(text, host)
+    before, after = rest[:at], rest[at:]
+    if before and not before.endswith("\n"):
+        before += "\n"
+    if before.strip() and not before.endswith("\n\n"):
+        before += "\n"
+    new_text = before + _render(host, table) + ("\n" + after.lstrip("\n") if after else "")
+    check = tomllib.loads(new_text)
+    expected = dict(data)
+    expected["hosts"] = {**(hosts if isinstance(hosts, dict) else {}), host: table}
+    if check != expected:  # a layout this simple editor cannot follow: change nothing
+        raise UsageError(
+            f"{path}: cannot update hosts.{host} without touching other settings; "
+            f"edit the file by hand"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
+    fd, tmp = tempfile.mkstemp(prefix=".config.toml.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(new_text)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return True
+
+
+def with_profile(flags: HostOptions, host: str) -> HostOptions:
+    """The options for ``host``: ``flags`` resolved against its profile and the defaults."""
+    return resolve(flags, load_profile(host))
