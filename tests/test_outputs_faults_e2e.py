@@ -284,7 +284,7 @@ final["seen"] = seen
     assert seen and set(seen) == {"ENOSPC"}, describe(r)
     lines = error_lines(r)
     assert len(lines) == 2, describe(r)
-    for name, line in zip(("out/big.bin", "out/new.bin"), sorted(lines)):
+    for name, line in zip(("out/big.bin", "out/new.bin"), sorted(lines), strict=True):
         assert name in line and "not committed" in line and "ENOSPC" in line, line
     assert (out_dir / "big.bin").read_bytes() == old
     assert tree(out_dir) == {"big.bin"}

@@ -315,6 +315,10 @@ class FileServer:
         if c is None:
             raise OSError(errno.EBADF, "unknown commit")
         try:
+            if req.path is not None:  # the job renamed it (or its directory) meanwhile
+                if not split_path(req.path):
+                    raise JailError(errno.EPERM, "cannot write the root")
+                c.path = req.path
             if c.error is not None:
                 raise c.error
             if c.written != req.size:
