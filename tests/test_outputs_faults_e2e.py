@@ -171,15 +171,20 @@ final["out/a.bin"] = data
 
 
 def test_rename_over_an_existing_output(testhost, client_root, out_dir, slow_remote):
-    """Over an output still on the wire, and over a file the client already had."""
+    """Over outputs still on the wire (with another output, with a client file), and
+    over a file the client already had. No conflict copy: the job chose to replace."""
     (out_dir / "old.bin").write_bytes(b"the client's version\n")
+    (out_dir / "input.txt").write_bytes(b"an input the job renames\n")
     body = """
 write("out/a.bin", 20 * MiB)
 b = write("out/b.bin", MiB)
 os.rename("out/b.bin", "out/a.bin")
+write("out/c.bin", 20 * MiB)
+os.rename("out/input.txt", "out/c.bin")
 new = write("out/new.bin", 3 * MiB)
 os.rename("out/new.bin", "out/old.bin")
 final["out/a.bin"] = b
+final["out/c.bin"] = hashlib.sha256(b"an input the job renames\\n").hexdigest()
 final["out/old.bin"] = new
 """
     r = run_job(testhost, client_root, body, remote=slow_remote)
