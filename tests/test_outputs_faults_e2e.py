@@ -269,8 +269,8 @@ def test_remote_disk_full_reaches_the_job_at_fsync_and_close(testhost, client_ro
     (out_dir / "big.bin").write_bytes(old)
     body = """
 import errno
-seen = []
 for name in ("out/big.bin", "out/new.bin"):
+    seen = final[name] = []
     f = open(name, "wb")
     try:
         fill(f, 24 * MiB)
@@ -281,12 +281,11 @@ for name in ("out/big.bin", "out/new.bin"):
         f.close()
     except OSError as e:
         seen.append(errno.errorcode[e.errno])
-final["seen"] = seen
 """
     r = run_job(testhost, client_root, body)
     assert r.returncode == 255, describe(r)
-    seen = json.loads(r.stdout.decode().strip().splitlines()[-1])["seen"]
-    assert seen and set(seen) == {"ENOSPC"}, describe(r)
+    seen = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    assert seen == {name: ["ENOSPC", "ENOSPC"] for name in ("out/big.bin", "out/new.bin")}, seen
     lines = error_lines(r)
     assert len(lines) == 2, describe(r)
     for name, line in zip(("out/big.bin", "out/new.bin"), sorted(lines), strict=True):
