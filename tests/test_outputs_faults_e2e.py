@@ -295,6 +295,34 @@ for name in ("out/big.bin", "out/new.bin"):
     assert temp_files(client_root) == []
 
 
+def test_remote_disk_full_when_an_output_is_opened_to_append(testhost, client_root, out_dir,
+                                                              small_remote_disk):
+    """Appending first copies the client's file into the spool; a copy cut short by the
+    full disk fails the open and is dropped, so no later open builds on half a file."""
+    old = os.urandom(20 * MiB)
+    (out_dir / "log.bin").write_bytes(old)
+    body = """
+import errno
+seen = final["seen"] = []
+for attempt in range(2):
+    try:
+        with open("out/log.bin", "ab") as f:
+            f.write(b"appended")
+        seen.append("appended")
+    except OSError as e:
+        seen.append(errno.errorcode[e.errno])
+with open("out/log.bin", "rb") as f:
+    final["size"] = len(f.read())
+"""
+    r = run_job(testhost, client_root, body)
+    assert r.returncode == 0, describe(r)
+    report = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    assert report == {"seen": ["ENOSPC", "ENOSPC"], "size": 20 * MiB}, describe(r)
+    assert (out_dir / "log.bin").read_bytes() == old
+    assert tree(out_dir) == {"log.bin"}
+    assert temp_files(client_root) == []
+
+
 def test_remote_disk_full_keeps_the_command_status(testhost, client_root, out_dir,
                                                   small_remote_disk):
     """A command that fails on its own keeps its status; the output is still named."""

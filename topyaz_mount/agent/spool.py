@@ -159,7 +159,11 @@ class Spool:
         sf.dirty = False
         if source_fd is not None and attr.size:
             try:
-                os.copy_file_range(source_fd, sf.fd, attr.size, 0, 0)
+                try:
+                    os.copy_file_range(source_fd, sf.fd, attr.size, 0, 0)
+                except OSError as e:  # EXDEV: the store and the spool are on two filesystems
+                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
                 copied = os.fstat(sf.fd).st_size
                 if copied != attr.size:  # copy_file_range may stop short; finish by hand
                     _copy_rest(source_fd, sf.fd, copied, attr.size)
