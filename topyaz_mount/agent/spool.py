@@ -462,7 +462,7 @@ class Spool:
         code = sf.error.errno or errno.EIO
         reason = _WHY.get(code, f"a write on the remote failed: {os.strerror(code)}")
         name = errno.errorcode.get(code, str(code))
-        local = "the local file is unchanged" if sf.expect is not None else "none was created"
+        local = "the local file is unchanged" if sf.expect else "no local file was created"
         text = f"{os.fsdecode(sf.path)}: not committed: {reason} ({name}); {local}"
         self.lost.append((sf.owner, text))
 
