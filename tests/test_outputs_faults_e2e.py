@@ -57,9 +57,10 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def run_job(testhost, root: Path, body: str, *, remote: str | None = None, timeout: float = 180):
+def run_job(testhost, root: Path, body: str, *, remote: str | None = None, options=(),
+            timeout: float = 180):
     return run_exec(testhost, root, "python3", "-c", PRELUDE + body + EPILOGUE,
-                    remote=remote, timeout=timeout)
+                    remote=remote, options=options, timeout=timeout)
 
 
 def assert_outputs(r: subprocess.CompletedProcess, root: Path, dirs: set[str]) -> None:
@@ -127,15 +128,18 @@ with open("out/d2/r.bin", "rb") as f:
 
 def test_directory_renamed_while_its_files_are_written(testhost, client_root, out_dir,
                                                         slow_remote):
-    """Before any commit: the files are still open (one already streaming home)."""
+    """Before any commit: the files are still open, one already streaming home. Its
+    upload survives the rename: the output crosses the link once, not again whole."""
     body = """
+import time
 os.makedirs("out/d1/sub")
 big = open("out/d1/r.bin", "wb")
 small = open("out/d1/sub/s.bin", "wb")
-hb = fill(big, 12 * MiB)
+hb = fill(big, 20 * MiB)
 hs = fill(small, 100000)
+time.sleep(1)  # let the upload catch up with the writer
 os.rename("out/d1", "out/d2")
-for f, h, size in ((big, hb, 12 * MiB), (small, hs, 5000)):
+for f, h, size in ((big, hb, 8 * MiB), (small, hs, 5000)):
     while size:
         block = os.urandom(min(MiB, size))
         f.write(block); h.update(block); size -= len(block)
@@ -143,8 +147,10 @@ for f, h, size in ((big, hb, 12 * MiB), (small, hs, 5000)):
 final["out/d2/r.bin"] = hb.hexdigest()
 final["out/d2/sub/s.bin"] = hs.hexdigest()
 """
-    r = run_job(testhost, client_root, body, remote=slow_remote)
+    r = run_job(testhost, client_root, body, remote=slow_remote, options=("--stats=json",))
     assert_outputs(r, client_root, {"d2", "d2/sub"})
+    stats = json.loads(r.stderr.decode().strip().splitlines()[-1])
+    assert stats["wire_bytes_received"] < 32 * MiB, stats  # 28 MiB of outputs
 
 
 def test_directory_moved_into_a_directory_made_after_it(testhost, client_root, out_dir,
