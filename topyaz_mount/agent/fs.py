@@ -670,8 +670,8 @@ class MountOps(pyfuse3.Operations):
 
     @handler
     async def flush(self, fh: int) -> None:
-        h = self._file(fh)
-        if h.writable and h.spool is not None:
+        h = self._handles.get(fh)
+        if isinstance(h, Handle) and h.writable and h.spool is not None:
             h.spool.raise_if_failed()
 
     @handler
