@@ -301,6 +301,29 @@ for name in ("out/big.bin", "out/new.bin"):
     assert temp_files(client_root) == []
 
 
+def test_an_output_written_again_once_there_is_room_commits(testhost, client_root, out_dir,
+                                                           small_remote_disk):
+    """A job that retries after freeing room: its second version lands, exit 0."""
+    body = FILL + """
+import errno
+try:
+    write("out/x.bin", 2 * MiB)
+    final["first"] = "written"
+except OSError as e:
+    final["first"] = errno.errorcode[e.errno]
+""" + UNFILL + """
+final["out/x.bin"] = write("out/x.bin", 2 * MiB)
+"""
+    r = run_job(testhost, client_root, body)
+    assert r.returncode == 0, describe(r)
+    report = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    assert report.pop("first") == "ENOSPC", describe(r)
+    assert sha256(out_dir / "x.bin") == report["out/x.bin"]
+    assert error_lines(r) == [], describe(r)
+    assert tree(out_dir) == {"x.bin"}
+    assert temp_files(client_root) == []
+
+
 def test_remote_disk_full_when_an_output_is_opened_to_append(testhost, client_root, out_dir,
                                                               small_remote_disk):
     """Appending first copies the client's file into the spool; a copy cut short by the

@@ -118,6 +118,9 @@ class Spool:
         self._changed = trio.Event()
         # (owner, text): outputs that could not be committed, and notes for the user.
         self.lost: list[tuple[int | None, str]] = []
+        # The entries of ``lost`` for outputs refused after a failed write, by path: the
+        # job may free room and write the file again, and that commit withdraws it.
+        self._refused: dict[bytes, tuple[int | None, str]] = {}
         self.notes: list[tuple[int | None, str]] = []
         # Told of each committed output (fd, blake3, size), so the content store can
         # keep a copy: a later job that reads this output needs no transfer.
@@ -191,10 +194,13 @@ class Spool:
 
         Its content is on the client (and in the content store), so later opens read
         it from there; a long-lived session thus does not keep every output it ever
-        wrote on the remote disk until it ends.
+        wrote on the remote disk until it ends. A new output refused after a failed
+        write stays, empty: the client has no file of that name, the kernel still
+        knows it, and the job may write it again.
         """
         busy = sf.handles or sf.writers or sf.dirty or sf.upload is not None
-        if busy or sf.lock.locked() or sf.fd < 0:
+        refused_new = sf.error is not None and sf.expect is None and sf.path is not None
+        if busy or refused_new or sf.lock.locked() or sf.fd < 0:
             return
         if sf.path is not None:
             if self.files.get(sf.path) is sf:
@@ -435,6 +441,9 @@ class Spool:
             await self._abort(cid)
             return
         self.bytes_committed += offset
+        refused = self._refused.pop(path, None)
+        if refused in self.lost:
+            self.lost.remove(refused)  # written again since, and home now
         if self.on_committed is not None:
             self.on_committed(sf.fd, up.hasher.digest(), offset)
         if res.path != path:
@@ -454,17 +463,24 @@ class Spool:
                 pass
 
     async def _refuse(self, sf: SpoolFile) -> None:
-        """A spool copy that lost a write is never committed: drop it and say so."""
+        """A spool copy that lost a write is never committed: drop it and say so.
+
+        Its room is given back at once (the job may free more and write it again): an
+        adopted file is let go (later opens read the client's), a new one is emptied.
+        """
         assert sf.path is not None and sf.error is not None
         self.break_upload(sf)
         await self._take_upload(sf)  # aborts an upload that had begun
         sf.dirty = False
+        if sf.expect is None:
+            os.ftruncate(sf.fd, 0)
         code = sf.error.errno or errno.EIO
         reason = _WHY.get(code, f"a write on the remote failed: {os.strerror(code)}")
         name = errno.errorcode.get(code, str(code))
         local = "the local file is unchanged" if sf.expect else "no local file was created"
         text = f"{os.fsdecode(sf.path)}: not committed: {reason} ({name}); {local}"
-        self.lost.append((sf.owner, text))
+        self._refused[sf.path] = entry = (sf.owner, text)
+        self.lost.append(entry)
 
     def _keep(self, sf: SpoolFile, error: OSError) -> None:
         """A failed commit: keep the bytes on the remote and say where."""
