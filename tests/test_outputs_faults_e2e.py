@@ -115,9 +115,9 @@ def test_directory_renamed_while_its_commit_streams(testhost, client_root, out_d
     body = """
 os.mkdir("out/d1")
 with open("out/d1/r.bin", "wb") as f:
-    h = fill(f, MiB)
+    fill(f, MiB)
     os.ftruncate(f.fileno(), MiB)  # no upload follows this writer: one commit at close
-    h2 = fill(f, 63 * MiB)
+    fill(f, 63 * MiB)
 os.rename("out/d1", "out/d2")
 with open("out/d2/r.bin", "rb") as f:
     final["out/d2/r.bin"] = hashlib.sha256(f.read()).hexdigest()
