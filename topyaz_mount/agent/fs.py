@@ -609,11 +609,11 @@ class MountOps(pyfuse3.Operations):
         self.inodes.looked_up(ino)
         fh = self._add_handle(handle)
         self.stats.opens += 1
-        if self.mountpoint is not None:
+        if self.mountpoint is not None:  # its fd follows renames; its upload does too
             self.spool.nursery.start_soon(
                 nudge.follow_writer,
                 self.mountpoint / os.fsdecode(path),
-                lambda: sf.writers > 0 and sf.path == path and not self.spool.frozen,
+                lambda: sf.writers > 0 and sf.path is not None and not self.spool.frozen,
             )
         return pyfuse3.FileInfo(fh=fh), self.entry(ino, sf.attr())
 
