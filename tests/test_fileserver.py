@@ -229,6 +229,35 @@ def test_abort_removes_the_temp_file(world):
         call(server, proto.CommitEnd(3, 7, digest(b"partial")))
 
 
+def test_commit_lands_where_its_end_says_after_its_directory_moved(world):
+    """The job renamed the directory while the output was on the wire."""
+    server, root, _ = world
+    (root / "out" / "d1").mkdir()
+    data = b"renamed while on the wire"
+    call(server, proto.CommitBegin(1, b"out/d1/r.bin", 0o644, None, True))
+    server.handle_chunk(proto.CommitChunk(1, 0, data))
+    call(server, proto.Rename(b"out/d1", b"out/d2"))
+    res = call(server, proto.CommitEnd(1, len(data), digest(data), None, b"out/d2/r.bin"))
+    assert res.path == b"out/d2/r.bin"
+    assert (root / "out" / "d2" / "r.bin").read_bytes() == data
+    assert sorted(os.listdir(root / "out")) == ["d2"]
+    assert os.listdir(root / "out" / "d2") == ["r.bin"]
+
+
+@pytest.mark.parametrize(
+    "path", [b"../escape", b"/tmp/escape", b"", b"out/../../escape", b"dirlink/escape"]
+)
+def test_commit_end_path_stays_in_the_jail(world, path):
+    server, root, _ = world
+    call(server, proto.CommitBegin(1, b"out/a", 0o644))
+    server.handle_chunk(proto.CommitChunk(1, 0, b"x"))
+    with pytest.raises(OSError):
+        call(server, proto.CommitEnd(1, 1, digest(b"x"), None, path))
+    assert all_temps(root) == []
+    assert os.listdir(root / "out") == []
+    assert not (root.parent / "escape").exists()  # (the world fixture checks outside/)
+
+
 def test_close_removes_temp_files_of_unfinished_commits(tmp_path):
     root = tmp_path / "root"
     (root / "d").mkdir(parents=True)

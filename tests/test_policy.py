@@ -564,16 +564,17 @@ def test_read_only_root_refuses_every_change_with_erofs(tmp_path):
         server.close()
 
 
-def test_a_commit_whose_destination_became_protected_is_refused(home):
-    """The destination is checked again at the end (a later rename could move it)."""
+@pytest.mark.parametrize("end_path", [b"proj/.git/hooks/pre-commit", b".bashrc", b".ssh/x"])
+def test_a_commit_whose_end_names_a_protected_destination_is_refused(home, end_path):
+    """A commit's end may name where it lands now (the job renamed it meanwhile): a
+    hostile agent begins at an allowed path and ends at a protected one."""
     server, root = home
     call(server, proto.CommitBegin(1, b"out/x", 0o755))
     server.handle_chunk(proto.CommitChunk(1, 0, b"evil"))
-    server._commits[1].path = b"proj/.git/hooks/pre-commit"  # as if followed by a rename
     before = snapshot(root)
     with pytest.raises(OSError) as info:
-        call(server, proto.CommitEnd(1, 4, blake3.blake3(b"evil").digest()))
-    assert info.value.errno == errno.EACCES
+        call(server, proto.CommitEnd(1, 4, blake3.blake3(b"evil").digest(), path=end_path))
+    assert info.value.errno in (errno.EACCES, errno.ENOENT)
     assert snapshot(root) == before
 
 

@@ -476,7 +476,13 @@ class FileServer:
         if c is None:
             raise OSError(errno.EBADF, "unknown commit")
         try:
-            self._writable(c.path, "write")  # again: the path may have been moved since
+            if req.path is not None:  # the job renamed it (or its directory) meanwhile
+                if not split_path(req.path):
+                    raise JailError(errno.EPERM, "cannot write the root")
+                c.path = req.path
+            # Checked again, at the path it lands at: a hostile agent could begin at an
+            # allowed path and end at a protected one.
+            self._writable(c.path, "write")
             if c.error is not None:
                 raise c.error
             if c.written != req.size:

@@ -131,12 +131,17 @@ class CommitBegin(_Msg):
 
 
 class CommitEnd(_Msg):
-    """All data sent; the client verifies size and hash, fsyncs and renames into place."""
+    """All data sent; the client verifies size and hash, fsyncs and renames into place.
+
+    ``path`` is where the output lands: where the file is now, which differs from the
+    begin's path if the job renamed its directory meanwhile (``None``: the begin's).
+    """
 
     commit: int
     size: int
     blake3: bytes
     mtime_ns: int | None = None
+    path: bytes | None = None
 
 
 class CommitAbort(_Msg):

@@ -420,9 +420,7 @@ class MountOps(pyfuse3.Operations):
             if sf is None:
                 sf = await self._adopt(path, truncate=attr.st_size == 0)
             async with sf.lock:
-                self.spool.break_upload(sf)
-                os.ftruncate(sf.fd, attr.st_size)
-                sf.dirty = True
+                self.spool.truncate(sf, attr.st_size)
             if sf.writers == 0:
                 self.spool.schedule(sf)
         mode = attr.st_mode & 0o7777 if fields.update_mode else None
@@ -594,13 +592,17 @@ class MountOps(pyfuse3.Operations):
         self.listings.moved(old, new)
         if noreplace and dst is not None:
             raise OSError(errno.EEXIST, "destination exists")
+        # Outputs below ``old`` (a directory) may be on the wire: their commits' ends
+        # name them where they are then, so the rename only waits for a begin or end
+        # in flight (see spool.py). A file renamed itself waits for its whole commit.
         if src is None:
-            await self.client.call(proto.Rename(old, new, noreplace), proto.PRIO_URGENT)
-            if dst is not None:
-                self.spool.forget(dst)  # the client's rename replaced its committed copy
-            self.spool.move(old, new)
+            async with self.spool.names_held(old, new):
+                await self.client.call(proto.Rename(old, new, noreplace), proto.PRIO_URGENT)
+                if dst is not None:
+                    self.spool.forget(dst)  # the client's rename replaced its committed copy
+                self.spool.move(old, new)
         else:
-            async with src.lock:
+            async with src.lock, self.spool.names_held(old, new):
                 if src.committed_path is not None:
                     req = proto.Rename(src.committed_path, new, noreplace)
                     await self.client.call(req, proto.PRIO_URGENT)
@@ -631,11 +633,11 @@ class MountOps(pyfuse3.Operations):
         self.inodes.looked_up(ino)
         fh = self._add_handle(handle)
         self.stats.opens += 1
-        if self.mountpoint is not None:
+        if self.mountpoint is not None:  # its fd follows renames; its upload does too
             self.spool.nursery.start_soon(
                 nudge.follow_writer,
                 self.mountpoint / os.fsdecode(path),
-                lambda: sf.writers > 0 and sf.path == path and not self.spool.frozen,
+                lambda: sf.writers > 0 and sf.path is not None and not self.spool.frozen,
             )
         return pyfuse3.FileInfo(fh=fh), self.entry(ino, sf.attr())
 
@@ -654,9 +656,7 @@ class MountOps(pyfuse3.Operations):
             try:
                 async with sf.lock:  # wait out a commit in flight
                     if flags & os.O_TRUNC:
-                        self.spool.break_upload(sf)
-                        os.ftruncate(sf.fd, 0)
-                        sf.dirty = True
+                        self.spool.truncate(sf, 0)
                         sf.streamable = sf.writers == 0
                     handle = self._writer_opened(sf, ctx)
             except BaseException:
@@ -686,20 +686,29 @@ class MountOps(pyfuse3.Operations):
         if not h.writable or h.spool is None:
             raise OSError(errno.EBADF, "not open for writing")
         self.stats.writes += 1
-        n = os.pwrite(h.spool.fd, buf, off)
-        h.spool.dirty = True
-        self.spool.wrote(h.spool, off, n)
-        return n
+        return self.spool.write(h.spool, off, buf)
+
+    # With the writeback cache a failed WRITE reaches the kernel, not the job's write(2);
+    # the kernel reports it at the next close or fsync, unless another opener's close
+    # took it first (nudge.py's, say). So the spool file keeps it, and every flush
+    # (each close) and fsync of a writer returns it.
 
     @handler
     async def flush(self, fh: int) -> None:
-        return None
+        h = self._handles.get(fh)
+        if isinstance(h, Handle) and h.writable and h.spool is not None:
+            h.spool.raise_if_failed()
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._file(fh)
         if h.spool is not None:
-            os.fsync(h.spool.fd)
+            try:
+                os.fsync(h.spool.fd)
+            except OSError as e:
+                self.spool.failed(h.spool, e)
+            if h.writable:
+                h.spool.raise_if_failed()
 
     @handler
     async def release(self, fh: int) -> None:

@@ -15,6 +15,17 @@ A spool file's lock is held for the whole of a commit; whoever wants to change t
 file (open for writing, truncate, rename, unlink) takes it first, so a commit always
 sends one consistent version.
 
+Outputs follow renames. A commit names its file twice, when it begins (the client makes
+the temporary file in that directory) and when it ends (the client renames it to the
+path the end carries, which is where the file is *then*). A rename of a directory does
+not wait for the commits below it: it only takes the ``naming`` lock of every spool file
+it moves, which a commit holds while a request naming the file is in flight, so the
+client never sees a rename and a commit's begin or end cross each other.
+
+A write that failed (the remote disk full, say) leaves the spool copy incomplete: the
+error sticks to the file (until the job truncates it to nothing), is returned at every
+flush and fsync, and the file is never committed; the job's exit report names it.
+
 Big outputs written front to back (a video encoder's, say) do not wait for the close:
 once a new file passes ``STREAM_AFTER`` bytes, an upload starts and follows the writer,
 so the transfer home overlaps the job. Any write behind what was already sent, a
@@ -30,7 +41,8 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import blake3
@@ -76,6 +88,15 @@ class SpoolFile:
         self.upload: Upload | None = None  # an upload following the writer
         self.owner: int | None = None  # the job that last opened it for writing
         self.handles = 0  # open FUSE handles (readers and writers) that use ``fd``
+        self.error: OSError | None = None  # a write into ``fd`` failed: never committed
+        # Held while a commit request naming ``path`` is in flight, and by renames.
+        self.naming = trio.Lock()
+        self.serial = 0  # the order renames take ``naming`` locks in
+
+    def raise_if_failed(self) -> None:
+        """Why this copy is incomplete, as the job's close or fsync must hear it."""
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror)
 
     def attr(self) -> proto.Attr:
         st = os.fstat(self.fd)
@@ -97,6 +118,9 @@ class Spool:
         self._changed = trio.Event()
         # (owner, text): outputs that could not be committed, and notes for the user.
         self.lost: list[tuple[int | None, str]] = []
+        # The entries of ``lost`` for outputs refused after a failed write, by path: the
+        # job may free room and write the file again, and that commit withdraws it.
+        self._refused: dict[bytes, tuple[int | None, str]] = {}
         self.notes: list[tuple[int | None, str]] = []
         # Told of each committed output (fd, blake3, size), so the content store can
         # keep a copy: a later job that reads this output needs no transfer.
@@ -126,6 +150,7 @@ class Spool:
         if old is not None:
             old.path = None
         sf = SpoolFile(path, self._new_fd(), mode, expect)
+        sf.serial = next(self._ids)
         sf.dirty = True  # even an empty new file must appear on the client
         sf.streamable = expect is None
         self.files[path] = sf
@@ -136,10 +161,18 @@ class Spool:
         sf = self.create(path, attr.mode, expect=attr)
         sf.dirty = False
         if source_fd is not None and attr.size:
-            os.copy_file_range(source_fd, sf.fd, attr.size, 0, 0)
-            copied = os.fstat(sf.fd).st_size
-            if copied != attr.size:  # copy_file_range may stop short; finish by hand
-                _copy_rest(source_fd, sf.fd, copied, attr.size)
+            try:
+                try:
+                    os.copy_file_range(source_fd, sf.fd, attr.size, 0, 0)
+                except OSError as e:  # EXDEV: the store and the spool are on two filesystems
+                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+                copied = os.fstat(sf.fd).st_size
+                if copied != attr.size:  # copy_file_range may stop short; finish by hand
+                    _copy_rest(source_fd, sf.fd, copied, attr.size)
+            except OSError:
+                self.forget(sf)  # half a copy must never stand for the client's file
+                raise
         return sf
 
     def forget(self, sf: SpoolFile) -> None:
@@ -161,10 +194,13 @@ class Spool:
 
         Its content is on the client (and in the content store), so later opens read
         it from there; a long-lived session thus does not keep every output it ever
-        wrote on the remote disk until it ends.
+        wrote on the remote disk until it ends. A new output refused after a failed
+        write stays, empty: the client has no file of that name, the kernel still
+        knows it, and the job may write it again.
         """
         busy = sf.handles or sf.writers or sf.dirty or sf.upload is not None
-        if busy or sf.lock.locked() or sf.fd < 0:
+        refused_new = sf.error is not None and sf.expect is None and sf.path is not None
+        if busy or refused_new or sf.lock.locked() or sf.fd < 0:
             return
         if sf.path is not None:
             if self.files.get(sf.path) is sf:
@@ -174,18 +210,78 @@ class Spool:
         sf.fd = -1
 
     def move(self, old: bytes, new: bytes) -> None:
-        """Rename a path or directory prefix in the spool (the client already did)."""
+        """Rename a path or directory prefix in the spool (the client already did).
+
+        An upload survives its directory's rename (its temporary file on the client
+        moved along, and its end names the new path); a file renamed itself is sent
+        whole at its close instead.
+        """
         prefix = old + b"/"
         for path in list(self.files):
             if path == old or path.startswith(prefix):
                 sf = self.files.pop(path)
-                self.break_upload(sf)
+                if path == old:
+                    self.break_upload(sf)
                 sf.path = new + path[len(old) :]
                 if sf.committed_path is not None and (
                     sf.committed_path == old or sf.committed_path.startswith(prefix)
                 ):
                     sf.committed_path = new + sf.committed_path[len(old) :]
                 self.files[sf.path] = sf
+
+    @asynccontextmanager
+    async def names_held(self, *paths: bytes) -> AsyncIterator[None]:
+        """Hold the names of the spool files at or below ``paths`` (for a rename).
+
+        Waits for the commit requests naming them that are in flight; those sent
+        after this is released name the files where the rename put them.
+        """
+        held: set[int] = set()
+        async with AsyncExitStack() as stack:
+            while True:  # again: a file may have been created below while we waited
+                found = {
+                    sf.serial: sf
+                    for path, sf in self.files.items()
+                    for top in paths
+                    if (path == top or path.startswith(top + b"/")) and sf.serial not in held
+                }
+                if not found:
+                    break
+                for serial in sorted(found):  # one order for all: renames never deadlock
+                    await stack.enter_async_context(found[serial].naming)
+                    held.add(serial)
+            yield
+
+    # --- what the job writes ---------------------------------------------------------
+
+    def write(self, sf: SpoolFile, offset: int, data: bytes) -> int:
+        """Write all of ``data``; a failure sticks to the file (see the module's doc)."""
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(sf.fd, data[done:], offset + done)
+        except OSError as e:
+            self.failed(sf, e)
+            raise
+        finally:
+            if done:
+                sf.dirty = True
+                self.wrote(sf, offset, done)
+        return done
+
+    def failed(self, sf: SpoolFile, error: OSError) -> None:
+        """The spool copy lost a write: it must not be committed (the first error counts)."""
+        if sf.error is None:
+            sf.error = error
+            log.error("writing %r on the remote failed: %s", sf.path, error)
+        sf.dirty = True  # so its commit runs, and reports it
+
+    def truncate(self, sf: SpoolFile, size: int) -> None:
+        self.break_upload(sf)
+        os.ftruncate(sf.fd, size)
+        sf.dirty = True
+        if size == 0:
+            sf.error = None  # every byte a failed write touched is gone
 
     # --- uploads that follow the writer --------------------------------------------
 
@@ -208,9 +304,13 @@ class Spool:
 
     async def _follow(self, sf: SpoolFile, up: Upload) -> None:
         try:
-            begin = proto.CommitBegin(up.cid, up.path, sf.mode, sf.expect, sf.check)
-            await self.link.call(begin, proto.PRIO_BULK)
-            up.begun = True
+            async with sf.naming:
+                if sf.path is None or up.broken:
+                    return
+                up.path = sf.path
+                begin = proto.CommitBegin(up.cid, up.path, sf.mode, sf.expect, sf.check)
+                await self.link.call(begin, proto.PRIO_BULK)
+                up.begun = True
             while not up.broken:
                 up.more = trio.Event()
                 await self._send_available(sf, up)
@@ -242,13 +342,9 @@ class Spool:
         up.closing = True
         up.more.set()
         await up.stopped.wait()
-        if up.broken or not up.begun or up.path != sf.path:
+        if up.broken or not up.begun:
             if up.begun:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    try:
-                        await self.link.call(proto.CommitAbort(up.cid))
-                    except OSError:
-                        pass
+                await self._abort(up.cid)
             return None
         return up
 
@@ -298,6 +394,8 @@ class Spool:
             async with sf.lock:
                 if sf.path is None:
                     sf.dirty = False  # unlinked meanwhile: nothing to send
+                elif sf.dirty and sf.error is not None:
+                    await self._refuse(sf)
                 elif sf.dirty:
                     try:
                         await self._commit(sf)
@@ -312,30 +410,40 @@ class Spool:
             self._changed = trio.Event()
 
     async def _commit(self, sf: SpoolFile) -> None:
-        assert sf.path is not None
-        path = sf.path
+        """Send the file home; it lands where it is when the commit ends (see renames)."""
         sf.dirty = False
         up = await self._take_upload(sf)
         if up is None:
-            up = Upload(next(self._ids), path)
-            await self.link.call(proto.CommitBegin(up.cid, path, sf.mode, sf.expect, sf.check))
-            up.begun = True
+            async with sf.naming:
+                if sf.path is None:
+                    return  # unlinked while its upload was stopped: nothing to send
+                up = Upload(next(self._ids), sf.path)
+                await self.link.call(
+                    proto.CommitBegin(up.cid, up.path, sf.mode, sf.expect, sf.check)
+                )
+                up.begun = True
         cid = up.cid
         sf.streamable = False
         try:
             await self._send_available(sf, up)
             offset = up.sent
-            end = proto.CommitEnd(cid, offset, up.hasher.digest(), sf.mtime_ns)
-            res = await self.link.call(end, proto.PRIO_BULK, after_bulk=True)
+            async with sf.naming:
+                path = sf.path
+                if path is not None:
+                    end = proto.CommitEnd(cid, offset, up.hasher.digest(), sf.mtime_ns, path)
+                    res = await self.link.call(end, proto.PRIO_BULK, after_bulk=True)
+                    sf.committed_path = res.path
         except BaseException:
             sf.dirty = True
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                try:
-                    await self.link.call(proto.CommitAbort(cid))
-                except OSError:
-                    pass
+            await self._abort(cid)
             raise
+        if path is None:  # unlinked, or replaced by a rename, meanwhile: it must not land
+            await self._abort(cid)
+            return
         self.bytes_committed += offset
+        refused = self._refused.pop(path, None)
+        if refused in self.lost:
+            self.lost.remove(refused)  # written again since, and home now
         if self.on_committed is not None:
             self.on_committed(sf.fd, up.hasher.digest(), offset)
         if res.path != path:
@@ -344,9 +452,35 @@ class Spool:
                 f"the remote output was saved as {os.fsdecode(res.path)}"
             )
             self.notes.append((sf.owner, note))
-        sf.committed_path = res.path
         sf.expect = res.attr
         sf.check = True
+
+    async def _abort(self, cid: int) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.link.call(proto.CommitAbort(cid))
+            except OSError:
+                pass
+
+    async def _refuse(self, sf: SpoolFile) -> None:
+        """A spool copy that lost a write is never committed: drop it and say so.
+
+        Its room is given back at once (the job may free more and write it again): an
+        adopted file is let go (later opens read the client's), a new one is emptied.
+        """
+        assert sf.path is not None and sf.error is not None
+        self.break_upload(sf)
+        await self._take_upload(sf)  # aborts an upload that had begun
+        sf.dirty = False
+        if sf.expect is None:
+            os.ftruncate(sf.fd, 0)
+        code = sf.error.errno or errno.EIO
+        reason = _WHY.get(code, f"a write on the remote failed: {os.strerror(code)}")
+        name = errno.errorcode.get(code, str(code))
+        local = "the local file is unchanged" if sf.expect else "no local file was created"
+        text = f"{os.fsdecode(sf.path)}: not committed: {reason} ({name}); {local}"
+        self._refused[sf.path] = entry = (sf.owner, text)
+        self.lost.append(entry)
 
     def _keep(self, sf: SpoolFile, error: OSError) -> None:
         """A failed commit: keep the bytes on the remote and say where."""
@@ -383,6 +517,13 @@ class Spool:
                 os.close(sf.fd)
                 sf.fd = -1
         self.files.clear()
+
+
+_WHY = {
+    errno.ENOSPC: "the remote disk is full",
+    errno.EDQUOT: "the remote disk quota is exceeded",
+    errno.EIO: "the remote disk failed to write it",
+}
 
 
 def _copy_rest(src: int, dst: int, start: int, end: int) -> None:
