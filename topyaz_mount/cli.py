@@ -582,16 +582,8 @@ def mount(
                 pass
         sys.exit(code)
     if lost:
-        tail = [x for x in server.session.ssh.stderr_tail if x.strip()]
-        why = f" ({tail[-1]})" if tail else ""
-        sys.exit(
-            _fail(
-                f"connection to {settings.remote} lost{why}; session {session} ended. Outputs "
-                f"not yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"
-                f"{server.session.session_id}",
-                EXIT_FAILURE,
-            )
-        )
+        message = server.session.loss_message("")
+        sys.exit(_fail(f"{message}; session {session} ended", EXIT_FAILURE))
     closed = server.closed
     if closed is not None and closed.kept_files:
         _say(

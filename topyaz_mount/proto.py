@@ -147,9 +147,13 @@ class CommitAbort(_Msg):
 
 
 class Hello(_Msg):
+    """``root``: the client's root directory, recorded with outputs kept on the remote
+    (``kept/``) so ``kept --recover`` knows where they belong."""
+
     version: int
     session_id: str
     capabilities: list[str] = []
+    root: str = ""
 
 
 class Run(_Msg):
@@ -332,6 +336,10 @@ class Hashed(_Msg):
     blake3: bytes
 
 
+class Ping(_Msg):
+    """A keepalive (liveness.py): the sender is there. Either side sends it."""
+
+
 class Log(_Msg):
     """A line for the user about job ``job`` (0: the session), e.g. an output conflict."""
 
@@ -389,6 +397,7 @@ Notice = Union[
     Invalidate,
     Log,
     Hashed,
+    Ping,
 ]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from .. import proto
+from .. import liveness, proto
 from ..pipes import widen
 from .session import AgentSession
 from .store import ContentStore
@@ -28,12 +28,12 @@ def default_base_dir() -> Path:
     return Path(platformdirs.user_cache_dir("topyaz-mount"))
 
 
-async def _serve(base_dir: Path, cache_cap: int | None, channel_in: int, channel_out: int) -> None:
+async def _serve(session: AgentSession, channel_in: int, channel_out: int) -> None:
     stream = trio.StapledStream(
         trio.lowlevel.FdStream(channel_out), trio.lowlevel.FdStream(channel_in)
     )
     await stream.send_all(proto.MAGIC)
-    await AgentSession(base_dir, cache_cap).serve(stream)
+    await session.serve(stream)
 
 
 def _cache_command(base_dir: Path, cap: int | None, clear: bool, prune_to: int | None) -> int:
@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clear", action="store_true", help="with --cache-stats")
     parser.add_argument("--prune-to", type=int, default=None, help="with --cache-stats")
     parser.add_argument("--doctor", action="store_true", help="print checks as JSON, exit")
+    parser.add_argument(
+        "--keepalive",
+        type=liveness.Timing.parse,
+        default=liveness.Timing(),
+        help="INTERVAL,DEAD_AFTER seconds (see liveness.py)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     os.close(devnull)
     try:
-        trio.run(_serve, base_dir, args.cache_cap, channel_in, channel_out)
+        session = AgentSession(base_dir, args.cache_cap, args.keepalive)
+        trio.run(_serve, session, channel_in, channel_out)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -37,6 +37,7 @@ import blake3
 import trio
 
 from .. import proto
+from .kept import KeptSession
 from .link import ClientLink
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class SpoolFile:
         self.upload: Upload | None = None  # an upload following the writer
         self.owner: int | None = None  # the job that last opened it for writing
         self.handles = 0  # open FUSE handles (readers and writers) that use ``fd``
+        self.partial = False  # a writer still had it open when the session ended
 
     def attr(self) -> proto.Attr:
         st = os.fstat(self.fd)
@@ -85,10 +87,10 @@ class SpoolFile:
 
 class Spool:
     def __init__(
-        self, directory: Path, kept_dir: Path, link: ClientLink, nursery: trio.Nursery
+        self, directory: Path, kept: KeptSession, link: ClientLink, nursery: trio.Nursery
     ) -> None:
         self.directory = directory
-        self.kept_dir = kept_dir
+        self.kept = kept
         self.link = link
         self.nursery = nursery
         self.files: dict[bytes, SpoolFile] = {}
@@ -351,18 +353,30 @@ class Spool:
     def _keep(self, sf: SpoolFile, error: OSError) -> None:
         """A failed commit: keep the bytes on the remote and say where."""
         assert sf.path is not None
-        dest = self.kept_dir / os.fsdecode(sf.path)
+        reason = error.strerror or str(error)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(dest, "wb") as out:
-                _copy_rest(sf.fd, out.fileno(), 0, os.fstat(sf.fd).st_size)
+            dest = self.kept.keep(
+                sf.path,
+                sf.fd,
+                complete=not sf.partial,
+                mode=sf.mode,
+                expect=sf.expect,
+                reason=reason,
+            )
             where = f"kept on the remote host at {dest}"
+            if sf.partial:
+                where += " (partial: it was still being written)"
         except OSError as e2:
             where = f"could not be kept either ({e2.strerror})"
-        reason = error.strerror or str(error)
         text = f"{os.fsdecode(sf.path)}: not written on the client ({reason}); {where}"
         self.lost.append((sf.owner, text))
         log.error("commit of %r failed: %s", sf.path, error)
+
+    def mark_open_partial(self) -> None:
+        """The session ends: files a writer still has open are not whole outputs."""
+        for sf in self.files.values():
+            if sf.writers:
+                sf.partial = True
 
     async def keep_uncommitted(self, why: str) -> tuple[int, int]:
         """At an abnormal end: everything not yet committed goes to ``kept/``.
