@@ -17,10 +17,12 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 
 import blake3
 import pytest
 from e2e_util import (
+    CLI,
     ExecProcess,
     client_env,
     cmdline,
@@ -39,9 +41,9 @@ from test_exec_e2e import no_leftovers  # noqa: F401  (autouse: no mount, sessio
 MiB = 1 << 20
 KEEPALIVE = "1,5"
 
-# Writes out/done.bin (closed: a complete output), then out/partial.bin (left open),
-# says so, and sleeps with a helper in its process group. Bytes are seeded, so the
-# test knows them.
+# Writes out/done.bin and out/done2.bin (closed: complete outputs), then out/partial.bin
+# (left open), says so, and sleeps with a helper in its process group. Bytes are seeded,
+# so the test knows them.
 JOB = """
 import os, random, subprocess, sys, time
 os.makedirs("out", exist_ok=True)
@@ -50,6 +52,8 @@ print("ready", helper.pid, flush=True)
 time.sleep(float(sys.argv[1]))
 with open("out/done.bin", "wb") as f:
     f.write(random.Random(1).randbytes(3 << 20))
+with open("out/done2.bin", "wb") as f:
+    f.write(random.Random(4).randbytes(1 << 20))
 time.sleep(1)  # over a live link, done.bin is home by then
 f = open("out/partial.bin", "wb")
 f.write(random.Random(2).randbytes(1 << 20))
@@ -118,16 +122,17 @@ def _kept_manifest(session_id: str) -> dict:
 
 
 def _check_kept(session_id: str) -> None:
-    """done.bin is kept complete with its bytes; partial.bin is marked partial."""
+    """done.bin and done2.bin are kept complete with their bytes; partial.bin is partial."""
     manifest = _kept_manifest(session_id)
     files = {e["path"]: e for e in manifest["files"]}
-    assert set(files) == {"out/done.bin", "out/partial.bin"}, files
-    done = files["out/done.bin"]
-    expected = _seeded(1, 3 * MiB)
-    assert done["complete"] is True and done["size"] == len(expected)
-    assert done["blake3"] == blake3.blake3(expected).hexdigest()
-    kept_bytes = (_kept_dir() / session_id / "files" / "out" / "done.bin").read_bytes()
-    assert kept_bytes == expected
+    assert set(files) == {"out/done.bin", "out/done2.bin", "out/partial.bin"}, files
+    for name, seed, size in (("done.bin", 1, 3 * MiB), ("done2.bin", 4, MiB)):
+        entry = files[f"out/{name}"]
+        expected = _seeded(seed, size)
+        assert entry["complete"] is True and entry["size"] == len(expected)
+        assert entry["blake3"] == blake3.blake3(expected).hexdigest()
+        kept_bytes = (_kept_dir() / session_id / "files" / "out" / name).read_bytes()
+        assert kept_bytes == expected
     assert files["out/partial.bin"]["complete"] is False
 
 
@@ -139,18 +144,16 @@ def kept_cleanup():
         shutil.rmtree(_kept_dir() / session_id, ignore_errors=True)
 
 
-def test_link_cut_ends_the_job_and_keeps_outputs(testhost, client_root, kept_cleanup):
-    """The client's ssh is killed while a commit waits on the (stopped) client: the
-    agent ends the job's group, keeps both outputs with a manifest, unmounts and
-    removes its session dir."""
+def _cut_link_during_job(testhost, root) -> tuple[_Running, subprocess.CompletedProcess]:
+    """Run JOB, stop the client so its outputs cannot be committed, kill its ssh by pid;
+    returns once the agent has torn down and the client has ended."""
     before = session_dirs()
-    with _start(testhost, client_root, "python3", "-c", JOB, "2") as p:
+    with _start(testhost, root, "python3", "-c", JOB, "2") as p:
         assert p.wait_for_stdout(b"ready", 60), p.stderr
         remote = _Running(before, _helper_pid(p))
-        kept_cleanup.append(remote.session_id)
         ssh = p.remember_ssh()
         assert ssh, "no ssh child found"
-        os.kill(p.pid, signal.SIGSTOP)  # the commit of done.bin cannot finish now
+        os.kill(p.pid, signal.SIGSTOP)  # the commits of done*.bin cannot finish now
         try:
             assert wait_until(lambda: _wrote(remote), 30), "the job did not write"
             for pid in ssh:
@@ -158,7 +161,15 @@ def test_link_cut_ends_the_job_and_keeps_outputs(testhost, client_root, kept_cle
             assert wait_until(remote.torn_down, 30), "the agent did not tear down"
         finally:
             os.kill(p.pid, signal.SIGCONT)
-        r = p.wait(60)
+        return remote, p.wait(60)
+
+
+def test_link_cut_ends_the_job_and_keeps_outputs(testhost, client_root, kept_cleanup):
+    """The client's ssh is killed while commits wait on the (stopped) client: the agent
+    ends the job's group, keeps the outputs with a manifest, unmounts and removes its
+    session dir."""
+    remote, r = _cut_link_during_job(testhost, client_root)
+    kept_cleanup.append(remote.session_id)
     err = r.stderr.decode()
     assert r.returncode == 255, describe(r)
     assert "lost during the job" in err and "keeps outputs not yet committed" in err, err
@@ -166,6 +177,50 @@ def test_link_cut_ends_the_job_and_keeps_outputs(testhost, client_root, kept_cle
     _check_kept(remote.session_id)
     assert not (client_root / "out" / "done.bin").exists()
     assert temp_files(client_root) == []
+
+
+def _kept_cli(testhost, root, *args: str) -> subprocess.CompletedProcess:
+    argv = [*CLI, "kept", "--remote", testhost.remote, "-F", str(testhost.ssh_config)]
+    argv += ["--remote-python", testhost.remote_python, *args]
+    return subprocess.run(argv, cwd=root, env=client_env(), capture_output=True, timeout=120)
+
+
+def test_kept_list_recover_clear(testhost, client_root, kept_cleanup):
+    remote, _ = _cut_link_during_job(testhost, client_root)
+    kept_cleanup.append(remote.session_id)
+    # list
+    r = _kept_cli(testhost, client_root, "--json")
+    assert r.returncode == 0, describe(r)
+    listed = {s["session"]: s for s in json.loads(r.stdout)["sessions"]}
+    mine = listed[remote.session_id]
+    assert mine["root"] == str(client_root)
+    states = {f["path"]: f["complete"] for f in mine["files"]}
+    assert states == {"out/done.bin": True, "out/done2.bin": True, "out/partial.bin": False}
+    r = _kept_cli(testhost, client_root)
+    assert r.returncode == 0 and remote.session_id.encode() in r.stdout, describe(r)
+    assert b"partial" in r.stdout and b"out/done.bin" in r.stdout
+    # recover: done2.bin goes home; done.bin changed locally since, so it lands beside it
+    mine_local = b"the user's own file\n"
+    (client_root / "out").mkdir(exist_ok=True)
+    (client_root / "out" / "done.bin").write_bytes(mine_local)
+    r = _kept_cli(testhost, client_root, "--recover", "--root", str(client_root))
+    err = r.stderr.decode()
+    assert r.returncode == 0, describe(r)
+    assert "recovered out/done2.bin" in err and "saved as out/done.remote-conflict.bin" in err
+    assert "1 partial output(s) left" in err, err
+    assert (client_root / "out" / "done2.bin").read_bytes() == _seeded(4, MiB)
+    assert (client_root / "out" / "done.bin").read_bytes() == mine_local
+    conflict = client_root / "out" / "done.remote-conflict.bin"
+    assert conflict.read_bytes() == _seeded(1, 3 * MiB)
+    assert not (client_root / "out" / "partial.bin").exists()
+    assert temp_files(client_root) == []
+    left = _kept_manifest(remote.session_id)["files"]
+    assert [(e["path"], e["complete"]) for e in left] == [("out/partial.bin", False)]
+    # clear this session
+    r = _kept_cli(testhost, client_root, "--clear", "--session", remote.session_id, "--json")
+    assert r.returncode == 0, describe(r)
+    assert remote.session_id not in {s["session"] for s in json.loads(r.stdout)["sessions"]}
+    assert not (_kept_dir() / remote.session_id).exists()
 
 
 def _wrote(remote: _Running) -> bool:

@@ -237,6 +237,16 @@ class Session:
         except ConnectionLost:
             raise await self._loss_error("") from None
 
+    async def recover_kept(self) -> proto.Recovered:
+        """Commit home what the remote kept of this root from failed sessions."""
+        assert self.peer is not None
+        try:
+            return await self.peer.call(proto.RecoverKept())
+        except ConnectionLost:
+            raise await self._loss_error("") from None
+        except RemoteError as e:
+            raise AgentUnavailable(f"{self.settings.remote}: {e.strerror}") from None
+
     async def invalidate(self, paths: list[bytes]) -> None:
         """Tell the agent these root-relative paths changed here."""
         if self.peer is not None and not self.peer.closed:

@@ -192,6 +192,10 @@ class Status(_Msg):
     """What the session has done so far (for ``topyaz-mount status``)."""
 
 
+class RecoverKept(_Msg):
+    """Commit home the complete outputs kept on the remote for this session's root."""
+
+
 # --- replies --------------------------------------------------------------------------
 
 
@@ -264,6 +268,16 @@ class Closed(_Msg):
     kept_files: int = 0
     kept_bytes: int = 0
     kept_dir: str = ""
+
+
+class Recovered(_Msg):
+    """What ``RecoverKept`` did: root-relative paths committed (``saved_as`` differs
+    where the local file had changed: the output went beside it), and what failed."""
+
+    committed: list[bytes]
+    saved_as: list[bytes]
+    failed: list[str]
+    partial_left: int
 
 
 class StatusReply(_Msg):
@@ -370,6 +384,7 @@ Request = Union[
     Bye,
     Manifest,
     Status,
+    RecoverKept,
 ]
 Response = Union[
     Done,
@@ -385,6 +400,7 @@ Response = Union[
     Missing,
     StatusReply,
     Closed,
+    Recovered,
 ]
 Notice = Union[
     CommitChunk,

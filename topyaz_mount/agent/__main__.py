@@ -18,6 +18,7 @@ import trio
 
 from .. import liveness, proto
 from ..pipes import widen
+from . import kept
 from .session import AgentSession
 from .store import ContentStore
 
@@ -48,6 +49,14 @@ def _cache_command(base_dir: Path, cap: int | None, clear: bool, prune_to: int |
     out["freed"] = freed
     out["path"] = str(store.root)  # type: ignore[assignment]
     print(json.dumps(out))
+    return 0
+
+
+def _kept_command(base_dir: Path, clear: bool, session: str | None) -> int:
+    """``topyaz-mount kept``'s remote half (list or clear): one JSON object on stdout."""
+    freed = kept.remove(base_dir, session) if clear else 0
+    sessions = [k.as_dict() for k in kept.list_all(base_dir)]
+    print(json.dumps({"path": str(kept.kept_root(base_dir)), "sessions": sessions, "freed": freed}))
     return 0
 
 
@@ -100,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--cache-cap", type=int, default=None, help="bytes")
     parser.add_argument("--cache-stats", action="store_true", help="print cache JSON, exit")
-    parser.add_argument("--clear", action="store_true", help="with --cache-stats")
+    parser.add_argument("--clear", action="store_true", help="with --cache-stats or --kept")
+    parser.add_argument("--kept", action="store_true", help="print kept outputs as JSON, exit")
+    parser.add_argument("--session", default=None, help="with --kept --clear: only this one")
     parser.add_argument("--prune-to", type=int, default=None, help="with --cache-stats")
     parser.add_argument("--doctor", action="store_true", help="print checks as JSON, exit")
     parser.add_argument(
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = args.base_dir or default_base_dir()
     if args.doctor:
         return _doctor(base_dir)
+    if args.kept:
+        return _kept_command(base_dir, args.clear, args.session)
     if args.cache_stats:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
     channel_in = os.dup(0)

@@ -22,11 +22,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
 from .. import proto
+from ..hashing import hash_fd
+
+if TYPE_CHECKING:
+    from .spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +198,51 @@ def forget_file(base_dir: Path, session: str, path: str) -> None:
         _write_json(directory / MANIFEST, data)
     else:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def recover(base_dir: Path, root: str, spool: Spool, this_session: str) -> proto.Recovered:
+    """Commit home every complete kept output of ``root`` through the spool's commit
+    path (the client verifies it and applies its write policy; a local file changed
+    since is not overwritten: the output lands beside it). Each one home is dropped
+    from ``kept/``; partial ones stay until cleared."""
+    import trio
+
+    committed: list[bytes] = []
+    saved_as: list[bytes] = []
+    failed: list[str] = []
+    partial_left = 0
+    for info in list_all(base_dir):
+        if info.session == this_session or not root or info.root != root:
+            continue
+        for entry in info.files:
+            if not entry.get("complete"):
+                partial_left += 1
+                continue
+            name = entry["path"]
+            where = kept_root(base_dir) / info.session / "files" / name
+            try:
+                fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                failed.append(f"{name}: {e.strerror}")
+                continue
+            try:
+                digest = await trio.to_thread.run_sync(hash_fd, fd)
+                if digest.hex() != entry["blake3"] or os.fstat(fd).st_size != entry["size"]:
+                    failed.append(f"{name}: the kept copy is damaged; not committed")
+                    continue
+                expect = entry.get("expect")
+                attr = None if not expect else proto.Attr(0, expect[0], expect[1], 0, 0)
+                path = os.fsencode(name)
+                final = await spool.commit_kept(path, fd, int(entry.get("mode", 0o644)), attr)
+            except OSError as e:
+                failed.append(f"{name}: {e.strerror or e}")
+                continue
+            finally:
+                os.close(fd)
+            committed.append(path)
+            saved_as.append(final)
+            forget_file(base_dir, info.session, name)
+    return proto.Recovered(committed, saved_as, failed, partial_left)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ import trio
 
 from .. import liveness, proto
 from ..rpc import Peer
+from . import kept
 from .job import Job
 from .kept import KeptSession
 from .link import ClientLink
@@ -298,6 +299,10 @@ class AgentSession:
             return self._manifest(req)
         if isinstance(req, proto.Status):
             return self._status()
+        if isinstance(req, proto.RecoverKept):
+            if self.spool is None or self.dir is None:
+                raise OSError(errno.ENOTCONN, "no mount: send Hello first")
+            return await kept.recover(self.base_dir, self.client_root, self.spool, self.dir.name)
         if isinstance(req, proto.Bye):
             await self.teardown(force=req.force)
             kept_dir = "" if self.spool is None else str(self.spool.kept.dir)

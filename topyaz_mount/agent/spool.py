@@ -372,6 +372,20 @@ class Spool:
         self.lost.append((sf.owner, text))
         log.error("commit of %r failed: %s", sf.path, error)
 
+    async def commit_kept(
+        self, path: bytes, fd: int, mode: int, expect: proto.Attr | None
+    ) -> bytes:
+        """Commit a kept output (``kept.recover``) as any other; returns where it landed.
+        ``fd`` stays the caller's."""
+        sf = SpoolFile(path, os.dup(fd), mode, expect)
+        try:
+            async with sf.lock:
+                await self._commit(sf)
+        finally:
+            os.close(sf.fd)
+        assert sf.committed_path is not None
+        return sf.committed_path
+
     def mark_open_partial(self) -> None:
         """The session ends: files a writer still has open are not whole outputs."""
         for sf in self.files.values():
