@@ -108,6 +108,11 @@ def test_parse_str_round_trip(host, user, port):
 # --- the ssh command line ------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _default_keepalive(monkeypatch):
+    monkeypatch.delenv("TOPYAZ_MOUNT_KEEPALIVE", raising=False)
+
+
 def test_argv_minimal():
     argv = SshSettings(Remote("gpu")).argv()
     assert argv == [
