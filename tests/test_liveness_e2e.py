@@ -40,8 +40,9 @@ from test_exec_e2e import no_leftovers  # noqa: F401  (autouse: no mount, sessio
 
 MiB = 1 << 20
 KEEPALIVE = "1,5"
+COMPLETE = (("done.bin", 1, 3 * MiB), ("done2.bin", 4, MiB), ("done3.bin", 5, 64 << 10))
 
-# Writes out/done.bin and out/done2.bin (closed: complete outputs), then out/partial.bin
+# Writes out/done.bin, done2.bin, done3.bin (closed: complete outputs), then out/partial.bin
 # (left open), says so, and sleeps with a helper in its process group. Bytes are seeded,
 # so the test knows them.
 JOB = """
@@ -54,6 +55,8 @@ with open("out/done.bin", "wb") as f:
     f.write(random.Random(1).randbytes(3 << 20))
 with open("out/done2.bin", "wb") as f:
     f.write(random.Random(4).randbytes(1 << 20))
+with open("out/done3.bin", "wb") as f:
+    f.write(random.Random(5).randbytes(1 << 16))
 time.sleep(1)  # over a live link, done.bin is home by then
 f = open("out/partial.bin", "wb")
 f.write(random.Random(2).randbytes(1 << 20))
@@ -122,11 +125,11 @@ def _kept_manifest(session_id: str) -> dict:
 
 
 def _check_kept(session_id: str) -> None:
-    """done.bin and done2.bin are kept complete with their bytes; partial.bin is partial."""
+    """done*.bin are kept complete with their bytes; partial.bin is marked partial."""
     manifest = _kept_manifest(session_id)
     files = {e["path"]: e for e in manifest["files"]}
-    assert set(files) == {"out/done.bin", "out/done2.bin", "out/partial.bin"}, files
-    for name, seed, size in (("done.bin", 1, 3 * MiB), ("done2.bin", 4, MiB)):
+    assert set(files) == {f"out/{name}" for name, _, _ in COMPLETE} | {"out/partial.bin"}
+    for name, seed, size in COMPLETE:
         entry = files[f"out/{name}"]
         expected = _seeded(seed, size)
         assert entry["complete"] is True and entry["size"] == len(expected)
@@ -195,23 +198,28 @@ def test_kept_list_recover_clear(testhost, client_root, kept_cleanup):
     mine = listed[remote.session_id]
     assert mine["root"] == str(client_root)
     states = {f["path"]: f["complete"] for f in mine["files"]}
-    assert states == {"out/done.bin": True, "out/done2.bin": True, "out/partial.bin": False}
+    assert states == {f"out/{n}": True for n, _, _ in COMPLETE} | {"out/partial.bin": False}
     r = _kept_cli(testhost, client_root)
     assert r.returncode == 0 and remote.session_id.encode() in r.stdout, describe(r)
     assert b"partial" in r.stdout and b"out/done.bin" in r.stdout
-    # recover: done2.bin goes home; done.bin changed locally since, so it lands beside it
+    # recover: done2.bin goes home; done.bin changed locally since, so it lands beside
+    # it; done3.bin is home already (as when a commit arrived but the agent never heard)
     mine_local = b"the user's own file\n"
     (client_root / "out").mkdir(exist_ok=True)
     (client_root / "out" / "done.bin").write_bytes(mine_local)
+    (client_root / "out" / "done3.bin").write_bytes(_seeded(5, 64 << 10))
     r = _kept_cli(testhost, client_root, "--recover", "--root", str(client_root))
     err = r.stderr.decode()
     assert r.returncode == 0, describe(r)
     assert "recovered out/done2.bin" in err and "saved as out/done.remote-conflict.bin" in err
+    assert "recovered out/done3.bin" in err, err
     assert "1 partial output(s) left" in err, err
     assert (client_root / "out" / "done2.bin").read_bytes() == _seeded(4, MiB)
     assert (client_root / "out" / "done.bin").read_bytes() == mine_local
     conflict = client_root / "out" / "done.remote-conflict.bin"
     assert conflict.read_bytes() == _seeded(1, 3 * MiB)
+    assert (client_root / "out" / "done3.bin").read_bytes() == _seeded(5, 64 << 10)
+    assert not (client_root / "out" / "done3.remote-conflict.bin").exists()
     assert not (client_root / "out" / "partial.bin").exists()
     assert temp_files(client_root) == []
     left = _kept_manifest(remote.session_id)["files"]

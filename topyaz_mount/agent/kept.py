@@ -230,10 +230,14 @@ async def recover(base_dir: Path, root: str, spool: Spool, this_session: str) ->
                 if digest.hex() != entry["blake3"] or os.fstat(fd).st_size != entry["size"]:
                     failed.append(f"{name}: the kept copy is damaged; not committed")
                     continue
-                expect = entry.get("expect")
-                attr = None if not expect else proto.Attr(0, expect[0], expect[1], 0, 0)
                 path = os.fsencode(name)
-                final = await spool.commit_kept(path, fd, int(entry.get("mode", 0o644)), attr)
+                if await _already_home(spool, path, entry):
+                    final = path  # its commit arrived after all; the agent never heard
+                else:
+                    expect = entry.get("expect")
+                    attr = None if not expect else proto.Attr(0, expect[0], expect[1], 0, 0)
+                    mode = int(entry.get("mode", 0o644))
+                    final = await spool.commit_kept(path, fd, mode, attr)
             except OSError as e:
                 failed.append(f"{name}: {e.strerror or e}")
                 continue
@@ -243,6 +247,19 @@ async def recover(base_dir: Path, root: str, spool: Spool, this_session: str) ->
             saved_as.append(final)
             forget_file(base_dir, info.session, name)
     return proto.Recovered(committed, saved_as, failed, partial_left)
+
+
+async def _already_home(spool: Spool, path: bytes, entry: dict[str, Any]) -> bool:
+    """Whether the client's file already has these bytes (its ``OpenRead`` answer
+    carries the hash when the client knows it or can compute it quickly)."""
+    try:
+        handle, attr, digest = await spool.link.open_read(path)
+    except OSError:
+        return False
+    try:
+        return attr.size == entry["size"] and digest is not None and digest.hex() == entry["blake3"]
+    finally:
+        await spool.link.close_read(handle)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
