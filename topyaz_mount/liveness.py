@@ -83,11 +83,14 @@ async def watch(peer: Peer, timing: Timing, on_silent: Callable[[float], Awaitab
     while not peer.closed:
         now = trio.current_time()
         if now >= next_ping:
-            try:
-                await peer.notify(proto.Ping(), proto.PRIO_URGENT)
-            except ConnectionLost:
-                return
             next_ping = now + timing.interval
+            # A queue full of our own frames (backpressure) must not stop the watch.
+            with trio.move_on_after(timing.interval):
+                try:
+                    await peer.notify(proto.Ping(), proto.PRIO_URGENT)
+                except ConnectionLost:
+                    return
+            now = trio.current_time()
         idle = peer.idle_since
         if idle is not None and now - idle >= timing.dead_after:
             log.warning("nothing from the peer for %.0f s: taking it for dead", now - idle)
