@@ -98,6 +98,8 @@ def test_kept_counts_against_the_cap_objects_go_first_then_oldest_kept(tmp_path)
     assert store.stats().kept_bytes == kept.total_bytes(base)
     assert kept.remove(base, "new") > 40_000
     assert {k.session for k in kept.list_all(base)} == {"live"}
+    assert kept.remove(base) == 0  # clearing all leaves a running session's alone
+    assert {k.session for k in kept.list_all(base)} == {"live"}
 
 
 def test_a_silent_peer_is_declared_dead_a_busy_reader_is_not():

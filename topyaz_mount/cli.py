@@ -436,6 +436,8 @@ def kept_(
             raise UsageError("--recover and --clear do not go together")
         if session_id is not None and not clear:
             raise UsageError("--session goes with --clear")
+        if root is not None and not recover:
+            raise UsageError("--root goes with --recover")
         if recover:
             import trio
 

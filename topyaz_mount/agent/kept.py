@@ -158,9 +158,11 @@ def total_bytes(base_dir: Path) -> int:
 
 
 def remove(base_dir: Path, session: str | None = None) -> int:
-    """Remove one kept session (or all); returns the bytes freed."""
+    """Remove one kept session (or all but those still running); returns bytes freed."""
     freed = 0
     for info in list_all(base_dir):
+        if session is None and _running(base_dir, info.session):
+            continue
         if session is None or info.session == session:
             shutil.rmtree(kept_root(base_dir) / info.session, ignore_errors=True)
             freed += info.bytes
@@ -174,12 +176,16 @@ def evict_oldest(base_dir: Path, excess: int) -> int:
     for info in list_all(base_dir):
         if freed >= excess:
             break
-        if (base_dir / "sessions" / info.session).exists():
+        if _running(base_dir, info.session):
             continue
         log.warning("cache cap: removing outputs kept from session %s", info.session)
         shutil.rmtree(kept_root(base_dir) / info.session, ignore_errors=True)
         freed += info.bytes
     return freed
+
+
+def _running(base_dir: Path, session: str) -> bool:
+    return (base_dir / "sessions" / session).exists()
 
 
 def forget_file(base_dir: Path, session: str, path: str) -> None:
