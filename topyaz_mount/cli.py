@@ -394,6 +394,11 @@ def cache_(
         f"  hit rate {out['hit_rate'] * 100:.1f} % ({out['hits']} hits, "
         f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again"
     )
+    if out.get("kept_bytes"):
+        click.echo(
+            f"  kept     {_human(out['kept_bytes'])} of outputs not committed, sharing "
+            f"the cap (see `topyaz-mount kept`)"
+        )
     if clear or prune_to is not None:
         click.echo(f"  freed    {_human(out['freed'])}")
 
