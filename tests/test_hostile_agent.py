@@ -308,7 +308,7 @@ def test_a_flood_of_urgent_reads_never_drained_is_bounded_and_ends_the_session(w
                     await trio.sleep(0.01)
                 rss_growth = _rss("VmHWM") - rss_before
                 assert isinstance(session.failure, rpc.PeerStalled)
-                message = str(session._lost_error())
+                message = session.loss_message()
                 assert "the agent stopped reading its replies; giving up" in message
                 nursery.cancel_scope.cancel()
         finally:
@@ -348,7 +348,7 @@ def test_garbage_frames_end_the_session_with_a_protocol_error(world, garbage):
                 await agent.stream.send_all(garbage)
                 await session.lost.wait()
                 assert isinstance(session.failure, proto.ProtocolError)
-                assert "the agent broke the protocol" in str(session._lost_error())
+                assert "the agent broke the protocol" in session.loss_message()
                 nursery.cancel_scope.cancel()
         finally:
             server.close()

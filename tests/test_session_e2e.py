@@ -397,7 +397,9 @@ def test_forced_unmount_drops_pending_outputs_and_says_how_much(session):
     assert not (session.root / "held.bin").exists()
     kept = Path(line.group(1).decode())
     assert kept.is_relative_to(remote_home())
-    assert (kept / "held.bin").stat().st_size == 1 << 20
+    assert (kept / "files" / "held.bin").stat().st_size == 1 << 20
+    manifest = json.loads((kept / "manifest.json").read_text())
+    assert [(f["path"], f["complete"]) for f in manifest["files"]] == [("held.bin", False)]
     shutil.rmtree(kept)
 
 
@@ -426,7 +428,8 @@ def test_lost_connection_ends_the_session_clearly(testhost, session):
     os.kill(agent, signal.SIGKILL)
     assert wait_until(lambda: not session.alive(), 30)
     log = (session.runtime / "work.log").read_text()
-    assert "connection to" in log and "lost" in log and "session work ended" in log, log
+    assert "the agent on" in log and "died (killed)" in log, log
+    assert "nothing is kept there" in log and "session work ended" in log, log
     assert not (session.runtime / "work.sock").exists()
     r = session.exec("true")
     assert r.returncode == 2 and b"no session named work" in r.stderr, describe(r)

@@ -109,6 +109,11 @@ def test_parse_str_round_trip(host, user, port):
 # --- the ssh command line ------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _default_keepalive(monkeypatch):
+    monkeypatch.delenv("TOPYAZ_MOUNT_KEEPALIVE", raising=False)
+
+
 def test_argv_minimal():
     argv = SshSettings(Remote("gpu")).argv()
     assert argv == [
@@ -116,9 +121,9 @@ def test_argv_minimal():
         "-T",
         "-x",
         "-o",
-        "ServerAliveInterval=15",
+        "ServerAliveInterval=10",
         "-o",
-        "ServerAliveCountMax=4",
+        "ServerAliveCountMax=6",
         "--",
         "gpu",
         f"exec python3 -m topyaz_mount.agent --client-version {__version__} --log-level WARNING",
@@ -144,13 +149,25 @@ def test_argv_full():
     assert opts == [
         "ServerAliveInterval=5",
         "StrictHostKeyChecking=no",
-        "ServerAliveInterval=15",
-        "ServerAliveCountMax=4",
+        "ServerAliveInterval=10",
+        "ServerAliveCountMax=6",
     ]
     assert argv[-3:-1] == ["--", "alice@gpu"]
     assert argv[-1] == s.remote_command()
     # every option precedes the destination
     assert max(i for i, a in enumerate(argv) if a.startswith("-") and a != "--") < argv.index("--")
+
+
+def test_keepalive_timing_reaches_ssh_and_the_agent(monkeypatch):
+    monkeypatch.setenv("TOPYAZ_MOUNT_KEEPALIVE", "1,5")
+    s = SshSettings(Remote("gpu"))
+    argv = s.argv()
+    opts = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    assert opts == ["ServerAliveInterval=1", "ServerAliveCountMax=6"]
+    assert argv[-1].endswith("--keepalive 1,5")
+    monkeypatch.setenv("TOPYAZ_MOUNT_KEEPALIVE", "5,1")
+    with pytest.raises(UsageError, match="TOPYAZ_MOUNT_KEEPALIVE"):
+        SshSettings(Remote("gpu"))
 
 
 def test_remote_command_quotes_every_word():

@@ -499,10 +499,117 @@ def _show_cache(out: dict, remote: Remote, freed: bool) -> None:
         f"  hit rate {out['hit_rate'] * 100:.1f} % ({out['hits']} hits, "
         f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again",
     ]
+    if out.get("kept_bytes"):
+        lines.append(
+            f"  kept     {_human(out['kept_bytes'])} of outputs not committed, sharing "
+            f"the cap (see `topyaz-mount kept`)"
+        )
     if freed:
         lines.append(f"  freed    {_human(out['freed'])}")
     for line in lines:  # the agent's answer: shown as escapes where it is not text
         click.echo(printable(line))
+
+
+@main.command("kept")
+@remote_options
+@click.option(
+    "--recover",
+    is_flag=True,
+    help="Commit the complete kept outputs of --root home (verified; a local file "
+    "changed since is not overwritten).",
+)
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --recover: the local root the outputs belong to (default: the current directory).",
+)
+@click.option("--clear", is_flag=True, help="Remove kept outputs (all, or --session).")
+@click.option("--session", "session_id", default=None, metavar="ID", help="With --clear.")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+def kept_(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str,
+    cache_cap: str | None,
+    verbose: int,
+    recover: bool,
+    root: str | None,
+    clear: bool,
+    session_id: str | None,
+    as_json: bool,
+) -> None:
+    """List the outputs a failed session kept on the remote host; recover or clear them."""
+    _setup_logging(verbose)
+    try:
+        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        if recover and clear:
+            raise UsageError("--recover and --clear do not go together")
+        if session_id is not None and not clear:
+            raise UsageError("--session goes with --clear")
+        if root is not None and not recover:
+            raise UsageError("--root goes with --recover")
+        if recover:
+            import trio
+
+            from .oneshot import recover_kept
+
+            root_dir = os.path.realpath(root or os.getcwd())
+            done = trio.run(recover_kept, settings, root_dir)
+        else:
+            mode = ["--kept"] + (["--clear"] if clear else [])
+            mode += ["--session", session_id] if session_id is not None else []
+            out = _agent_json(settings, *mode)
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    if recover:
+        sys.exit(_report_recovered(done))
+    if as_json:
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    if clear:
+        click.echo(f"removed kept outputs on {settings.remote}: {_human(out['freed'])} freed")
+    _print_kept(out, settings.remote)
+
+
+def _print_kept(out: dict, host: Remote) -> None:
+    import time
+
+    from .safetext import printable
+
+    if not out["sessions"]:
+        click.echo(f"nothing kept on {host}")
+        return
+    click.echo(f"kept on {host} at {out['path']}:")
+    for s in out["sessions"]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["created"]))
+        whole = sum(1 for f in s["files"] if f.get("complete"))
+        click.echo(
+            f"{printable(s['session'])}  {when}  root {printable(s['root'] or '?')}  "
+            f"{len(s['files'])} files ({whole} complete), {_human(s['bytes'])}"
+        )
+        for f in s["files"]:
+            state = "complete" if f.get("complete") else "partial "
+            click.echo(f"  {state} {_human(f['size']):>10}  {printable(f['path'])}")
+
+
+def _report_recovered(done: Any) -> int:
+    from .safetext import printable
+
+    for path, final in zip(done.committed, done.saved_as, strict=True):
+        name = printable(os.fsdecode(path))
+        if final != path:
+            _say(f"{name}: changed locally since; saved as {printable(os.fsdecode(final))}")
+        else:
+            _say(f"recovered {name}")
+    for line in done.failed:
+        _say(f"error: {printable(line)}")
+    if done.partial_left:
+        _say(f"{done.partial_left} partial output(s) left on the remote (see `kept --clear`)")
+    if not done.committed and not done.failed:
+        _say("nothing complete kept for this root")
+    return EXIT_FAILURE if done.failed else 0
 
 
 @main.command("doctor")
@@ -762,15 +869,8 @@ def mount(
                 pass
         sys.exit(code)
     if lost:
-        why = server.session.lost_reason()
-        sys.exit(
-            _fail(
-                f"connection to {settings.remote} lost{why}; session {session} ended. Outputs "
-                f"not yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"
-                f"{server.session.session_id}",
-                EXIT_FAILURE,
-            )
-        )
+        message = server.session.loss_message("")
+        sys.exit(_fail(f"{message}; session {session} ended", EXIT_FAILURE))
     closed = server.closed
     if closed is not None and closed.kept_files:
         _say(

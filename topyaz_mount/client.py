@@ -17,6 +17,7 @@ import inspect
 import itertools
 import logging
 import os
+import re
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from . import proto
+from . import liveness, proto
 from .errors import (
     AgentUnavailable,
     ConnectionFailed,
@@ -46,6 +47,12 @@ from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_fail
 from .waiting import first_of
 
 log = logging.getLogger(__name__)
+
+# What ssh prints when the connection itself failed (as opposed to the agent dying).
+_SSH_LOST = re.compile(
+    r"closed by remote host|Broken pipe|not responding|Connection reset|Connection timed out"
+    r"|packet_write|client_loop|Connection closed"
+)
 
 # Where a job's stdout or stderr bytes go; may be async (a control connection).
 Sink = Callable[[bytes], None | Awaitable[None]]
@@ -114,6 +121,7 @@ class Session:
         self._lost = trio.Event()
         self.failure: proto.ProtocolError | None = None  # why the agent was cut off
         self.closed: proto.Closed | None = None
+        self.silent_for: float | None = None  # the agent said nothing for this long
         self.watch = False  # the caller pushes local changes (long-lived sessions)
         # The next command's manifest, computed while the connection is made.
         self._premanifest: tuple[tuple[tuple[str, ...], str], trio.Event, list] | None = None
@@ -158,9 +166,11 @@ class Session:
         self.nursery.start_soon(self._run_peer)
         self.server.background = self.nursery
         self.server.notify = self.peer.notify
-        capabilities = ["exec", "jobs"] + (["watch"] if self.watch else [])
+        capabilities = ["exec", "jobs", liveness.CAPABILITY] + (["watch"] if self.watch else [])
         rules = proto.PolicyRules(*self.server.policy.rules())
-        hello = proto.Hello(proto.PROTOCOL_VERSION, self.session_id, capabilities, rules)
+        hello = proto.Hello(
+            proto.PROTOCOL_VERSION, self.session_id, capabilities, rules, str(self.root)
+        )
         try:
             with trio.fail_after(timeout):
                 welcome = await self.peer.call(hello)
@@ -170,7 +180,17 @@ class Session:
             raise await self._startup_failure() from None
         self.pathmap = PathMap(str(self.root), welcome.mountpoint)
         self.agent_pid = welcome.agent_pid
+        if liveness.CAPABILITY in welcome.capabilities:
+            self.nursery.start_soon(
+                liveness.watch, self.peer, self.settings.keepalive, self._agent_silent
+            )
         log.info("session %s mounted at %s", self.session_id, welcome.mountpoint)
+
+    async def _agent_silent(self, seconds: float) -> None:
+        """No byte from the agent for ``seconds``: the link is dead or stalled; ending
+        ssh ends the session (the agent notices the same silence and tears down)."""
+        self.silent_for = seconds
+        self.ssh.kill()
 
     async def _startup_failure(self) -> Exception:
         with trio.move_on_after(5):
@@ -227,7 +247,17 @@ class Session:
         try:
             return await self.peer.call(proto.Status(), proto.PRIO_URGENT)
         except ConnectionLost:
-            raise self._lost_error("") from None
+            raise await self._loss_error("") from None
+
+    async def recover_kept(self) -> proto.Recovered:
+        """Commit home what the remote kept of this root from failed sessions."""
+        assert self.peer is not None
+        try:
+            return await self.peer.call(proto.RecoverKept())
+        except ConnectionLost:
+            raise await self._loss_error("") from None
+        except RemoteError as e:
+            raise AgentUnavailable(f"{self.settings.remote}: {e.strerror}") from None
 
     async def invalidate(self, paths: list[bytes]) -> None:
         """Tell the agent these root-relative paths changed here."""
@@ -347,7 +377,7 @@ class Session:
                 failure.exit_code = 126
             raise failure from None
         except ConnectionLost:
-            raise self._lost_error() from None
+            raise await self._loss_error() from None
         job.started.set()
         if stdin is not None:
             self.nursery.start_soon(self._feed_stdin, job, stdin)
@@ -361,7 +391,7 @@ class Session:
                 await self._wait_exit(job)
         exited = job.exited
         if exited is None:
-            raise self._lost_error()
+            raise await self._loss_error()
         if timed_out:
             raise JobTimeout(f"the command ran past its {timeout:g} s limit and was killed")
         stats: dict[str, int | float] = dict(exited.stats)
@@ -426,27 +456,51 @@ class Session:
             log.info("manifest refused: %s", e)
             return
         except ConnectionLost:
-            raise self._lost_error() from None
+            raise await self._loss_error() from None
         log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
 
     async def _wait_exit(self, job: Job) -> None:
         await first_of(job.done, self._lost)
 
-    def lost_reason(self) -> str:
-        """Why the connection ended, as " (…)" for our message, or ""."""
-        if isinstance(self.failure, PeerStalled):
-            return " (the agent stopped reading its replies; giving up)"
-        if self.failure is not None:
-            return f" (the agent broke the protocol: {self.failure})"
-        tail = [line for line in self.ssh.stderr_tail if line.strip()]
-        return f" ({tail[-1]})" if tail else ""
+    async def _loss_error(self, during: str = " during the job") -> ConnectionFailed:
+        """The error for a lost connection, once ssh has said how it ended."""
+        with trio.move_on_after(2):
+            await self.ssh.wait()
+        return ConnectionFailed(self.loss_message(during))
 
-    def _lost_error(self, during: str = " during the job") -> ConnectionFailed:
-        why = self.lost_reason()
-        return ConnectionFailed(
-            f"connection to {self.settings.remote} lost{during}{why}; outputs not "
-            f"yet committed are kept on the remote under ~/.cache/topyaz-mount/kept/"
-            f"{self.session_id}"
+    def loss_message(self, during: str = " during the job") -> str:
+        """What was lost, and what is on the remote now, as exactly as we know it.
+
+        A killed agent takes the outputs it had not committed with it (spool files are
+        unlinked while open); a dead or stalled link leaves the agent running, and it
+        keeps them under ``kept/`` as it tears down."""
+        host = self.settings.remote
+        tail = [line for line in self.ssh.stderr_tail if line.strip()]
+        in_flight = sorted(os.fsdecode(p) for p in self.server.commits_in_flight())
+        dropped = f": {', '.join(in_flight)}" if in_flight else ""
+        if (
+            self.silent_for is None
+            and self.failure is None  # we ended it ourselves (a stalled or broken agent)
+            and self.ssh.returncode == 255
+            and not any(_SSH_LOST.search(line) for line in tail)
+        ):
+            return (
+                f"the agent on {host} died{during} (killed); outputs not yet committed "
+                f"were lost on the remote with it, nothing is kept there; "
+                f"{len(in_flight)} output(s) were on their way{dropped}"
+            )
+        if isinstance(self.failure, PeerStalled):
+            why = " (the agent stopped reading its replies; giving up)"
+        elif self.failure is not None:
+            why = f" (the agent broke the protocol: {self.failure})"
+        elif self.silent_for is not None:
+            why = f" (no answer for {self.silent_for:.0f} s: the link is dead or stalled)"
+        else:
+            why = f" ({tail[-1]})" if tail else ""
+        return (
+            f"connection to {host} lost{during}{why}; {len(in_flight)} output(s) were on "
+            f"their way{dropped}; the agent keeps outputs not yet committed on the remote "
+            f"(see `topyaz-mount kept --remote {host}`, session {self.session_id})"
         )
 
     async def _feed_stdin(self, job: Job, stdin: bytes | trio.abc.ReceiveStream) -> None:

@@ -162,6 +162,10 @@ class FileServer:
         self.jail.close()
         self.index.close()
 
+    def commits_in_flight(self) -> list[bytes]:
+        """Outputs begun and not yet committed (named when the connection is lost)."""
+        return [c.path for c in self._commits.values()]
+
     # --- our own changes, for the watcher ----------------------------------------------
 
     def state_of(self, rel: bytes) -> tuple[int, int, int, int] | None:

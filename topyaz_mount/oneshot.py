@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import click
 import trio
 
+from . import proto
 from .client import RunResult, Session, open_session
 from .policy import Policy
 from .safetext import printable
@@ -72,3 +73,10 @@ async def exec_async(
                 nursery.cancel_scope.cancel()
             return result
     return None
+
+
+async def recover_kept(settings: SshSettings, root: str) -> proto.Recovered:
+    """``kept --recover``: a session of its own, so every kept output goes home through
+    the same verified commit path (and the same write policy) as a job's outputs."""
+    async with open_session(settings, root) as session:
+        return await session.recover_kept()

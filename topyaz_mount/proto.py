@@ -161,10 +161,14 @@ class PolicyRules(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Hello(_Msg):
+    """``root``: the client's root directory, recorded with outputs kept on the remote
+    (``kept/``) so ``kept --recover`` knows where they belong."""
+
     version: int
     session_id: str
     capabilities: list[str] = []
     policy: PolicyRules | None = None
+    root: str = ""
 
 
 class Run(_Msg):
@@ -201,6 +205,10 @@ class Manifest(_Msg):
 
 class Status(_Msg):
     """What the session has done so far (for ``topyaz-mount status``)."""
+
+
+class RecoverKept(_Msg):
+    """Commit home the complete outputs kept on the remote for this session's root."""
 
 
 # --- replies --------------------------------------------------------------------------
@@ -275,6 +283,16 @@ class Closed(_Msg):
     kept_files: int = 0
     kept_bytes: int = 0
     kept_dir: str = ""
+
+
+class Recovered(_Msg):
+    """What ``RecoverKept`` did: root-relative paths committed (``saved_as`` differs
+    where the local file had changed: the output went beside it), and what failed."""
+
+    committed: list[bytes]
+    saved_as: list[bytes]
+    failed: list[str]
+    partial_left: int
 
 
 class StatusReply(_Msg):
@@ -356,6 +374,10 @@ class Hashed(_Msg):
     blake3: bytes
 
 
+class Ping(_Msg):
+    """A keepalive (liveness.py): the sender is there. Either side sends it."""
+
+
 class Log(_Msg):
     """A line for the user about job ``job`` (0: the session), e.g. an output conflict."""
 
@@ -386,6 +408,7 @@ Request = Union[
     Bye,
     Manifest,
     Status,
+    RecoverKept,
 ]
 Response = Union[
     Done,
@@ -401,6 +424,7 @@ Response = Union[
     Missing,
     StatusReply,
     Closed,
+    Recovered,
 ]
 Notice = Union[
     CommitChunk,
@@ -413,6 +437,7 @@ Notice = Union[
     Invalidate,
     Log,
     Hashed,
+    Ping,
 ]
 
 

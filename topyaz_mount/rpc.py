@@ -119,6 +119,9 @@ class Peer:
         self._closed: BaseException | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        # When the reader began waiting for bytes that have not come (None while it
+        # handles what came): liveness.py's measure of the peer's silence.
+        self.idle_since: float | None = None
 
     # --- public ---------------------------------------------------------------------
 
@@ -290,7 +293,9 @@ class Peer:
         for frame, size in self._decoder.sized_frames():
             await self._dispatch(frame, size, nursery)
         while True:
+            self.idle_since = trio.current_time()
             data = await self._stream.receive_some(1 << 18)
+            self.idle_since = None
             if not data:
                 return
             self.bytes_received += len(data)

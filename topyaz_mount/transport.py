@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import liveness
 from .errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
 from .pipes import widen
 
@@ -72,6 +73,7 @@ class SshSettings:
     agent_args: tuple[str, ...] = ()
     ssh_program: str = "ssh"
     agent_log_level: str = "WARNING"
+    keepalive: liveness.Timing = field(default_factory=liveness.from_env)
 
     def argv(self) -> list[str]:
         return self.argv_for(self.remote_command())
@@ -87,7 +89,8 @@ class SshSettings:
             argv += ["-o", opt]
         # ssh takes the first value it sees for an option, so the user's come first
         # and these only fill in what the user left unset.
-        argv += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        for opt in self.keepalive.ssh_options():
+            argv += ["-o", opt]
         argv += ["--", self.remote.destination, command]
         return argv
 
@@ -96,6 +99,8 @@ class SshSettings:
 
         words = [self.remote_python, "-m", "topyaz_mount.agent", "--client-version", __version__]
         words += ["--log-level", self.agent_log_level, *self.agent_args]
+        if self.keepalive != liveness.Timing():
+            words += ["--keepalive", str(self.keepalive)]
         return "exec " + " ".join(shlex.quote(w) for w in words)
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import trio
 
-from .. import proto
+from .. import liveness, proto
 from ..pipes import widen
+from . import kept
 from .session import AgentSession
 from .store import ContentStore
 
@@ -28,12 +29,12 @@ def default_base_dir() -> Path:
     return Path(platformdirs.user_cache_dir("topyaz-mount"))
 
 
-async def _serve(base_dir: Path, cache_cap: int | None, channel_in: int, channel_out: int) -> None:
+async def _serve(session: AgentSession, channel_in: int, channel_out: int) -> None:
     stream = trio.StapledStream(
         trio.lowlevel.FdStream(channel_out), trio.lowlevel.FdStream(channel_in)
     )
     await stream.send_all(proto.MAGIC)
-    await AgentSession(base_dir, cache_cap).serve(stream)
+    await session.serve(stream)
 
 
 def _cache_command(base_dir: Path, cap: int | None, clear: bool, prune_to: int | None) -> int:
@@ -48,6 +49,14 @@ def _cache_command(base_dir: Path, cap: int | None, clear: bool, prune_to: int |
     out["freed"] = freed
     out["path"] = str(store.root)  # type: ignore[assignment]
     print(json.dumps(out))
+    return 0
+
+
+def _kept_command(base_dir: Path, clear: bool, session: str | None) -> int:
+    """``topyaz-mount kept``'s remote half (list or clear): one JSON object on stdout."""
+    freed = kept.remove(base_dir, session) if clear else 0
+    sessions = [k.as_dict() for k in kept.list_all(base_dir)]
+    print(json.dumps({"path": str(kept.kept_root(base_dir)), "sessions": sessions, "freed": freed}))
     return 0
 
 
@@ -109,10 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--cache-cap", type=int, default=None, help="bytes")
     parser.add_argument("--cache-stats", action="store_true", help="print cache JSON, exit")
-    parser.add_argument("--clear", action="store_true", help="with --cache-stats")
+    parser.add_argument("--clear", action="store_true", help="with --cache-stats or --kept")
+    parser.add_argument("--kept", action="store_true", help="print kept outputs as JSON, exit")
+    parser.add_argument("--session", default=None, help="with --kept --clear: only this one")
     parser.add_argument("--prune-to", type=int, default=None, help="with --cache-stats")
     parser.add_argument("--doctor", action="store_true", help="print checks as JSON, exit")
     parser.add_argument("--client-version", default=None, help="refuse to serve another")
+    parser.add_argument(
+        "--keepalive",
+        type=liveness.Timing.parse,
+        default=liveness.Timing(),
+        help="INTERVAL,DEAD_AFTER seconds (see liveness.py)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -127,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.client_version not in (None, __version__):
         print(f"{SKEW_MARK} agent {__version__}, client {args.client_version}", file=sys.stderr)
         return 3
+    if args.kept:
+        return _kept_command(base_dir, args.clear, args.session)
     if args.cache_stats:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
     channel_in = os.dup(0)
@@ -138,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     os.close(devnull)
     try:
-        trio.run(_serve, base_dir, args.cache_cap, channel_in, channel_out)
+        session = AgentSession(base_dir, args.cache_cap, args.keepalive)
+        trio.run(_serve, session, channel_in, channel_out)
     except KeyboardInterrupt:
         return 130
     return 0

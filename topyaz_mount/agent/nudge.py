@@ -7,11 +7,15 @@ home while it is written (spool.py) then trails the writer by that much, and the
 end waits for the rest (seen: 2.2 s at 25 MB/s, a 200 MiB output written at the
 link's rate).
 
-So while a new output stays open for writing, the agent opens it through its own mount
-and asks the kernel to start writing its dirty pages back (``sync_file_range`` with
-SYNC_FILE_RANGE_WRITE, which does not wait for them) every ``EVERY`` seconds. Every
-call on that file runs in a worker thread that trio may abandon: the kernel answers it
-with requests that only this process's trio thread serves.
+So while a new output stays open for writing, a helper process opens it through our
+mount and asks the kernel to start writing its dirty pages back (``sync_file_range``
+with SYNC_FILE_RANGE_WRITE, which does not wait for them) every ``EVERY`` seconds, until
+the agent closes the helper's stdin.
+
+A process of its own, not a thread of the agent: a process that dies holding a file
+of the FUSE mount it serves cannot finish dying (its exit closes that file, and the
+close waits for a FLUSH that only the dying process could answer). A killed agent then
+stayed a zombie holding the ssh channel open: the client never heard it had died.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
+import select
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
-
-import trio
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +51,47 @@ def start_writeback(fd: int) -> None:
 
 async def follow_writer(path: Path, still_writing: Callable[[], bool]) -> None:
     """Nudge the kernel to send ``path``'s dirty pages while ``still_writing()``."""
+    import trio  # here: the helper process starts without it
+
     if _sync_file_range is None:
         return
     await trio.sleep(EVERY)
     if not still_writing():
         return
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+    argv = [sys.executable, "-m", "topyaz_mount.agent.nudge", str(path)]
     try:
-        fd = await trio.to_thread.run_sync(os.open, path, flags, abandon_on_cancel=True)
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE)
     except OSError as e:
         log.debug("cannot follow %s: %s", path, e)
         return
     try:
-        while still_writing():
-            await trio.to_thread.run_sync(start_writeback, fd, abandon_on_cancel=True)
+        while still_writing() and proc.returncode is None:
             await trio.sleep(EVERY)
-    except OSError as e:
-        log.debug("stopped following %s: %s", path, e)
     finally:
-        # Closing sends FLUSH and RELEASE: never wait for that on the trio thread.
-        threading.Thread(target=os.close, args=(fd,), daemon=True).start()
+        with trio.CancelScope(shield=True):
+            assert proc.stdin is not None
+            await proc.stdin.aclose()  # the helper's cue to close the file and exit
+            with trio.move_on_after(5):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+
+
+def _helper(path: str) -> int:
+    """The helper: nudge ``path`` every EVERY seconds until stdin ends."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return 1
+    try:
+        while not select.select([0], [], [], EVERY)[0]:
+            start_writeback(fd)
+    except OSError:
+        return 1
+    finally:
+        os.close(fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_helper(sys.argv[1]))

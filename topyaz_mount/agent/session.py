@@ -25,10 +25,12 @@ from typing import Any
 
 import trio
 
-from .. import proto
+from .. import liveness, proto
 from ..policy import Policy
 from ..rpc import Peer
+from . import kept
 from .job import Job
+from .kept import KeptSession
 from .link import ClientLink
 from .readcache import ReadCache
 from .spool import Spool
@@ -37,7 +39,7 @@ from .store import ContentStore
 log = logging.getLogger(__name__)
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CAPABILITIES = ["exec", "manifest", "jobs", "tty", "invalidate"]
+CAPABILITIES = ["exec", "manifest", "jobs", "tty", "invalidate", liveness.CAPABILITY]
 PREFETCH_WINDOW = 2 << 30
 MAX_JOBS = 64
 
@@ -167,6 +169,21 @@ def _kill_orphaned_jobs(jobs_file: Path) -> None:
             pass
 
 
+# pyfuse3 waits until /dev/fuse is readable, then reads it with a *blocking* read on
+# the trio thread, holding the GIL. A request withdrawn in between (its process got a
+# fatal signal before we read it, or an INTERRUPT dropped because we answered the
+# request it interrupts, both of which the teardown's kill of the job provokes) leaves
+# nothing to read: the whole agent then sleeps in that read until the next request,
+# and after a link cut, with the job gone, none comes (seen: 2 runs in 11 kept their
+# mount, session dir and a zombie job). A timer signal interrupts that read: EINTR,
+# which libfuse reports and pyfuse3 answers by waiting for readability again.
+UNBLOCK_EVERY = 1.0
+
+
+def _interrupt_only(signum: int, frame: Any) -> None:
+    """SIGALRM's handler: its only job is to make the blocking read return EINTR."""
+
+
 class Mount:
     """The pyfuse3 main loop as a task, with an unmount that is safe to repeat."""
 
@@ -190,9 +207,13 @@ class Mount:
     async def serve(self) -> None:
         import pyfuse3
 
+        signal.signal(signal.SIGALRM, _interrupt_only)
+        signal.siginterrupt(signal.SIGALRM, True)
+        signal.setitimer(signal.ITIMER_REAL, UNBLOCK_EVERY, UNBLOCK_EVERY)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=128)
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             self.loop_done.set()
 
     async def unmount(self) -> None:
@@ -208,9 +229,16 @@ class Mount:
 
 
 class AgentSession:
-    def __init__(self, base_dir: Path, cache_cap: int | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        cache_cap: int | None = None,
+        keepalive: liveness.Timing | None = None,
+    ) -> None:
         self.base_dir = base_dir
         self.cache_cap = cache_cap
+        self.keepalive = keepalive or liveness.Timing()
+        self.client_root = ""
         self.store: ContentStore | None = None
         self.sessions_dir = base_dir / "sessions"
         self.dir: Path | None = None
@@ -231,6 +259,7 @@ class AgentSession:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                self.stream = stream
                 self.peer = Peer(stream, self.on_call, self.on_notice)
                 self.link = ClientLink(self.peer)
                 nursery.start_soon(self._run_peer)
@@ -253,6 +282,13 @@ class AgentSession:
                 log.warning("connection to the client ended")
             self.finished.set()
 
+    async def _client_silent(self, seconds: float) -> None:
+        """No byte from the client for ``seconds``: the link is dead or stalled. Closing
+        our end fails every call in flight at once and starts the teardown."""
+        log.warning("nothing from the client for %.0f s: ending the session", seconds)
+        self.connection_lost = True
+        await self.stream.aclose()
+
     # --- calls from the client ------------------------------------------------------
 
     async def on_call(self, req: Any) -> Any:
@@ -264,9 +300,13 @@ class AgentSession:
             return self._manifest(req)
         if isinstance(req, proto.Status):
             return self._status()
+        if isinstance(req, proto.RecoverKept):
+            if self.spool is None or self.dir is None:
+                raise OSError(errno.ENOTCONN, "no mount: send Hello first")
+            return await kept.recover(self.base_dir, self.client_root, self.spool, self.dir.name)
         if isinstance(req, proto.Bye):
             await self.teardown(force=req.force)
-            kept_dir = "" if self.dir is None else str(self.base_dir / "kept" / self.dir.name)
+            kept_dir = "" if self.spool is None else str(self.spool.kept.dir)
             return proto.Closed(*self.kept, kept_dir if self.kept[0] else "")
         raise OSError(errno.ENOSYS, f"the agent does not serve {type(req).__name__}")
 
@@ -307,6 +347,9 @@ class AgentSession:
             log.info("removed dead session %s", sid)
         self._make_session_dir(req.session_id)
         assert self.dir is not None and self.mountpoint is not None
+        self.client_root = req.root
+        if liveness.CAPABILITY in req.capabilities:
+            self.nursery.start_soon(liveness.watch, self.peer, self.keepalive, self._client_silent)
         # A client that watches its root pushes every change (Invalidate), so the
         # kernel may keep entries and attributes long; without one, 5 s bounds staleness.
         self._build_filesystem(30.0 if "watch" in req.capabilities else 5.0)
@@ -342,7 +385,7 @@ class AgentSession:
         self.store = ContentStore(self.base_dir, self.cache_cap)
         self.store.clear_stale_temps()
         self.cache = ReadCache(self.store, self.link, self.nursery)
-        kept = self.base_dir / "kept" / self.dir.name
+        kept = KeptSession(self.base_dir, self.dir.name, self.client_root)
         self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
         self.spool.on_committed = self.cache.keep_output
         self.ops = MountOps(
@@ -483,13 +526,17 @@ class AgentSession:
         if self.torn_down:
             return
         self.torn_down = True
-        if force and self.spool is not None:  # nothing the killed jobs leave is sent
-            self.spool.frozen = True
+        if self.spool is not None:
+            self.spool.mark_open_partial()  # what a job still writes now is not whole
+            if force or self.connection_lost:  # nothing the killed jobs leave is sent
+                self.spool.frozen = True
         async with trio.open_nursery() as nursery:
             for job in list(self.jobs.values()):
                 nursery.start_soon(job.kill)
         if self.spool is not None:
             if self.connection_lost:
+                with trio.move_on_after(10):  # commits in flight fail at once: kept
+                    await self.spool.wait_idle()
                 await self.spool.keep_uncommitted("connection to the client lost")
             else:
                 with trio.move_on_after(60):

@@ -49,6 +49,7 @@ import blake3
 import trio
 
 from .. import proto
+from .kept import KeptSession
 from .link import ClientLink
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class SpoolFile:
         self.upload: Upload | None = None  # an upload following the writer
         self.owner: int | None = None  # the job that last opened it for writing
         self.handles = 0  # open FUSE handles (readers and writers) that use ``fd``
+        self.partial = False  # a writer still had it open when the session ended
         self.error: OSError | None = None  # a write into ``fd`` failed: never committed
         # Held while a commit request naming ``path`` is in flight, and by renames.
         self.naming = trio.Lock()
@@ -106,10 +108,10 @@ class SpoolFile:
 
 class Spool:
     def __init__(
-        self, directory: Path, kept_dir: Path, link: ClientLink, nursery: trio.Nursery
+        self, directory: Path, kept: KeptSession, link: ClientLink, nursery: trio.Nursery
     ) -> None:
         self.directory = directory
-        self.kept_dir = kept_dir
+        self.kept = kept
         self.link = link
         self.nursery = nursery
         self.files: dict[bytes, SpoolFile] = {}
@@ -485,18 +487,46 @@ class Spool:
     def _keep(self, sf: SpoolFile, error: OSError) -> None:
         """A failed commit: keep the bytes on the remote and say where."""
         assert sf.path is not None
-        dest = self.kept_dir / os.fsdecode(sf.path)
+        reason = error.strerror or str(error)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(dest, "wb") as out:
-                _copy_rest(sf.fd, out.fileno(), 0, os.fstat(sf.fd).st_size)
+            dest = self.kept.keep(
+                sf.path,
+                sf.fd,
+                complete=not sf.partial and sf.error is None,
+                mode=sf.mode,
+                expect=sf.expect,
+                reason=reason,
+            )
             where = f"kept on the remote host at {dest}"
+            if sf.partial:
+                where += " (partial: it was still being written)"
+            elif sf.error is not None:
+                where += " (partial: a write to it failed)"
         except OSError as e2:
             where = f"could not be kept either ({e2.strerror})"
-        reason = error.strerror or str(error)
         text = f"{os.fsdecode(sf.path)}: not written on the client ({reason}); {where}"
         self.lost.append((sf.owner, text))
         log.error("commit of %r failed: %s", sf.path, error)
+
+    async def commit_kept(
+        self, path: bytes, fd: int, mode: int, expect: proto.Attr | None
+    ) -> bytes:
+        """Commit a kept output (``kept.recover``) as any other; returns where it landed.
+        ``fd`` stays the caller's."""
+        sf = SpoolFile(path, os.dup(fd), mode, expect)
+        try:
+            async with sf.lock:
+                await self._commit(sf)
+        finally:
+            os.close(sf.fd)
+        assert sf.committed_path is not None
+        return sf.committed_path
+
+    def mark_open_partial(self) -> None:
+        """The session ends: files a writer still has open are not whole outputs."""
+        for sf in self.files.values():
+            if sf.writers:
+                sf.partial = True
 
     async def keep_uncommitted(self, why: str) -> tuple[int, int]:
         """At an abnormal end: everything not yet committed goes to ``kept/``.

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..hashing import hash_fd
+from . import kept
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class StoreStats:
     hits: int
     misses: int
     bytes_saved: int
+    kept_bytes: int = 0
 
     def as_dict(self) -> dict[str, int | float]:
         total = self.hits + self.misses
@@ -55,6 +57,7 @@ class StoreStats:
             "misses": self.misses,
             "hit_rate": round(self.hits / total, 4) if total else 0.0,
             "bytes_saved": self.bytes_saved,
+            "kept_bytes": self.kept_bytes,
         }
 
 
@@ -67,6 +70,9 @@ class ContentStore:
         self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.cap = cap if cap is not None else default_cap(root)
         self._verified: set[bytes] = set()
+        # Outputs kept from failed sessions share the cap (kept.py); measured once a
+        # session, since only a session's end adds to them.
+        self.kept_bytes = kept.total_bytes(root)
 
         self.hits = 0
         self.misses = 0
@@ -137,7 +143,7 @@ class ContentStore:
             raise
         self._verified.add(digest)
         total = self._add_to_total(0 if existed else os.fstat(fd).st_size)
-        if total > self.cap:  # scan (and evict) only when over the cap
+        if total + self.kept_bytes > self.cap:  # scan (and evict) only when over the cap
             self.enforce_cap()
         return digest
 
@@ -162,7 +168,7 @@ class ContentStore:
         finally:
             os.close(temp_fd)
         self._verified.add(digest)
-        if self._add_to_total(size) > self.cap:
+        if self._add_to_total(size) + self.kept_bytes > self.cap:
             self.enforce_cap()
 
     def discard_temp(self, temp: Path) -> None:
@@ -192,14 +198,16 @@ class ContentStore:
                 continue
         return entries
 
-    def enforce_cap(self, cap: int | None = None) -> int:
-        """Evict least recently used objects nobody holds until under ``cap``."""
+    def enforce_cap(self, cap: int | None = None, *, with_kept: bool = True) -> int:
+        """Evict least recently used objects nobody holds until under ``cap``; then, if
+        outputs kept on the remote still exceed it, kept sessions oldest first."""
         cap = self.cap if cap is None else cap
         entries = sorted(self._scan())
         total = sum(size for _, size, _ in entries)
+        kept_bytes = kept.total_bytes(self.root) if with_kept else 0
         freed = 0
         for _, size, path in entries:
-            if total <= cap:
+            if total + kept_bytes <= cap:
                 break
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -217,6 +225,12 @@ class ContentStore:
             finally:
                 os.close(fd)
         self._write_total(total)
+        if with_kept:
+            if total + kept_bytes > cap:
+                gone = kept.evict_oldest(self.root, total + kept_bytes - cap)
+                kept_bytes -= gone
+                freed += gone
+            self.kept_bytes = kept_bytes
         return freed
 
     # The store's size is kept in one small file that every session updates under a
@@ -266,6 +280,7 @@ class ContentStore:
             persisted["hits"] + self.hits,
             persisted["misses"] + self.misses,
             persisted["bytes_saved"] + self.bytes_saved,
+            kept.total_bytes(self.root),
         )
 
     def _counters_path(self) -> Path:
@@ -291,8 +306,8 @@ class ContentStore:
             self.hits = self.misses = self.bytes_saved = 0
 
     def clear(self) -> int:
-        """Remove every object nobody holds; returns bytes freed."""
-        freed = self.enforce_cap(0)
+        """Remove every object nobody holds; returns bytes freed (kept outputs stay)."""
+        freed = self.enforce_cap(0, with_kept=False)
         try:
             self._counters_path().unlink()
         except FileNotFoundError:
