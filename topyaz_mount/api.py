@@ -114,11 +114,12 @@ class AsyncRemote:
         timeout: float | None = None,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
+        literal: Sequence[str] = (),
     ) -> CompletedRun:
         """Run ``argv`` remotely; paths under the root are translated both in ``argv``
-        and in ``env`` values. Output is captured, and also streamed to ``on_stdout`` /
-        ``on_stderr`` if given. Raises ``JobTimeout`` after killing the command when
-        ``timeout`` runs out."""
+        and in ``env`` values, except the arguments listed in ``literal``. Output is
+        captured, and also streamed to ``on_stdout`` / ``on_stderr`` if given. Raises
+        ``JobTimeout`` after killing the command when ``timeout`` runs out."""
         out: list[bytes] = []
         err: list[bytes] = []
         callback_errors: list[BaseException] = []
@@ -144,6 +145,7 @@ class AsyncRemote:
                 stderr=tee(err, on_stderr),
                 stdin=data,
                 timeout=timeout,
+                literal=literal,
             )
         if callback_errors:
             raise callback_errors[0]
@@ -287,13 +289,16 @@ class RemoteMount:
         env: Mapping[str, str] | None = None,
         input: bytes | str | None = None,
         timeout: float | None = None,
+        literal: Sequence[str] = (),
     ) -> CompletedRun:
         assert self._remote is not None or not self.is_open
         remote = self._remote
 
         async def go() -> CompletedRun:
             assert remote is not None
-            return await remote.run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
+            return await remote.run(
+                argv, cwd=cwd, env=env, input=input, timeout=timeout, literal=literal
+            )
 
         return self._call(go)
 
