@@ -308,7 +308,7 @@ class MountExecutor(executor.MountExecutor, CommandExecutor):
             programs = set(self.host_facts().programs.values())
             literal = tuple(a for a in command[:1] if a in programs)
             with self._temp_dirs_in_root(command) as argv:
-                return self.run(
+                code, out, err = self.run(
                     argv,
                     self._environment(),
                     input_data,
@@ -325,6 +325,9 @@ class MountExecutor(executor.MountExecutor, CommandExecutor):
             raise RemoteExecutionError(f"{self.options.host}: {e}") from e
         except (TopyazMountError, TranslationError, OSError) as e:
             raise ProcessingError(f"Command execution failed: {e}") from e
+        if code == 127 and _not_found(err):
+            raise ProcessingError(f"Command not found: {command[0]}")
+        return code, out, err
 
     def get_info(self) -> dict[str, Any]:
         """topyaz's keys first (type, available), then topyaz-mount's."""
@@ -337,6 +340,12 @@ class MountExecutor(executor.MountExecutor, CommandExecutor):
             dry_run=str(self.context.dry_run),
         )
         return info
+
+
+def _not_found(stderr: str) -> bool:
+    """Did the agent's ``env -C DIR -- COMMAND`` fail to find COMMAND?"""
+    lines = stderr.rstrip("\n").splitlines()
+    return bool(lines) and lines[-1].startswith("env: ") and "No such file" in lines[-1]
 
 
 def _under(path: str, root: os.PathLike[str] | str) -> str | None:
