@@ -12,6 +12,7 @@ topyaz is installed from ``../shared/third_party/topyaz`` (beside the clone; see
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,13 +36,13 @@ except ImportError:
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason, allow_module_level=True)
 
-from topyaz.core.errors import ProcessingError
-from topyaz.core.types import ProcessingOptions, RemoteOptions
-from topyaz.execution.base import CommandExecutor, ExecutorContext
-from topyaz.execution.local import LocalExecutor
-from topyaz.products import GigapixelAI, PhotoAI, VideoAI
+from topyaz.core.errors import ProcessingError  # noqa: E402 (after the skip)
+from topyaz.core.types import ProcessingOptions, RemoteOptions  # noqa: E402 (after the skip)
+from topyaz.execution.base import CommandExecutor, ExecutorContext  # noqa: E402 (after the skip)
+from topyaz.execution.local import LocalExecutor  # noqa: E402 (after the skip)
+from topyaz.products import GigapixelAI, PhotoAI, VideoAI  # noqa: E402 (after the skip)
 
-from topyaz_mount.topyaz import MIRROR_PREFIX, MountExecutor
+from topyaz_mount.topyaz import MIRROR_PREFIX, MountExecutor  # noqa: E402 (after the skip)
 
 pytestmark = pytest.mark.e2e
 
@@ -54,16 +55,16 @@ CASES = {
 
 
 @pytest.fixture(autouse=True)
-def topyaz_environment(monkeypatch, tmp_path):
-    """VideoAI writes TVAI_* into os.environ: restore it after each test. The host's
-    profile (ssh config, remote Python) lets topyaz's own RemoteOptions reach it."""
+def topyaz_environment(monkeypatch):
+    """VideoAI writes TVAI_* into os.environ: restore it after each test."""
     for name in ("TVAI_MODEL_DIR", "TVAI_MODEL_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
 def profile(testhost, tmp_path, monkeypatch) -> Path:
-    """A host profile for the test host, as `setup` would write it."""
+    """A host profile for the test host, as `setup` would write it: its ssh config and
+    remote Python let topyaz's own RemoteOptions (host, user, port) reach it."""
     config = tmp_path / "config.toml"
     key = f"{REMOTE_USER}@127.0.0.1:{testhost.port}"
     config.write_text(
@@ -88,8 +89,6 @@ def executor(testhost, profile, client_root):
 
 @pytest.fixture
 def local_copy(tmp_path, client_root) -> Path:
-    import shutil
-
     local = tmp_path / "local"
     shutil.copytree(client_root, local)
     return local
