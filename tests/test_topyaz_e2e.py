@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,28 @@ def test_importing_topyaz_mount_does_not_import_topyaz():
     r = subprocess.run([sys.executable, "-c", code], env=client_env(), capture_output=True,
                        text=True, timeout=60)
     assert (r.returncode, r.stdout) == (0, "False\n"), r.stderr
+
+
+def test_calls_back_to_back_in_one_session(executor, client_root, local_copy):
+    # Each call gets a temporary directory of its own in the root, emptied into topyaz's.
+    giga = GigapixelAI(executor, ProcessingOptions())
+    for src in ("gradient.png", "noise.jpg", "gradient.png"):
+        result = giga.process(client_root / src, client_root / "out" / src)
+        assert result.success, f"{result.error_message}\n{result.stderr}"
+    local = GigapixelAI(LocalExecutor(ExecutorContext()), ProcessingOptions())
+    local._executable_path = STANDINS_DIR / "gigapixel"
+    for src in ("gradient.png", "noise.jpg"):
+        assert local.process(local_copy / src, local_copy / "out" / src).success
+        assert (client_root / "out" / src).read_bytes() == (local_copy / "out" / src).read_bytes()
+    assert leftovers(client_root) == []
+
+
+def test_topyaz_temp_dir_is_in_the_root_for_the_call(executor, client_root):
+    assert executor.execute(["ls"])[0] == 0  # the host has listed the root just now
+    with tempfile.TemporaryDirectory(prefix="topyaz_test_") as tmp:
+        # A CLI that does not create its output directory must find it there at once.
+        code, _, err = executor.execute(
+            ["sh", "-c", 'test -d "$1" && echo made > "$1/out.txt"', "sh", tmp])
+        assert code == 0, err
+        assert (Path(tmp) / "out.txt").read_text() == "made\n"
+    assert leftovers(client_root) == []

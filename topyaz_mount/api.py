@@ -158,6 +158,13 @@ class AsyncRemote:
             result.refused,
         )
 
+    async def changed(self, local_paths: Sequence[str | os.PathLike[str]]) -> None:
+        """Tell the remote these paths under the root changed here, so the next command
+        sees them at once, not after the few seconds its caches may keep the old state."""
+        pm: PathMap = self._session.pathmap  # type: ignore[assignment]
+        rel = (pm.relative(os.path.abspath(p)) for p in local_paths)
+        await self._session.invalidate([os.fsencode(r) for r in rel if r])
+
     @property
     def connected(self) -> bool:
         return not self._session.lost.is_set()
@@ -301,6 +308,16 @@ class RemoteMount:
             )
 
         return self._call(go)
+
+    def changed(self, local_paths: Sequence[str | os.PathLike[str]]) -> None:
+        """See ``AsyncRemote.changed``."""
+        remote = self._remote
+
+        async def go() -> None:
+            assert remote is not None
+            await remote.changed(local_paths)
+
+        self._call(go)
 
     def to_remote(self, local_path: str | os.PathLike[str]) -> str:
         if self._remote is None:

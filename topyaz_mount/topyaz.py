@@ -287,6 +287,8 @@ class MountExecutor(executor.MountExecutor, CommandExecutor):
                         mirrors[top] = tempfile.mkdtemp(prefix=MIRROR_PREFIX, dir=self.root)
                     arg = mirrors[top] + arg[len(top) :]
                 argv.append(arg)
+            if mirrors:  # new here: the host's listing of the root may predate them
+                self._session().changed(list(mirrors.values()))
             yield argv
         finally:
             for top, mirror in mirrors.items():
