@@ -256,3 +256,15 @@ def test_topyaz_temp_dir_is_in_the_root_for_the_call(executor, client_root):
         assert code == 0, err
         assert (Path(tmp) / "out.txt").read_text() == "made\n"
     assert leftovers(client_root) == []
+
+
+def test_a_cli_the_host_lacks_is_topyaz_executable_not_found(executor, client_root,
+                                                             monkeypatch):
+    from topyaz.core.errors import ExecutableNotFoundError
+
+    import topyaz_mount.topyaz as tm
+
+    monkeypatch.setitem(tm.INSTALLS, "photo", tm.Install(("no-such-tpai",), {}))
+    with pytest.raises(ExecutableNotFoundError, match="Topaz Photo AI executable not found"):
+        PhotoAI(executor, ProcessingOptions()).process(client_root / "noise.jpg")
+    assert not (client_root / "noise__photo_ai.jpg").exists()
