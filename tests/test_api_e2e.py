@@ -740,3 +740,12 @@ def test_public_errors_share_a_base():
         assert issubclass(cls, TopyazMountError)
     assert issubclass(AuthenticationFailed, ConnectionFailed)
     assert issubclass(TranslationError, ValueError)
+
+
+def test_changed_shows_a_file_made_here_between_commands_at_once(testhost, client_root):
+    with RemoteMount(remote_host(testhost), client_root) as remote:
+        assert remote.run(["ls"]).returncode == 0  # the remote has listed the root
+        (client_root / "new.txt").write_text("fresh")
+        remote.changed([client_root / "new.txt", "/elsewhere/ignored"])
+        r = remote.run(["cat", "new.txt"])
+        assert (r.returncode, r.stdout) == (0, b"fresh"), r.stderr

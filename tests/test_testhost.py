@@ -143,7 +143,7 @@ def test_standins_are_deterministic_locally(samples_dir, tmp_path):
     names = set(first)
     assert "out/tpai/Café photo – 写真 01.png" in names
     assert "out/tpai-jpg/gradient.jpg" in names
-    assert "out/giga/noise_iGigapixelAI.jpg" in names
+    assert "out/giga/noise.jpg" in names
     assert {"in/noise__photo_ai.jpg", "in/gradient_iGigapixelAI.png",
             "in/clip_iVideoAI.mp4"} <= names
 

@@ -18,7 +18,7 @@ How the remote PATH is set: sshd runs with `PermitUserEnvironment yes` and
 ~tmremote/.ssh/environment holds PATH=<venv/bin>:<stand-in bin>:<system path> (and
 XDG_RUNTIME_DIR=/run/user/UID, which a PAM/logind login would normally provide).
 sshd applies that file to every session, including `ssh host COMMAND`, so plain
-`python3`, `tpai`, `gigapixel` and `topyaz` resolve to the test host's copies.
+`python3`, `tpai`, `gigapixel`, `topyaz` and `tvai-ffmpeg` resolve to the test host's copies.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ TOOLS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TOOLS_DIR.parent
 PACKAGE_SRC = REPO_DIR / "topyaz_mount"
 STANDINS_SRC = TOOLS_DIR / "standins"
-STANDIN_NAMES = ("tpai", "gigapixel", "topyaz")
+STANDIN_NAMES = ("tpai", "gigapixel", "topyaz", "tvai-ffmpeg")
 
 # TOPYAZ_MOUNT_TESTHOST_USER gives a test host of its own (user, venv, stand-ins, remote
 # cache) to a second checkout whose suite runs at the same time as this one's.

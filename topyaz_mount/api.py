@@ -114,11 +114,12 @@ class AsyncRemote:
         timeout: float | None = None,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
+        literal: Sequence[str] = (),
     ) -> CompletedRun:
         """Run ``argv`` remotely; paths under the root are translated both in ``argv``
-        and in ``env`` values. Output is captured, and also streamed to ``on_stdout`` /
-        ``on_stderr`` if given. Raises ``JobTimeout`` after killing the command when
-        ``timeout`` runs out."""
+        and in ``env`` values, except the arguments listed in ``literal``. Output is
+        captured, and also streamed to ``on_stdout`` / ``on_stderr`` if given. Raises
+        ``JobTimeout`` after killing the command when ``timeout`` runs out."""
         out: list[bytes] = []
         err: list[bytes] = []
         callback_errors: list[BaseException] = []
@@ -144,6 +145,7 @@ class AsyncRemote:
                 stderr=tee(err, on_stderr),
                 stdin=data,
                 timeout=timeout,
+                literal=literal,
             )
         if callback_errors:
             raise callback_errors[0]
@@ -155,6 +157,13 @@ class AsyncRemote:
             result.stats,
             result.refused,
         )
+
+    async def changed(self, local_paths: Sequence[str | os.PathLike[str]]) -> None:
+        """Tell the remote these paths under the root changed here, so the next command
+        sees them at once, not after the few seconds its caches may keep the old state."""
+        pm: PathMap = self._session.pathmap  # type: ignore[assignment]
+        rel = (pm.relative(os.path.abspath(p)) for p in local_paths)
+        await self._session.invalidate([os.fsencode(r) for r in rel if r])
 
     @property
     def connected(self) -> bool:
@@ -287,15 +296,28 @@ class RemoteMount:
         env: Mapping[str, str] | None = None,
         input: bytes | str | None = None,
         timeout: float | None = None,
+        literal: Sequence[str] = (),
     ) -> CompletedRun:
         assert self._remote is not None or not self.is_open
         remote = self._remote
 
         async def go() -> CompletedRun:
             assert remote is not None
-            return await remote.run(argv, cwd=cwd, env=env, input=input, timeout=timeout)
+            return await remote.run(
+                argv, cwd=cwd, env=env, input=input, timeout=timeout, literal=literal
+            )
 
         return self._call(go)
+
+    def changed(self, local_paths: Sequence[str | os.PathLike[str]]) -> None:
+        """See ``AsyncRemote.changed``."""
+        remote = self._remote
+
+        async def go() -> None:
+            assert remote is not None
+            await remote.changed(local_paths)
+
+        self._call(go)
 
     def to_remote(self, local_path: str | os.PathLike[str]) -> str:
         if self._remote is None:

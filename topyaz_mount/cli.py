@@ -985,5 +985,66 @@ def shell(session_name: str, verbose: int, command: tuple[str, ...]) -> None:
     _finish(RunResult(done.code, list(done.lost), [], dict(done.stats), list(done.refused)))
 
 
+@main.command(
+    "topyaz",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@remote_options
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Local directory to mount on the remote (default: the current directory); "
+    "topyaz's inputs and outputs must be under it.",
+)
+@policy_options
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def topyaz_(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str | None,
+    cache_cap: str | None,
+    verbose: int,
+    root: str | None,
+    args: tuple[str, ...],
+    policy: PolicyOptions,
+) -> None:
+    """Run topyaz's own command line here and only the Topaz CLI on the remote host.
+
+    ARGS are topyaz's, unchanged; so is the exit status.
+
+    \b
+    topyaz-mount topyaz --remote gpu-box photo shots/a.jpg
+    topyaz-mount topyaz --remote gpu-box giga shots/ --scale 4
+    """
+    _setup_logging(verbose)
+    try:
+        if not remote:
+            raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
+        if cache_cap is not None:
+            raise UsageError("--cache-cap: with `topyaz`, set it in the host's profile (setup)")
+        root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
+        try:
+            from .topyaz import run_cli
+        except ImportError as e:
+            raise UsageError(str(e)) from None
+        from .executor import RemoteOptions
+
+        where = Remote.parse(remote)
+        options = RemoteOptions(
+            where.host,
+            where.user,
+            ssh_port=where.port or 22,
+            ssh_options=ssh_options,
+            ssh_config=ssh_config,
+            remote_python=remote_python,
+        )
+        code = run_cli(options, root_dir, args, policy)
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_report(e, verbose))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

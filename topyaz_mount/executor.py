@@ -75,15 +75,17 @@ class MountExecutor:
         self._mount: RemoteMount | None = None
 
     def _host(self) -> RemoteHost:
+        # topyaz's own RemoteOptions has no ssh_options, ssh_config or remote_python.
         o = self.options
+        ssh_key = o.ssh_key
         return RemoteHost(
             o.host,
             o.user,
             o.ssh_port if o.ssh_port and o.ssh_port != 22 else None,
-            o.ssh_key,
-            tuple(o.ssh_options),
-            o.ssh_config,
-            o.remote_python,
+            os.fspath(ssh_key) if ssh_key else None,
+            tuple(getattr(o, "ssh_options", ())),
+            getattr(o, "ssh_config", None),
+            getattr(o, "remote_python", None),
             float(o.connection_timeout),
         )
 
@@ -102,12 +104,26 @@ class MountExecutor:
         if self.context.dry_run:
             return 0, "dry-run-output", ""
         limit = timeout if timeout is not None else self.context.timeout
+        return self.run(
+            command, self.context.env_vars, input_data, float(limit) if limit else None
+        )
+
+    def run(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        input_data: str | None,
+        timeout: float | None,
+        literal: tuple[str, ...] = (),
+    ) -> tuple[int, str, str]:
+        """``execute`` once its options are settled: the one way a command runs."""
         result = self._session().run(
             command,
             cwd=self.context.working_dir or self.root,
-            env=self.context.env_vars,
+            env=env,
             input=input_data,
-            timeout=float(limit) if limit else None,
+            timeout=timeout,
+            literal=literal,
         )
         stderr = result.stderr.decode(errors="replace")
         code = result.returncode
