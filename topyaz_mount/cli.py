@@ -7,6 +7,7 @@ status passes through unchanged. Tracebacks are for ``-vv`` only.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -266,6 +267,37 @@ def _report(err: BaseException, verbose: int) -> int:
     )
 
 
+class PassThroughCommand(click.Command):
+    """A command whose trailing COMMAND runs on the remote as typed.
+
+    Unknown options must pass through to the remote command, so click is told to ignore
+    them; but a mistyped option of ours before the command (``--backnd stage -- cmd``)
+    would then run on the host as the program ``--backnd``. A command that starts with a
+    dash must therefore come after ``--``; otherwise it is a usage error, with the
+    option we think was meant.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # What is left once our options are taken, before click checks anything else
+        # (a missing required option would otherwise hide the typo that caused it).
+        opts, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+        command = opts.get("command") or ()
+        if command and command[0].startswith("-") and command[0] != "-":
+            before = args[len(args) - len(command) - 1] if len(args) > len(command) else ""
+            if before != "--":
+                word = command[0].split("=", 1)[0]
+                known = [n for p in self.params for n in getattr(p, "opts", ()) if n[0] == "-"]
+                close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                click.echo(
+                    f"topyaz-mount: {self.name}: no such option {printable(word)}{hint}; "
+                    "a command that starts with a dash goes after --",
+                    err=True,
+                )
+                ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="topyaz-mount")
 def main() -> None:
@@ -274,6 +306,7 @@ def main() -> None:
 
 @main.command(
     "exec",
+    cls=PassThroughCommand,
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @remote_options
@@ -954,6 +987,7 @@ def _duration(seconds: float) -> str:
 
 @main.command(
     "shell",
+    cls=PassThroughCommand,
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @click.option("--session", "session_name", required=True, metavar="NAME", help="The session.")
