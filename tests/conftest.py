@@ -23,7 +23,30 @@ if str(TOOLS_DIR) not in sys.path:
 
 import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
 
+from topyaz_mount import osapi  # noqa: E402
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``both_os_calls`` run twice: with the client's native OS calls
+    (Linux here) and with the portable ones macOS uses, so ``pytest`` alone runs both."""
+    if metafunc.definition.get_closest_marker("both_os_calls") and sys.platform == "linux":
+        metafunc.parametrize("os_calls", ["native", "portable"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def os_calls(request, monkeypatch) -> str:
+    """Which client OS calls a test runs with: in-process, every module's ``OS`` is
+    swapped; the client subprocesses of e2e tests get TOPYAZ_MOUNT_PORTABLE=1."""
+    which = getattr(request, "param", "native")
+    if which == "portable":
+        monkeypatch.setenv(osapi.PORTABLE_ENV, "1")
+        portable = osapi.PortableCalls()
+        for name, module in list(sys.modules.items()):
+            if name.startswith("topyaz_mount") and getattr(module, "OS", None) is osapi.OS:
+                monkeypatch.setattr(module, "OS", portable)
+    return which
 
 
 def _unavailable(reason: str):

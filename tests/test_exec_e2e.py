@@ -40,7 +40,7 @@ from e2e_util import (
     write_random,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_os_calls]
 
 UNICODE_NAME = "Café photo – 写真 01.png"
 MiB = 1 << 20

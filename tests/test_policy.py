@@ -39,6 +39,8 @@ from topyaz_mount.policy import (
     summarize,
 )
 
+pytestmark = pytest.mark.both_os_calls
+
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):

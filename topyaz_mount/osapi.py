@@ -33,6 +33,8 @@ import struct
 import sys
 from typing import Protocol
 
+from . import pipes
+
 PORTABLE_ENV = "TOPYAZ_MOUNT_PORTABLE"
 
 # <sys/un.h> on macOS and FreeBSD: getsockopt(fd, SOL_LOCAL, LOCAL_PEERCRED) gives a
@@ -147,12 +149,7 @@ if sys.platform == "linux":
                 return None
 
         def widen_pipe(self, fd: int, size: int) -> None:
-            # A Linux pipe holds 64 KiB by default, so a 1 MiB chunk crosses it in 16
-            # reads and 16 wake-ups on each side; 1 MiB is the unprivileged maximum.
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-            except OSError:
-                pass  # not a pipe (a socket from sshd, say), or the limit is lower here
+            pipes.widen(fd, size)
 
 
 def choose() -> PortableCalls:
