@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import UsageError
 from .osapi import OS
 from .policy import root_refusal, safe_mode
+from .spelling import Spelling
 
 MAX_PATH = 4096
 
@@ -53,9 +54,10 @@ def split_path(rel: bytes) -> list[bytes]:
 
 
 def checked_root(root: str | os.PathLike[str], allow_home: bool = False) -> Path:
-    """``root`` resolved (symlinks too), if it may be exposed to the remote at all;
-    else a UsageError, raised before any connection is made."""
-    real = os.path.realpath(root)
+    """``root`` resolved (symlinks too) and spelled as stored (so that arguments typed
+    in another case on a Mac volume are found under it), if it may be exposed to the
+    remote at all; else a UsageError, raised before any connection is made."""
+    real = Spelling()(os.path.realpath(root))
     if not os.path.isdir(real):
         raise UsageError(f"--root {os.fspath(root)}: not a directory")
     home = os.path.realpath(os.path.expanduser("~"))
