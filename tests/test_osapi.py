@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import blake3
 import pytest
@@ -211,3 +214,50 @@ def test_flush_and_process_fd(tmp_path, calls):
         if pidfd is not None:
             os.close(pidfd)
         proc.wait()
+
+
+def _served_as_nobody(root: Path, rel: bytes) -> str:
+    """Whether the jail (with the OS calls in place) serves ``rel`` to user nobody:
+    "served" or the errno name; checked in a forked child that drops root."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        answer = b"served"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            j = jail.Jail(root)
+            try:
+                os.close(j.open_read(rel))
+            finally:
+                j.close()
+        except OSError as e:
+            answer = errno.errorcode.get(e.errno or 0, "?").encode()
+        os.write(write_end, answer)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        answer = os.read(read_end, 100).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_a_directory_without_read_permission(calls):
+    """What the portable walk changes: an O_PATH fd needs only search (x) permission on
+    a directory, an O_RDONLY one needs read (r) too."""
+    base = Path(tempfile.mkdtemp(prefix="topyaz-osapi-"))
+    try:
+        (base / "dropbox").mkdir()
+        (base / "dropbox" / "a.jpg").write_bytes(b"image")
+        for p in (base, base / "dropbox", base / "dropbox" / "a.jpg"):
+            os.chown(p, 65534, 65534)
+        os.chmod(base, 0o755)
+        os.chmod(base / "dropbox", 0o311)  # enter, not list
+        expected = "served" if calls.name == "linux" else "EACCES"
+        assert _served_as_nobody(base, b"dropbox/a.jpg") == expected
+    finally:
+        shutil.rmtree(base)
