@@ -4,7 +4,8 @@ Reads hand out chunks of files opened once per transfer. Outputs arrive as a com
 the data goes into a hidden temporary file beside the destination, then size and
 blake3 hash are checked, the file is fsynced and renamed into place, and the
 directory is fsynced, so a reader never sees half an output and a crash never leaves
-a damaged one. Temporary files of unfinished commits are removed when the session ends.
+a damaged one. Temporary files of unfinished commits are removed when the session ends;
+named ones a killed client left are collected by a later commit into their directory.
 
 Every request passes the write policy first (policy.py): hidden paths do not exist for
 the agent, protected ones refuse every change, and each refusal is recorded for the
@@ -284,7 +285,11 @@ class FileServer:
         self._collected.add(parent)
         ours = {c.temp_name for c in self._commits.values()}
         cutoff = time.time() - LEFTOVER_AGE
-        for name, st in self.jail.listdir(parent):
+        try:
+            entries = self.jail.listdir(parent)
+        except OSError:
+            return  # renamed or unreadable meanwhile: collecting is best effort
+        for name, st in entries:
             if (
                 TEMP_MARK in name
                 and name not in ours
