@@ -7,7 +7,9 @@ is a test failure; elsewhere those tests are skipped with the reason.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import shutil
 import stat
 import sys
@@ -23,6 +25,7 @@ if str(TOOLS_DIR) not in sys.path:
 
 import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
 
+import topyaz_mount  # noqa: E402
 from topyaz_mount import osapi  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -43,8 +46,11 @@ def os_calls(request, monkeypatch) -> str:
     if which == "portable":
         monkeypatch.setenv(osapi.PORTABLE_ENV, "1")
         portable = osapi.PortableCalls()
-        for name, module in list(sys.modules.items()):
-            if name.startswith("topyaz_mount") and getattr(module, "OS", None) is osapi.OS:
+        for info in pkgutil.iter_modules(topyaz_mount.__path__, "topyaz_mount."):
+            if info.ispkg or info.name.endswith(".__main__"):
+                continue  # the agent (its own OS) and the command line's entry point
+            module = importlib.import_module(info.name)  # a later import would miss the swap
+            if getattr(module, "OS", None) is osapi.OS:
                 monkeypatch.setattr(module, "OS", portable)
     return which
 
