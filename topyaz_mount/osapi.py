@@ -7,7 +7,7 @@ calls where they are better; everything else (macOS, the BSDs, and Linux with
 - the jail's directory walk: Linux opens ``O_PATH`` fds, which need only search (x)
   permission on a directory; the portable walk opens ``O_RDONLY | O_DIRECTORY``, which
   also needs read (r) permission, so a directory the user may enter but not list
-  (mode 0711, say) is served on Linux and refused (EACCES) elsewhere;
+  (a drop box, ``d-wx--x--x``) is served on Linux and refused (EACCES) elsewhere;
 - a commit's temporary file: Linux makes it unnamed (``O_TMPFILE``) and links it in
   through ``/proc/self/fd`` once verified, so a killed client leaves nothing; the
   portable one is a hidden, exclusively created ``.<name>.tmcommit-<random>`` that a
