@@ -247,3 +247,37 @@ def test_appledouble_files_do_not_exist_for_the_agent(work):
     assert (work / "shots" / "._a.jpg").read_bytes() == b"\0\5\26\7 AppleDouble"
     assert (work / "shots" / "a.jpg").read_bytes() == b"image a"
     assert os.listdir(work / "out") == []
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_job_never_sees_appledouble_files(testhost, client_root):
+    """Through a real mount: a folder copied from a Mac volume, its ``._*`` files
+    beside the images; the job lists, reads and copies the folder without them."""
+    from e2e_util import describe, run_exec
+
+    shots = client_root / "macshots"
+    shots.mkdir()
+    (shots / "a.jpg").write_bytes(b"image a")
+    (shots / "._a.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    script = (
+        "ls -a macshots; cat macshots/._a.jpg 2>/dev/null || echo unreadable; "
+        "cp -r macshots copy && ls -a copy; echo x > copy/._b.jpg 2>/dev/null || echo refused"
+    )
+    r = run_exec(testhost, client_root, "sh", "-c", script)
+    assert r.returncode == 0, describe(r)
+    assert r.stdout.decode().split() == [
+        ".",
+        "..",
+        "a.jpg",
+        "unreadable",
+        ".",
+        "..",
+        "a.jpg",
+        "refused",
+    ]
+    assert (shots / "._a.jpg").read_bytes() == b"\0\5\26\7 AppleDouble"
+    assert sorted(os.listdir(client_root / "copy")) == ["a.jpg"]
+    assert (client_root / "copy" / "a.jpg").read_bytes() == b"image a"
