@@ -7,7 +7,9 @@ is a test failure; elsewhere those tests are skipped with the reason.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import shutil
 import stat
 import sys
@@ -23,7 +25,34 @@ if str(TOOLS_DIR) not in sys.path:
 
 import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
 
+import topyaz_mount  # noqa: E402
+from topyaz_mount import osapi  # noqa: E402
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``both_os_calls`` run twice: with the client's native OS calls
+    (Linux here) and with the portable ones macOS uses, so ``pytest`` alone runs both."""
+    if metafunc.definition.get_closest_marker("both_os_calls") and sys.platform == "linux":
+        metafunc.parametrize("os_calls", ["native", "portable"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def os_calls(request, monkeypatch) -> str:
+    """Which client OS calls a test runs with: in-process, every module's ``OS`` is
+    swapped; the client subprocesses of e2e tests get TOPYAZ_MOUNT_PORTABLE=1."""
+    which = getattr(request, "param", "native")
+    if which == "portable":
+        monkeypatch.setenv(osapi.PORTABLE_ENV, "1")
+        portable = osapi.PortableCalls()
+        for info in pkgutil.iter_modules(topyaz_mount.__path__, "topyaz_mount."):
+            if info.ispkg or info.name.endswith(".__main__"):
+                continue  # the agent (its own OS) and the command line's entry point
+            module = importlib.import_module(info.name)  # a later import would miss the swap
+            if getattr(module, "OS", None) is osapi.OS:
+                monkeypatch.setattr(module, "OS", portable)
+    return which
 
 
 def _unavailable(reason: str):

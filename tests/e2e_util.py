@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from topyaz_mount.osapi import PORTABLE_ENV
+
 REPO_DIR = Path(__file__).resolve().parent.parent
 STANDINS_DIR = REPO_DIR / "tools" / "standins"
 REMOTE_USER = os.environ.get("TOPYAZ_MOUNT_TESTHOST_USER", "tmremote")  # see tools/testhost.py
@@ -34,8 +36,10 @@ CLI = [sys.executable, "-m", "topyaz_mount.cli"]
 
 
 def client_env() -> dict[str, str]:
-    """Our environment without TOPYAZ_MOUNT_* settings, with this checkout importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPYAZ_MOUNT_")}
+    """Our environment without TOPYAZ_MOUNT_* settings (but the choice of OS calls),
+    with this checkout importable."""
+    keep = {PORTABLE_ENV}  # a test run with the portable OS calls (conftest.py)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPYAZ_MOUNT_") or k in keep}
     env["PYTHONPATH"] = str(REPO_DIR) + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
     )

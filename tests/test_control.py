@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from topyaz_mount import control
 from topyaz_mount.errors import UsageError
 
+pytestmark = pytest.mark.both_os_calls
+
 TEXT = st.text(max_size=50)
 MESSAGES = st.one_of(
     st.builds(control.Exec, st.lists(TEXT, max_size=5), TEXT,

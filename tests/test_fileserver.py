@@ -18,6 +18,8 @@ from topyaz_mount import proto
 from topyaz_mount.fileserver import TEMP_MARK, FileServer, attr_of
 from topyaz_mount.jail import JailError
 
+pytestmark = pytest.mark.both_os_calls
+
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):

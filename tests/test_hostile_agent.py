@@ -26,6 +26,8 @@ from topyaz_mount.errors import ConnectionFailed
 from topyaz_mount.fileserver import FileServer, OpenCaps
 from topyaz_mount.rpc import RemoteError
 
+pytestmark = pytest.mark.both_os_calls
+
 DEADLINE = 120
 REPO = Path(__file__).resolve().parent.parent
 

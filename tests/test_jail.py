@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from topyaz_mount.jail import MAX_PATH, Jail, JailError, is_special, split_path
 
+pytestmark = pytest.mark.both_os_calls
+
 # --- split_path ----------------------------------------------------------------------
 
 

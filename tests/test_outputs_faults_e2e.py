@@ -25,7 +25,7 @@ from bench_wan import start_proxy, stop_proxy
 from e2e_util import REMOTE_USER, describe, run_exec, sessions_dir, temp_files, wait_until
 from test_exec_e2e import no_leftovers  # noqa: F401  (autouse: no mount, session dir or temp left)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_os_calls]
 
 MiB = 1 << 20
 

@@ -37,7 +37,7 @@ from e2e_util import (
 )
 from test_exec_e2e import no_leftovers  # noqa: F401  (autouse: no mount, session dir or temp left)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_os_calls]
 
 
 class MountedSession:

@@ -24,6 +24,7 @@ import msgspec
 import trio
 
 from .errors import UsageError
+from .osapi import OS
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_MESSAGE = 8 << 20
@@ -258,14 +259,7 @@ def peer_is_us(stream: trio.abc.Stream) -> bool:
     sock = getattr(stream, "socket", None)
     if sock is None:
         return False
-    try:
-        creds = sock.getsockopt(
-            trio.socket.SOL_SOCKET, trio.socket.SO_PEERCRED, struct.calcsize("3i")
-        )
-    except OSError:
-        return False
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return bool(uid == os.getuid())
+    return OS.peer_uid(sock) == os.getuid()
 
 
 async def listen(path: Path) -> trio.SocketListener:

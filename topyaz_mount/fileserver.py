@@ -4,7 +4,8 @@ Reads hand out chunks of files opened once per transfer. Outputs arrive as a com
 the data goes into a hidden temporary file beside the destination, then size and
 blake3 hash are checked, the file is fsynced and renamed into place, and the
 directory is fsynced, so a reader never sees half an output and a crash never leaves
-a damaged one. Temporary files of unfinished commits are removed when the session ends.
+a damaged one. Temporary files of unfinished commits are removed when the session ends;
+named ones a killed client left are collected by a later commit into their directory.
 
 Every request passes the write policy first (policy.py): hidden paths do not exist for
 the agent, protected ones refuse every change, and each refusal is recorded for the
@@ -37,6 +38,7 @@ import trio
 from . import proto
 from .hashindex import QUICK_HASH_LIMIT, HashIndex
 from .jail import Jail, JailError, split_path
+from .osapi import OS
 from .policy import Policy, PolicyOptions, Refusal, RefusalLog, safe_mode
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,11 @@ DISK_RESERVE_FRACTION = 0.05
 DISK_RESERVE_MAX = 1 << 30
 TEMP_MARK = b".tmcommit-"
 _TMPFILE_NAME = re.compile(rb"#\d+")
+# A named commit temporary (``.<name>.tmcommit-<12 hex>``) untouched for this long is a
+# killed client's leftover, not a live commit of another session: collected (see
+# _collect_leftovers). A live commit's writes keep its mtime fresh.
+LEFTOVER_AGE = 600.0
+_LEFTOVER_NAME = re.compile(rb"\..+" + re.escape(TEMP_MARK) + rb"[0-9a-f]{12}", re.DOTALL)
 
 
 def attr_of(st: os.stat_result) -> proto.Attr:
@@ -66,7 +73,7 @@ def attr_of(st: os.stat_result) -> proto.Attr:
 @dataclass
 class _Commit:
     path: bytes
-    dir_fd: int  # O_PATH fd of the temp file's directory: follows it if it is renamed
+    dir_fd: int  # walking fd of the temp file's directory: follows it if it is renamed
     temp_name: bytes  # b"" while the temp file has no name (O_TMPFILE)
     fd: int
     mode: int
@@ -151,6 +158,7 @@ class FileServer:
         # What the agent's own requests left at each path (state, when), so the
         # watcher of a long-lived session can tell them from the user's changes.
         self.made: dict[bytes, tuple[tuple[int, int, int, int] | None, float]] = {}
+        self._collected: set[bytes] = set()  # directories already rid of old leftovers
 
     def close(self) -> None:
         """Drop open files and every unfinished commit's temporary file."""
@@ -270,6 +278,34 @@ class FileServer:
             return
         c.hasher.update(msg.data)
         c.written += len(msg.data)
+
+    def _collect_leftovers(self, parent: bytes, dir_fd: int) -> None:
+        """Remove what killed clients' commits left in the directory ``parent`` (where
+        temporary files are named: off Linux, or a file system without O_TMPFILE).
+        Once per directory per session, on the first commit into it: only directories
+        we write to are listed, and a leftover stays hidden from the job meanwhile."""
+        if parent in self._collected or len(self._collected) >= MAX_MADE:
+            return
+        self._collected.add(parent)
+        ours = {c.temp_name for c in self._commits.values()}
+        cutoff = time.time() - LEFTOVER_AGE
+        try:
+            entries = self.jail.listdir(parent)
+        except OSError:
+            return  # renamed or unreadable meanwhile: collecting is best effort
+        for name, st in entries:
+            if (
+                TEMP_MARK in name
+                and name not in ours
+                and _LEFTOVER_NAME.fullmatch(name)
+                and stat.S_ISREG(st.st_mode)
+                and st.st_mtime < cutoff
+            ):
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                log.info("removed %r, left by an interrupted commit", name)
 
     def commit_bytes_in_flight(self) -> int:
         """Data of every unfinished commit of the session, on the client's disk."""
@@ -458,17 +494,11 @@ class FileServer:
         temp_name = b"." + name[:180] + TEMP_MARK + secrets.token_hex(6).encode()
         with self.jail.parent(req.path) as (dfd, _):
             self._check_room(dfd, 1)  # refused at once when the cap is reached
-            try:
-                # Unnamed until it is complete: a client killed mid-commit leaves nothing.
-                fd = os.open(b".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-                unnamed = temp_name
+            self._collect_leftovers(req.path.rpartition(b"/")[0], dfd)
+            fd, named = OS.create_temp(dfd, temp_name)
+            unnamed = b"" if named else temp_name
+            if not named:
                 temp_name = b""
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                    raise
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(temp_name, flags, 0o600, dir_fd=dfd)
-                unnamed = b""
             dir_fd = os.dup(dfd)
         self._commits[req.commit] = _Commit(
             req.path, dir_fd, temp_name, fd, safe_mode(req.mode), req.expect, req.check, unnamed
@@ -496,14 +526,9 @@ class FileServer:
             os.fchmod(c.fd, c.mode & 0o7777)
             if req.mtime_ns is not None:
                 os.utime(c.fd, ns=(req.mtime_ns, req.mtime_ns))
-            os.fsync(c.fd)
+            OS.flush(c.fd)
             if c.name_when_done:
-                os.link(
-                    f"/proc/self/fd/{c.fd}",
-                    c.name_when_done,
-                    dst_dir_fd=c.dir_fd,
-                    follow_symlinks=True,
-                )
+                OS.link_temp(c.fd, c.name_when_done, c.dir_fd)
                 c.temp_name = c.name_when_done
             os.close(c.fd)
             c.fd = -1
@@ -579,7 +604,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def _fsync_dir(dir_path_fd: int) -> None:
     fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_path_fd)
     try:
-        os.fsync(fd)
+        OS.flush(fd)  # the rename itself reaches the disk (on macOS: F_FULLFSYNC)
     finally:
         os.close(fd)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from .spelling import Spelling
 from .translate import PathMap
 
 MAX_INPUTS = 100_000
@@ -24,8 +25,12 @@ def _candidate(arg: str) -> str | None:
     return arg
 
 
-def input_files(argv: Iterable[str], pm: PathMap, cwd: str) -> list[bytes]:
-    """Root-relative paths of the regular files the arguments name, deduplicated."""
+def input_files(
+    argv: Iterable[str], pm: PathMap, cwd: str, *, spell: Callable[[str], str] | None = None
+) -> list[bytes]:
+    """Root-relative paths of the regular files the arguments name, deduplicated, spelled
+    as stored (as the translation hands them to the job, which opens them by that name)."""
+    spell = spell or Spelling()
     out: list[bytes] = []
     seen: set[bytes] = set()
 
@@ -42,7 +47,7 @@ def input_files(argv: Iterable[str], pm: PathMap, cwd: str) -> list[bytes]:
         value = _candidate(arg)
         if value is None:
             continue
-        full = os.path.normpath(os.path.join(cwd, value))
+        full = spell(os.path.join(cwd, value))
         try:
             st = os.lstat(full)
         except OSError:

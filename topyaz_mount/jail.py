@@ -2,7 +2,8 @@
 
 Every path is root-relative bytes, checked component by component: no empty parts,
 no ``.`` or ``..``, no NUL, nothing absolute. Directories are walked with
-``O_PATH | O_NOFOLLOW | O_DIRECTORY`` relative to the previous one, so a symlink
+``O_NOFOLLOW | O_DIRECTORY`` fds (``O_PATH`` ones on Linux, see osapi.py) relative to
+the previous one, so a symlink
 anywhere but the last component stops the walk, and the last component is never
 followed either: symlinks are reported as links and the kernel on the remote follows
 them through the mount, where they can only lead to paths we check again.
@@ -20,10 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
+from .osapi import OS
 from .policy import root_refusal, safe_mode
+from .spelling import Spelling
 
 MAX_PATH = 4096
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class JailError(OSError):
@@ -52,9 +54,10 @@ def split_path(rel: bytes) -> list[bytes]:
 
 
 def checked_root(root: str | os.PathLike[str], allow_home: bool = False) -> Path:
-    """``root`` resolved (symlinks too), if it may be exposed to the remote at all;
-    else a UsageError, raised before any connection is made."""
-    real = os.path.realpath(root)
+    """``root`` resolved (symlinks too) and spelled as stored (so that arguments typed
+    in another case on a Mac volume are found under it), if it may be exposed to the
+    remote at all; else a UsageError, raised before any connection is made."""
+    real = Spelling()(os.path.realpath(root))
     if not os.path.isdir(real):
         raise UsageError(f"--root {os.fspath(root)}: not a directory")
     home = os.path.realpath(os.path.expanduser("~"))
@@ -73,7 +76,7 @@ class Jail:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(os.path.realpath(root))
-        self._root_fd = os.open(self.root, _DIR_FLAGS)
+        self._root_fd = os.open(self.root, OS.DIR_FLAGS)
 
     def close(self) -> None:
         if self._root_fd >= 0:
@@ -82,12 +85,12 @@ class Jail:
 
     @contextmanager
     def _dir(self, parts: list[bytes]) -> Iterator[int]:
-        """An O_PATH fd of the directory ``parts`` (symlinks refused on the way)."""
+        """A walking fd of the directory ``parts`` (symlinks refused on the way)."""
         fd = os.dup(self._root_fd)
         try:
             for part in parts:
                 try:
-                    nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    nxt = os.open(part, OS.DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise JailError(errno.ENOTDIR, "not a directory inside the root") from None

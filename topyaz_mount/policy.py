@@ -102,6 +102,10 @@ DEFAULT_HIDE: tuple[str, ...] = (
     "*.pem",
     "*.key",
     "Library/Keychains",
+    # AppleDouble files (the Finder's metadata of ``x`` on non-Mac volumes, named
+    # ``._x``): not content, and a batch tool given the folder would take ``._a.jpg``
+    # for an image. Never listed, announced as inputs, or written as outputs.
+    "._*",
 )
 
 PERMISSION_BITS = 0o777  # setuid, setgid and sticky are never set on the client

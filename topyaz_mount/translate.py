@@ -5,7 +5,9 @@ their prefix; the working directory swaps too, so relative paths that stay insid
 root are already right on the remote and are left exactly as typed (a bare ``2`` or
 ``png`` is never mistaken for a file). A path that names something outside the root is
 an error, because the remote cannot see it. Absolute paths that exist nowhere on the
-client (``/opt/topaz/models``) are taken as remote paths and left alone.
+client (``/opt/topaz/models``) are taken as remote paths and left alone. Local paths are
+first spelled as their directories store them (spelling.py): on a case-insensitive Mac
+volume ``Shots/A.JPG`` reaches the job as ``shots/a.jpg``, the name its listing shows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+from .spelling import Spelling
 
 DEFAULT_PRODUCTS: dict[str, list[str]] = {
     "photo": ["topyaz", "photo"],
@@ -81,13 +85,19 @@ def _outside(path: str, root: str) -> TranslationError:
 
 
 def translate_value(
-    value: str, pm: PathMap, cwd: str, *, lexists: Callable[[str], bool] = os.path.lexists
+    value: str,
+    pm: PathMap,
+    cwd: str,
+    *,
+    lexists: Callable[[str], bool] = os.path.lexists,
+    spell: Callable[[str], str] | None = None,
 ) -> str:
     """One argument (or environment value) as the remote must see it."""
     if not value:
         return value
+    spell = spell or Spelling()
     if os.path.isabs(value):
-        remote = pm.to_remote(value)
+        remote = pm.to_remote(spell(value))
         if remote is not None:
             if value.endswith("/") and not remote.endswith("/"):
                 remote += "/"
@@ -98,28 +108,37 @@ def translate_value(
         if lexists(value) or (parent != "/" and lexists(parent)):
             raise _outside(value, pm.local_root)
         return value
-    full = os.path.normpath(os.path.join(cwd, value))
+    typed = os.path.normpath(os.path.join(cwd, value))
+    full = spell(typed)
     if pm.relative(full) is not None:
-        return value
+        if full == typed:
+            return value
+        stored = os.path.relpath(full, spell(cwd))  # typed in another case or form
+        return stored + "/" if value.endswith("/") else stored
     if lexists(full) or ("/" in value and lexists(os.path.dirname(full))):
         raise _outside(value, pm.local_root)
     return value
 
 
 def translate_arg(
-    arg: str, pm: PathMap, cwd: str, *, lexists: Callable[[str], bool] = os.path.lexists
+    arg: str,
+    pm: PathMap,
+    cwd: str,
+    *,
+    lexists: Callable[[str], bool] = os.path.lexists,
+    spell: Callable[[str], str] | None = None,
 ) -> str:
     """An argv element: a path, a ``--flag=PATH``, or anything else (left alone)."""
     if arg.startswith("--") and "=" in arg:
         flag, _, value = arg.partition("=")
-        return f"{flag}={translate_value(value, pm, cwd, lexists=lexists)}"
+        return f"{flag}={translate_value(value, pm, cwd, lexists=lexists, spell=spell)}"
     if arg.startswith("-") and not os.path.isabs(arg) and "/" not in arg:
         return arg  # an option like -o or --scale
-    return translate_value(arg, pm, cwd, lexists=lexists)
+    return translate_value(arg, pm, cwd, lexists=lexists, spell=spell)
 
 
-def translate_cwd(cwd: str, pm: PathMap) -> str:
-    remote = pm.to_remote(cwd)
+def translate_cwd(cwd: str, pm: PathMap, *, spell: Callable[[str], str] | None = None) -> str:
+    remote = pm.to_remote((spell or Spelling())(cwd))
     if remote is None:
         raise TranslationError(
             f"the current directory {cwd} is outside the root {pm.local_root}; "
@@ -135,16 +154,26 @@ def translate_argv(
     *,
     literal: Iterable[str] = (),
     lexists: Callable[[str], bool] = os.path.lexists,
+    spell: Callable[[str], str] | None = None,
 ) -> list[str]:
     """Every argument translated; those listed in ``literal`` pass through untouched."""
     keep = set(literal)
-    return [a if a in keep else translate_arg(a, pm, cwd, lexists=lexists) for a in argv]
+    spell = spell or Spelling()
+    return [
+        a if a in keep else translate_arg(a, pm, cwd, lexists=lexists, spell=spell) for a in argv
+    ]
 
 
 def translate_env(
-    env: Mapping[str, str], pm: PathMap, cwd: str, *, lexists=os.path.lexists
+    env: Mapping[str, str],
+    pm: PathMap,
+    cwd: str,
+    *,
+    lexists=os.path.lexists,
+    spell: Callable[[str], str] | None = None,
 ) -> dict[str, str]:
-    return {k: translate_value(v, pm, cwd, lexists=lexists) for k, v in env.items()}
+    spell = spell or Spelling()
+    return {k: translate_value(v, pm, cwd, lexists=lexists, spell=spell) for k, v in env.items()}
 
 
 def expand_product(argv: list[str], products: Mapping[str, list[str]]) -> list[str]:

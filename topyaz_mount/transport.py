@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from . import liveness
 from .errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
-from .pipes import widen
+from .osapi import OS
 
 if TYPE_CHECKING:
     import trio
@@ -125,9 +125,8 @@ class SshProcess:
         import trio
 
         if self.popen.poll() is None:
-            try:
-                pidfd = os.pidfd_open(self.popen.pid)
-            except (AttributeError, OSError):  # no pidfd (old kernel): poll
+            pidfd = OS.process_fd(self.popen.pid)
+            if pidfd is None:  # no pidfd (old kernel, not Linux): poll
                 while self.popen.poll() is None:
                     await trio.sleep(0.02)
             else:
@@ -199,7 +198,7 @@ def spawn_ssh(settings: SshSettings) -> subprocess.Popen:
         ) from None
     assert popen.stdin is not None and popen.stdout is not None
     for pipe in (popen.stdin, popen.stdout):
-        widen(pipe.fileno())
+        OS.widen_pipe(pipe.fileno(), 1 << 20)
     return popen
 
 
