@@ -39,3 +39,10 @@ def test_shell_takes_the_same_rule():
     r = run("shell", "--sesion", "x")
     assert r.returncode == 2
     assert "did you mean --session?" in r.stderr
+
+
+def test_shell_without_a_command_is_no_usage_error():
+    r = run("shell", "--session", "no-such-session")
+    assert "Traceback" not in r.stderr
+    assert "no such option" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
