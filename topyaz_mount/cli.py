@@ -23,6 +23,7 @@ import click
 
 from . import __version__
 from .config import (
+    BACKENDS,
     HostOptions,
     config_path,
     host_settings,
@@ -109,6 +110,7 @@ def _stats_line(stats: dict) -> str:
         f"wire {_human(stats.get('wire_bytes_sent', 0))} up, "
         f"{_human(stats.get('wire_bytes_received', 0))} down; "
         f"{stats.get('wall_seconds', 0):.2f} s"
+        + (f"; {stats['backend']} backend" if stats.get("backend") else "")
     )
 
 
@@ -221,6 +223,19 @@ def _profile(remote: str | None, flags: HostOptions) -> HostOptions:
     return resolve(flags, load_profile(str(Remote.parse(remote))) if remote else None)
 
 
+def backend_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--backend``: how the remote shows the job the root (agent/backend.py)."""
+    return click.option(
+        "--backend",
+        type=click.Choice(BACKENDS),
+        default=None,
+        envvar="TOPYAZ_MOUNT_BACKEND",
+        help="fuse: mount the root; stage: copy the inputs over and the outputs back "
+        "(hosts without FUSE); auto: FUSE where a mount works (default: the host's "
+        "profile, else auto).",
+    )(fn)
+
+
 def _settings(
     remote: str | None,
     ssh_options: Sequence[str],
@@ -228,6 +243,7 @@ def _settings(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None = None,
 ) -> SshSettings:
     if not remote:
         raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
@@ -236,6 +252,7 @@ def _settings(
         ssh_options=tuple(ssh_options),
         ssh_config=ssh_config,
         cache_cap=cache_cap,
+        backend=backend,
     )
     settings, _ = host_settings(
         Remote.parse(remote), flags, agent_log_level="INFO" if verbose else "WARNING"
@@ -277,11 +294,20 @@ def main() -> None:
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @remote_options
+@backend_option
 @click.option(
     "--root",
     type=click.Path(file_okay=False),
     default=None,
     help="Local directory to mount on the remote (default: the current directory).",
+)
+@click.option(
+    "--include",
+    "includes",
+    multiple=True,
+    metavar="PATH",
+    help="Also an input, though no argument names it (a file or a directory; "
+    "repeatable). The stage backend copies over only the inputs it knows of.",
 )
 @click.option(
     "--session",
@@ -349,7 +375,9 @@ def exec_(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None,
     root: str | None,
+    includes: tuple[str, ...],
     session_name: str | None,
     env_pairs: tuple[str, ...],
     forward_stdin: bool,
@@ -388,13 +416,17 @@ def exec_(
 
             if root is not None:
                 raise UsageError("--root cannot be used with --session (the session has one)")
+            if backend is not None:
+                raise UsageError("--backend belongs to `mount`: a session has one backend")
             if policy != PolicyOptions():
                 raise UsageError(
                     "--protect, --hide, --allow-write, --read-only and --allow-home belong to "
                     "`mount`: a session's commands share its policy"
                 )
             control.check_name(session_name)
-            req = control.Exec(argv, cwd, env, forward_stdin, list(literal))
+            req = control.Exec(
+                argv, cwd, env, forward_stdin, list(literal), includes=_absolute(includes)
+            )
             done = trio.run(session_client.run_in_session, session_name, req, _say)
             result: RunResult | None = RunResult(
                 done.code, list(done.lost), [], dict(done.stats), list(done.refused)
@@ -403,7 +435,9 @@ def exec_(
             rules = Policy.from_options(policy)
             root_dir = str(checked_root(root or cwd, policy.allow_home))
             _precheck(argv, root_dir, cwd, env, literal)
-            settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            settings = _settings(
+                remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+            )
             # Connect first; the rest of the client is imported while ssh connects.
             spawned = spawn_ssh(settings)
             try:
@@ -424,10 +458,15 @@ def exec_(
                 literal,
                 spawned,
                 rules,
+                _absolute(includes),
             )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
     _finish(result, stats_format)
+
+
+def _absolute(paths: Sequence[str]) -> list[str]:
+    return [os.path.abspath(p) for p in paths]
 
 
 def _say(text: str) -> None:
@@ -721,6 +760,7 @@ def _mount_child_argv(
     name: str,
     ready_fd: int,
     policy: PolicyOptions,
+    backend: str | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "topyaz_mount", "mount", "--remote", remote]
     for opt in ssh_options:
@@ -731,6 +771,8 @@ def _mount_child_argv(
         argv += ["--remote-python", remote_python]
     if cache_cap:
         argv += ["--cache-cap", cache_cap]
+    if backend:
+        argv += ["--backend", backend]
     argv += ["-v"] * verbose + _policy_argv(policy)
     return argv + ["--root", root, "--name", name, "--ready-fd", str(ready_fd)]
 
@@ -774,6 +816,7 @@ def _print_ready(info: dict) -> None:
 
 @main.command("mount")
 @remote_options
+@backend_option
 @click.option(
     "--root",
     type=click.Path(file_okay=False),
@@ -791,6 +834,7 @@ def mount(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None,
     root: str | None,
     name: str | None,
     detach: bool,
@@ -824,7 +868,9 @@ def mount(
         rules = Policy.from_options(policy)
         root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
         session = control.check_name(name or mountd.default_name(Path(root_dir)))
-        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        settings = _settings(
+            remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+        )
         if detach:
             if trio.run(control.alive, session):
                 raise UsageError(
@@ -842,6 +888,7 @@ def mount(
                 session,
                 w,
                 policy,
+                backend,
             )
             log_path = str(control.runtime_dir() / f"{session}.log")
             info = _detach(child, r, w, log_path)

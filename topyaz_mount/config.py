@@ -4,7 +4,7 @@
 
     [hosts."gpu-box"]
     remote_python = "/home/me/.local/share/topyaz-mount/venv-0.1.0/bin/python"
-    backend = "fuse"
+    backend = "auto"
     photo_cmd = "topyaz photo"
     ssh_options = ["IdentityFile=~/.ssh/gpu"]
     cache_cap = "20G"
@@ -38,6 +38,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 CONFIG_ENV = "TOPYAZ_MOUNT_CONFIG"
+# How the agent shows the job the root (agent/backend.py): FUSE where a mount works.
+BACKENDS = ("auto", "fuse", "stage")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class HostOptions:
 
 DEFAULTS = HostOptions(
     remote_python="python3",
-    backend="fuse",
+    backend="auto",
     photo_cmd=shlex.join(DEFAULT_PRODUCTS["photo"]),
     giga_cmd=shlex.join(DEFAULT_PRODUCTS["giga"]),
     video_cmd=shlex.join(DEFAULT_PRODUCTS["video"]),
@@ -114,11 +116,13 @@ def host_settings(
 ) -> tuple[SshSettings, HostOptions]:
     """How to reach ``remote``: the one place flags meet the host's profile."""
     opts = resolve(flags, load_profile(str(remote)))
-    if opts.backend != "fuse":
-        raise UsageError(f"backend {opts.backend!r} for {remote}: this client knows only 'fuse'")
-    agent_args: tuple[str, ...] = ()
+    if opts.backend not in BACKENDS:
+        raise UsageError(
+            f"backend {opts.backend!r} for {remote}: choose one of {', '.join(BACKENDS)}"
+        )
+    agent_args: tuple[str, ...] = ("--backend", opts.backend)
     if opts.cache_cap is not None:
-        agent_args = ("--cache-cap", str(parse_size(opts.cache_cap)))
+        agent_args += ("--cache-cap", str(parse_size(opts.cache_cap)))
     settings = SshSettings(
         remote,
         opts.ssh_options or (),

@@ -239,6 +239,7 @@ class MountServer:
                     stderr=lambda data: send(control.Output(2, data)),
                     stdin_open=req.stdin,
                     literal=req.literal,
+                    includes=req.includes,
                     tty=(req.tty[0], req.tty[1]) if req.tty and len(req.tty) == 2 else None,
                     job=job,
                 )

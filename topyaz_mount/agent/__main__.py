@@ -19,6 +19,7 @@ import trio
 from .. import liveness, proto
 from ..pipes import widen
 from . import kept
+from .backend import CHOICES
 from .session import AgentSession
 from .store import ContentStore
 
@@ -71,7 +72,7 @@ def _doctor(base_dir: Path, client_version: str | None) -> int:
     import sys as _sys
 
     from .. import __version__
-    from .session import fuse_problem
+    from .backend import fuse_unusable_reason as fuse_problem
 
     checks: list[dict[str, object]] = [
         {"check": "python", "ok": _sys.version_info >= (3, 10), "detail": _sys.version.split()[0]},
@@ -96,6 +97,14 @@ def _doctor(base_dir: Path, client_version: str | None) -> int:
             checks.append({"check": module, "ok": False, "detail": f"missing ({e})"})
     problem = fuse_problem()
     checks.append({"check": "fuse", "ok": problem is None, "detail": problem or "usable"})
+    # Not a failure: the stage backend serves hosts without FUSE.
+    checks.append(
+        {
+            "check": "backend",
+            "ok": True,
+            "detail": "fuse (auto)" if problem is None else "stage (auto: FUSE is not usable)",
+        }
+    )
     try:
         base_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(base_dir).free
@@ -124,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-to", type=int, default=None, help="with --cache-stats")
     parser.add_argument("--doctor", action="store_true", help="print checks as JSON, exit")
     parser.add_argument("--client-version", default=None, help="refuse to serve another")
+    parser.add_argument(
+        "--backend",
+        choices=CHOICES,
+        default="auto",
+        help="how the job sees the root: a FUSE mount, a staged tree, or FUSE where it works",
+    )
     parser.add_argument(
         "--keepalive",
         type=liveness.Timing.parse,
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     os.close(devnull)
     try:
-        session = AgentSession(base_dir, args.cache_cap, args.keepalive)
+        session = AgentSession(base_dir, args.cache_cap, args.keepalive, args.backend)
         trio.run(_serve, session, channel_in, channel_out)
     except KeyboardInterrupt:
         return 130
