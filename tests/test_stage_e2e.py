@@ -65,3 +65,203 @@ def test_image_job_with_a_unicode_name_matches_local(testhost, client_root, loca
     assert (client_root / "out" / UNICODE_NAME).read_bytes() == \
         (local_copy / "out" / UNICODE_NAME).read_bytes()
     assert digests(client_root) == digests(local_copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_directory_batch_matches_local(testhost, client_root, local_copy, backend):
+    for base in (client_root, local_copy):
+        (base / "shots").mkdir()
+        for name in ("gradient.png", "noise.jpg", UNICODE_NAME, "small.tiff"):
+            shutil.copy2(base / name, base / "shots" / name)
+    r = run_on(testhost, client_root, backend,
+               "gigapixel", "--cli", "-i", "shots", "-o", client_root / "out" / "giga",
+               "--scale", "2")
+    assert r.returncode == 0, describe(r)
+    run_local(*standin("gigapixel"), "--cli", "-i", "shots", "-o", "out/giga", "--scale", "2",
+              cwd=local_copy)
+    assert len(digests(client_root / "out" / "giga")) == 4
+    assert digests(client_root) == digests(local_copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_video_job_matches_local_ffmpeg(testhost, client_root, local_copy, backend):
+    (client_root / "out").mkdir()
+    r = run_on(testhost, client_root, backend, "ffmpeg", *FFMPEG_ARGS, "out/clip 2x.mp4")
+    assert r.returncode == 0, describe(r)
+    (local_copy / "out").mkdir()
+    run_local("ffmpeg", *FFMPEG_ARGS, "out/clip 2x.mp4", cwd=local_copy)
+    local = (local_copy / "out" / "clip 2x.mp4").read_bytes()
+    assert len(local) > 1000
+    assert (client_root / "out" / "clip 2x.mp4").read_bytes() == local
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "product, src, produced",
+    [
+        ("photo", "noise.jpg", "noise__photo_ai.jpg"),
+        ("giga", "gradient.png", "gradient_iGigapixelAI.png"),
+        ("video", "clip.mp4", "clip_iVideoAI.mp4"),
+    ],
+)
+def test_products_match_local(testhost, client_root, local_copy, product, src, produced,
+                              backend):
+    r = run_on(testhost, client_root, backend, product, src, dashdash=False)
+    assert r.returncode == 0, describe(r)
+    run_local(*standin("topyaz"), product, src, cwd=local_copy)
+    assert (client_root / produced).read_bytes() == (local_copy / produced).read_bytes()
+    assert digests(client_root) == digests(local_copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stdio_and_exit_status(testhost, client_root, backend):
+    r = run_on(testhost, client_root, backend, "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (r.returncode, r.stdout, r.stderr) == (7, b"out\n", b"err\n"), describe(r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_ends_the_job_and_its_output_so_far_comes_home(testhost, client_root, backend):
+    script = "echo partial > part.txt; echo ready; exec sleep 60"
+    with start_exec(testhost, client_root, "sh", "-c", script,
+                    options=["--backend", backend]) as p:
+        assert p.wait_for_stdout(b"ready\n", 30), (p.stdout, p.stderr)
+        p.send_signal(signal.SIGINT)
+        r = p.wait(30)
+    assert r.returncode == 128 + signal.SIGINT, describe(r)
+    assert (client_root / "part.txt").read_bytes() == b"partial\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_output_the_policy_refuses_is_reported_and_not_written(testhost, client_root,
+                                                                  backend):
+    before = digests(client_root)
+    r = run_on(testhost, client_root, backend, "sh", "-c",
+               "echo keep > fine.txt; echo x > .envrc || exit 3",
+               options=["--stats=json"])
+    assert r.returncode != 0, describe(r)
+    assert not (client_root / ".envrc").exists()
+    assert (client_root / "fine.txt").read_bytes() == b"keep\n"
+    assert ".envrc" in r.stderr.decode(errors="replace")
+    after = digests(client_root)
+    del after["fine.txt"]
+    assert after == before
+    kept = remote_home() / ".cache" / "topyaz-mount" / "kept"
+    shutil.rmtree(kept, ignore_errors=True)  # what the stage backend kept of the refused
+
+
+# --------------------------------------------------------------------------- stage only
+
+
+def test_warm_inputs_move_no_content_bytes(testhost, client_root):
+    data = os.urandom(3 << 20)
+    (client_root / "fresh.bin").write_bytes(data)
+    argv = ("sha256sum", "fresh.bin")
+    cold = run_on(testhost, client_root, "stage", *argv, options=["--stats=json"])
+    assert cold.returncode == 0, describe(cold)
+    assert stats_of(cold)["content_bytes_sent"] == len(data)
+    warm = run_on(testhost, client_root, "stage", *argv, options=["--stats=json"])
+    assert warm.returncode == 0, describe(warm)
+    assert warm.stdout == cold.stdout
+    assert stats_of(warm)["content_bytes_sent"] == 0
+    assert stats_of(warm)["files_committed"] == 0
+
+
+def test_a_job_appending_to_an_input_leaves_the_store_copy_intact(testhost, client_root):
+    data = os.urandom(1 << 20)
+    (client_root / "in.bin").write_bytes(data)
+    r = run_on(testhost, client_root, "stage", "sh", "-c", 'printf more >> "$0"', "in.bin")
+    assert r.returncode == 0, describe(r)
+    assert (client_root / "in.bin").read_bytes() == data + b"more"
+    digest = blake3.blake3(data).hexdigest()
+    obj = remote_home() / ".cache" / "topyaz-mount" / "objects" / digest[:2] / digest
+    assert obj.read_bytes() == data
+    # And a later job reading the old content from the store gets the old bytes.
+    (client_root / "again.bin").write_bytes(data)
+    r = run_on(testhost, client_root, "stage", "sh", "-c", 'sha256sum < "$0"', "again.bin")
+    assert r.returncode == 0, describe(r)
+    import hashlib
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_outputs_go_home_while_the_job_runs(testhost, client_root):
+    script = "for i in 1 2 3; do echo $i > out$i.txt; done; echo ready; exec sleep 60"
+    with start_exec(testhost, client_root, "sh", "-c", script,
+                    options=["--backend", "stage"]) as p:
+        assert p.wait_for_stdout(b"ready\n", 30), (p.stdout, p.stderr)
+        arrived = wait_until(
+            lambda: all((client_root / f"out{i}.txt").exists() for i in (1, 2, 3)), 30
+        )
+        still_running = p.proc.poll() is None
+        p.send_signal(signal.SIGINT)
+        r = p.wait(30)
+    assert arrived and still_running, describe(r)
+    for i in (1, 2, 3):
+        assert (client_root / f"out{i}.txt").read_bytes() == f"{i}\n".encode()
+
+
+def test_inputs_the_job_deletes_or_renames_stay_on_the_client(testhost, client_root):
+    before = digests(client_root)
+    r = run_on(testhost, client_root, "stage", "sh", "-c",
+               "rm gradient.png && mv noise.jpg moved.jpg", "gradient.png", "noise.jpg")
+    assert r.returncode == 0, describe(r)
+    after = digests(client_root)
+    assert after.pop("moved.jpg") == before["noise.jpg"]
+    assert after == before
+
+
+def test_include_stages_what_no_argument_names(testhost, client_root):
+    (client_root / "conf").mkdir()
+    (client_root / "conf" / "model.cfg").write_text("weights=7\n")
+    script = "cat conf/model.cfg"
+    r = run_on(testhost, client_root, "stage", "sh", "-c", script)
+    assert r.returncode != 0 and b"No such file" in r.stderr, describe(r)
+    r = run_on(testhost, client_root, "stage", "sh", "-c", script,
+               options=["--include", client_root / "conf"])
+    assert (r.returncode, r.stdout) == (0, b"weights=7\n"), describe(r)
+
+
+def test_the_tree_is_removed_when_the_session_ends(testhost, client_root):
+    before = session_dirs()
+    r = run_on(testhost, client_root, "stage", "sh", "-c", "echo x > made.txt; ls", "gradient.png")
+    assert r.returncode == 0, describe(r)
+    assert session_dirs() == before
+    assert sessions_dir().is_dir()
+
+
+def _no_fusermount_python(testhost, tmp_path: Path) -> str:
+    """A remote Python whose PATH has everything but fusermount3: FUSE is not usable
+    (for this agent only; the machine's /dev/fuse stays as it is for other tests)."""
+    bin_dir = tmp_path / "bin-without-fusermount"
+    bin_dir.mkdir(parents=True)
+    for top in ("/usr/bin", "/bin"):
+        for name in os.listdir(top):
+            if name != "fusermount3" and not (bin_dir / name).exists():
+                (bin_dir / name).symlink_to(os.path.join(top, name))
+    wrapper = tmp_path / "python-without-fuse"
+    swap = f"s#^/usr/bin$#{bin_dir}#; s#^/bin$#{bin_dir}#"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"PATH=$(printf %s \"$PATH\" | tr : '\\n' | sed {shlex.quote(swap)} | paste -sd:)\n"
+        f"exec {shlex.quote(testhost.remote_python)} \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    for p in (tmp_path, *tmp_path.parents):
+        if p == Path("/"):
+            break
+        p.chmod(p.stat().st_mode | 0o005)
+    return str(wrapper)
+
+
+def test_auto_stages_where_fuse_is_not_usable(testhost, client_root, tmp_path, local_copy):
+    python = _no_fusermount_python(testhost, tmp_path / "host")
+    r = run_exec(testhost, client_root, "tpai", "--cli", "noise.jpg", "-o", "out",
+                 remote_python=python, options=["-v", "--stats=json"])
+    assert r.returncode == 0, describe(r)
+    assert stats_of(r)["backend"] == "stage"
+    assert b"FUSE is not usable on this host (fusermount3 is not installed" in r.stderr
+    run_local(*standin("tpai"), "--cli", "noise.jpg", "-o", "out", cwd=local_copy)
+    assert digests(client_root) == digests(local_copy)
+    # Asked for explicitly, FUSE fails as before: one line naming the cause.
+    r = run_exec(testhost, client_root, "true", remote_python=python,
+                 options=["--backend", "fuse"])
+    assert r.returncode == 255 and b"fusermount3" in r.stderr, describe(r)

@@ -979,6 +979,8 @@ def status(name: str | None, as_json: bool) -> None:
     for s in sessions:
         moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
         place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
+        if s.get("backend"):
+            place += f" ({s['backend']})"
         click.echo(
             f"{place}\n"
             f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "

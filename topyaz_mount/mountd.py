@@ -173,6 +173,7 @@ class MountServer:
             "host": str(self.settings.remote),
             "root": str(s.root),
             "mountpoint": s.mountpoint,
+            "backend": s.backend,
             "pid": os.getpid(),
             "agent_pid": s.agent_pid,
             "started": round(self.started, 3),

@@ -414,7 +414,9 @@ class StageBackend:
             size, mtime_ns = self.origin[rel]
             expect = proto.Attr(stat.S_IFREG | 0o644, size, mtime_ns, 0, 0)
         else:
-            expect = await self._replaced_on_client(rel)
+            # A new file. Should the client have one of that name the job never saw
+            # (no argument named it), it is not replaced: the output lands beside it.
+            expect = None
         sf = spool.create(rel, stat.S_IMODE(st.st_mode), expect)
         sf.dirty = False
         source = self.tree / os.fsdecode(rel)
@@ -434,15 +436,6 @@ class StageBackend:
         self.sent[rel] = sf
         self.quiet.pop(rel, None)
         spool.schedule(sf)
-
-    async def _replaced_on_client(self, rel: bytes) -> proto.Attr | None:
-        """A new output whose name the client has: the job replaced that file (as a
-        create over it does under FUSE)."""
-        try:
-            attr = await self._client_attr(rel)
-        except OSError:
-            return None
-        return attr if stat.S_ISREG(attr.mode) else None
 
 
 def _snapshot(source: Path, dst_fd: int) -> os.stat_result | None:
