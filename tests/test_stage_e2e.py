@@ -29,11 +29,22 @@ from e2e_util import (
     start_exec,
     wait_until,
 )
-from test_exec_e2e import FFMPEG_ARGS, UNICODE_NAME, digests, local_copy, run_local, standin
+from test_exec_e2e import (
+    FFMPEG_ARGS,
+    UNICODE_NAME,
+    digests,
+    local_copy,
+    no_leftovers,  # autouse: no mount, session dir or temp file left behind
+    run_local,
+    standin,
+)
+from test_session_e2e import MountedSession
+
+from topyaz_mount import RemoteHost, RemoteMount
 
 pytestmark = pytest.mark.e2e
 
-__all__ = ["local_copy"]  # a fixture, imported for the tests below
+__all__ = ["local_copy", "no_leftovers"]  # fixtures, imported for the tests below
 
 BACKENDS = ["fuse", "stage"]
 
@@ -265,3 +276,58 @@ def test_auto_stages_where_fuse_is_not_usable(testhost, client_root, tmp_path, l
     r = run_exec(testhost, client_root, "true", remote_python=python,
                  options=["--backend", "fuse"])
     assert r.returncode == 255 and b"fusermount3" in r.stderr, describe(r)
+
+
+# --------------------------------------------------------------------------- sessions, API
+
+
+class StagedSession(MountedSession):
+    def mount_argv(self, *extra: str) -> list[str]:
+        return super().mount_argv("--backend", "stage", *extra)
+
+
+@pytest.fixture
+def staged_session(testhost, client_root, tmp_path):
+    s = StagedSession(testhost, client_root, tmp_path / "runtime", "staged")
+    try:
+        yield s.start()
+    finally:
+        s.close()
+
+
+def test_a_staged_session_restages_a_local_edit_and_commits_outputs(staged_session):
+    s = staged_session
+    root = s.root
+    assert s.status()["backend"] == "stage"
+    (root / "input.txt").write_bytes(b"version one\n")
+    assert wait_until(lambda: s.status()["invalidated_paths"] >= 1, 30)
+    r = s.exec("sh", "-c", 'cat "$0" > copy1.txt', "input.txt")
+    assert r.returncode == 0, describe(r)
+    assert (root / "copy1.txt").read_bytes() == b"version one\n"
+    # Same size, same mtime: only the watcher's invalidation can tell the agent.
+    seen = s.status()["invalidated_paths"]
+    st = (root / "input.txt").stat()
+    (root / "input.txt").write_bytes(b"version two\n")
+    os.utime(root / "input.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert wait_until(lambda: s.status()["invalidated_paths"] > seen, 30)
+    r = s.exec("sh", "-c", 'cat "$0"; cat copy1.txt', "input.txt")
+    assert (r.returncode, r.stdout) == (0, b"version two\nversion one\n"), describe(r)
+    # An output of one command is an input of the next without a transfer.
+    r = s.exec("cat", "copy1.txt")
+    assert r.stdout == b"version one\n", describe(r)
+    assert (root / "input.txt").read_bytes() == b"version two\n"
+    r = s.unmount()
+    assert r.returncode == 0, describe(r)
+
+
+def test_python_api_on_the_stage_backend(testhost, client_root, local_copy):
+    host = RemoteHost.parse(testhost.remote, ssh_config=str(testhost.ssh_config),
+                            remote_python=testhost.remote_python, backend="stage")
+    with RemoteMount(host, client_root) as remote:
+        result = remote.run(["tpai", "--cli", "gradient.png", "-o", "out"])
+        assert result.returncode == 0, result.stderr
+        assert result.stats["backend"] == "stage"
+        result = remote.run(["sh", "-c", "exit 5"])
+        assert result.returncode == 5
+    run_local(*standin("tpai"), "--cli", "gradient.png", "-o", "out", cwd=local_copy)
+    assert digests(client_root) == digests(local_copy)

@@ -170,7 +170,11 @@ class StageBackend:
         return []
 
     async def invalidate(self, paths: list[bytes]) -> None:
+        """Stage these again when a command names them; the read cache must not hand
+        out its copy of the old version (a same-size edit keeps size and mtime)."""
         self.stale.update(paths)
+        for path in paths:
+            self.ctx.cache.drop_path(path)
 
     async def quiesce(self) -> None:
         await self._final_scan(None)
