@@ -37,7 +37,7 @@ def test_flags_over_profile_over_defaults():
     assert resolve(HostOptions(), None) == DEFAULTS
     got = resolve(HostOptions(), PROFILE)
     assert got.remote_python == "/p/venv/bin/python" and got.photo_cmd == "tpai --cli"
-    assert got.giga_cmd == DEFAULTS.giga_cmd and got.backend == "fuse"
+    assert got.giga_cmd == DEFAULTS.giga_cmd and got.backend == "auto"
     got = resolve(HostOptions(remote_python="/mine/python", cache_cap="1G"), PROFILE)
     assert got.remote_python == "/mine/python" and got.cache_cap == "1G"
     assert got.ssh_config == "/p/ssh_config"

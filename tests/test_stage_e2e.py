@@ -21,6 +21,8 @@ from pathlib import Path
 import blake3
 import pytest
 from e2e_util import (
+    CLI,
+    client_env,
     describe,
     remote_home,
     run_exec,
@@ -331,3 +333,22 @@ def test_python_api_on_the_stage_backend(testhost, client_root, local_copy):
         assert result.returncode == 5
     run_local(*standin("tpai"), "--cli", "gradient.png", "-o", "out", cwd=local_copy)
     assert digests(client_root) == digests(local_copy)
+
+
+def test_doctor_says_auto_stages_where_fuse_is_not_usable(testhost, tmp_path):
+    python = _no_fusermount_python(testhost, tmp_path / "host")
+
+    def doctor(*extra: str) -> subprocess.CompletedProcess:
+        argv = [*CLI, "doctor", "--remote", testhost.remote, "-F", str(testhost.ssh_config),
+                "--remote-python", python, *extra]
+        return subprocess.run(argv, env=client_env(), capture_output=True, text=True,
+                              timeout=60)
+
+    r = doctor()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok   fuse: fusermount3 is not installed" in r.stdout
+    assert "auto stages files instead" in r.stdout
+    assert "ok   backend: stage (asked for: auto)" in r.stdout
+    r = doctor("--backend", "fuse")
+    assert r.returncode == 255, r.stdout + r.stderr
+    assert "FAIL fuse: fusermount3 is not installed" in r.stdout

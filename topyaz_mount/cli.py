@@ -653,6 +653,7 @@ def _report_recovered(done: Any) -> int:
 
 @main.command("doctor")
 @remote_options
+@backend_option
 def doctor(
     remote: str | None,
     ssh_options: tuple[str, ...],
@@ -660,13 +661,16 @@ def doctor(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None,
 ) -> None:
     """Check that the remote host can serve topyaz-mount, and say what is missing."""
     from .hostsetup import probe
 
     _setup_logging(verbose)
     try:
-        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        settings = _settings(
+            remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+        )
         facts = probe(settings)
     except BaseException as e:  # noqa: BLE001
         sys.exit(_report(e, verbose))
@@ -734,7 +738,6 @@ def setup(
         if result.ready and not check_only:
             updates = HostOptions(
                 remote_python=result.venv_python,
-                backend="fuse",
                 ssh_options=tuple(ssh_options) or None,
                 ssh_config=os.path.abspath(ssh_config) if ssh_config else None,
                 cache_cap=cache_cap,

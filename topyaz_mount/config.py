@@ -120,7 +120,9 @@ def host_settings(
         raise UsageError(
             f"backend {opts.backend!r} for {remote}: choose one of {', '.join(BACKENDS)}"
         )
-    agent_args: tuple[str, ...] = ("--backend", opts.backend)
+    agent_args: tuple[str, ...] = ()
+    if opts.backend != "auto":  # the agent's default
+        agent_args = ("--backend", opts.backend)
     if opts.cache_cap is not None:
         agent_args += ("--cache-cap", str(parse_size(opts.cache_cap)))
     settings = SshSettings(
