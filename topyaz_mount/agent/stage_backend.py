@@ -27,7 +27,6 @@ import fcntl
 import logging
 import os
 import stat
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +35,13 @@ import trio
 
 from .. import proto
 from .backend import BackendContext
+from .filecopy import clone_or_copy
 from .spool import SpoolFile
 
 log = logging.getLogger(__name__)
 
 POLL_EVERY = 0.5  # seconds between scans while jobs run, without a watcher
 WATCHED_POLL_EVERY = 2.0  # with one: a safety net for changes it did not report
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 @dataclass(frozen=True)
@@ -57,33 +56,6 @@ class Seen:
     @classmethod
     def of(cls, st: os.stat_result) -> Seen:
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
-def clone_or_copy(src_fd: int, dst_fd: int, size: int) -> None:
-    """``dst`` gets ``src``'s bytes: shared extents where the file system can (a
-    reflink writes copy-on-write, so neither side sees the other's later writes),
-    else a copy. Never a hardlink."""
-    if sys.platform.startswith("linux"):
-        try:
-            fcntl.ioctl(dst_fd, FICLONE, src_fd)
-            return
-        except OSError:
-            pass
-    offset = 0
-    while offset < size:
-        n = 0
-        if hasattr(os, "copy_file_range"):
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, size - offset, offset, offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-        if n == 0:
-            data = os.pread(src_fd, min(proto.CHUNK_SIZE, size - offset), offset)
-            if not data:
-                raise OSError(errno.EIO, "the source ended early")
-            n = os.pwrite(dst_fd, data, offset)
-        offset += n
 
 
 def open_for_writing_elsewhere(path: Path) -> bool | None:
