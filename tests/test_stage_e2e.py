@@ -352,3 +352,10 @@ def test_doctor_says_auto_stages_where_fuse_is_not_usable(testhost, tmp_path):
     r = doctor("--backend", "fuse")
     assert r.returncode == 255, r.stdout + r.stderr
     assert "FAIL fuse: fusermount3 is not installed" in r.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_missing_remote_command_exits_127(testhost, client_root, backend):
+    r = run_on(testhost, client_root, backend, "no-such-command-xyz", "gradient.png")
+    assert r.returncode == 127, describe(r)
+    assert b"no-such-command-xyz" in r.stderr and b"Traceback" not in r.stderr

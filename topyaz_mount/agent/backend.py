@@ -54,6 +54,9 @@ class BackendContext:
 
 class Backend(Protocol):
     name: str
+    # The root is a plain directory (no FUSE): a job's process may chdir into it
+    # while the agent forks (see job.py).
+    plain_directory: bool
 
     def start(self) -> None:
         """Make the root appear at the mountpoint (raises OSError if it cannot)."""

@@ -110,6 +110,7 @@ class FuseBackend:
     """The root as a FUSE mount served by ``fs.MountOps``."""
 
     name = "fuse"
+    plain_directory = False
 
     def __init__(self, ctx: BackendContext) -> None:
         from .fs import MountOps

@@ -402,7 +402,9 @@ class AgentSession:
         argv = list(req.argv)
         if tty is not None and not argv:  # `topyaz-mount shell`: the user's login shell
             argv = [_login_shell(), "-l"]
-        job = Job(argv, req.cwd, dict(req.env), req.stdin, tty)
+        job = Job(
+            argv, req.cwd, dict(req.env), req.stdin, tty, plain_cwd=self.backend.plain_directory
+        )
         await self.backend.prepare(req.job, req)
         if self.torn_down:
             raise OSError(errno.ENOTCONN, "the session ended while the inputs were staged")
@@ -457,7 +459,8 @@ class AgentSession:
             for job in list(self.jobs.values()):
                 nursery.start_soon(job.kill)
         if self.backend is not None:
-            await self.backend.quiesce()
+            with trio.move_on_after(60):  # commits in flight fail at once if the link is gone
+                await self.backend.quiesce()
         if self.spool is not None:
             if self.connection_lost:
                 with trio.move_on_after(10):  # commits in flight fail at once: kept

@@ -83,6 +83,7 @@ class StageBackend:
     """The root as a directory tree the agent fills and reads back."""
 
     name = "stage"
+    plain_directory = True
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
@@ -134,8 +135,10 @@ class StageBackend:
         """Commit everything the tree holds that is new or changed, and wait for it.
 
         Staged outputs carry no record of which job wrote them, so every job waits for
-        all pending commits (a job running beside others may wait for theirs)."""
-        await self._final_scan(job if alone else None)
+        all pending commits (a job running beside others may wait for theirs). Beside
+        others, a file some process still writes is left to the scan that sees it
+        closed (or to its own job's end), so no half-written version goes home."""
+        await self._final_scan(job if alone else None, force=alone)
 
     def take_refused(self, job: int, *, everyone: bool) -> list[proto.Refused]:
         """None: the policy refuses staged outputs at their commit (named as lost)."""
@@ -149,7 +152,7 @@ class StageBackend:
             self.ctx.cache.drop_path(path)
 
     async def quiesce(self) -> None:
-        await self._final_scan(None)
+        await self._final_scan(None, force=True)
 
     async def stop(self) -> None:
         """Stop watching; the session removes the tree with its directory."""
@@ -339,13 +342,14 @@ class StageBackend:
         dirs.sort()
         return dirs, files
 
-    async def _final_scan(self, owner: int | None) -> None:
+    async def _final_scan(self, owner: int | None, *, force: bool) -> None:
         async with self._scan_lock:
             await self.ctx.spool.wait_idle()  # a path's earlier commit ends first
-        await self._scan(final=True, owner=owner)
+        await self._scan(final=force, owner=owner)
         await self.ctx.spool.wait_idle()
 
     async def _scan(self, *, final: bool, owner: int | None) -> None:
+        """Commit what changed: everything (``final``), or what looks finished."""
         async with self._scan_lock:
             dirs, files = await trio.to_thread.run_sync(self._walk)
             for rel in dirs:
