@@ -48,6 +48,21 @@ def test_flag_ssh_options_come_first_so_ssh_takes_them():
     assert got.ssh_options == ("IdentityFile=/flag", "IdentityFile=/k")
 
 
+
+def test_includes_add_up_and_a_backend_is_checked(config):
+    config.parent.mkdir()
+    config.write_text('[hosts.gpu]\ninclude = ["~/m.cfg"]\nbackend = "stage"\n')
+    got = resolve(HostOptions(include=("/flag/x",)), load_profile("gpu"))
+    assert got.include == ("/flag/x", "~/m.cfg") and got.backend == "stage"
+    s = _settings("gpu", (), None, None, None, 0)
+    assert s.agent_args == ("--backend", "stage")
+    config.write_text('[hosts.gpu]\ninclude = "~/m.cfg"\n')
+    with pytest.raises(UsageError, match="include must be a list of strings"):
+        load_profile("gpu")
+    config.write_text('[hosts.gpu]\nbackend = "nfs"\n')
+    with pytest.raises(UsageError, match="choose one of auto, fuse, stage"):
+        _settings("gpu", (), None, None, None, 0)
+
 @pytest.fixture
 def config(tmp_path, monkeypatch):
     path = tmp_path / "conf" / "config.toml"

@@ -398,7 +398,10 @@ def exec_(
     _setup_logging(verbose)
     try:
         opts = _profile(
-            remote, HostOptions(photo_cmd=photo_cmd, giga_cmd=giga_cmd, video_cmd=video_cmd)
+            remote,
+            HostOptions(
+                photo_cmd=photo_cmd, giga_cmd=giga_cmd, video_cmd=video_cmd, include=includes
+            ),
         )
         products = {
             "photo": shlex.split(opts.photo_cmd or ""),
@@ -458,7 +461,7 @@ def exec_(
                 literal,
                 spawned,
                 rules,
-                _absolute(includes),
+                _absolute(opts.include or ()),
             )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
@@ -466,7 +469,7 @@ def exec_(
 
 
 def _absolute(paths: Sequence[str]) -> list[str]:
-    return [os.path.abspath(p) for p in paths]
+    return [os.path.abspath(os.path.expanduser(p)) for p in paths]
 
 
 def _say(text: str) -> None:
@@ -900,9 +903,16 @@ def mount(
             _print_ready(info)
             click.echo(f"  log:           {log_path}")
             return
+        includes = _absolute(_profile(remote, HostOptions()).include or ())
         server, lost = trio.run(
             lambda: mountd.serve(
-                settings, root_dir, session, on_ready=report_ready, say=_say, policy=rules
+                settings,
+                root_dir,
+                session,
+                on_ready=report_ready,
+                say=_say,
+                policy=rules,
+                includes=includes,
             )
         )
     except BaseException as e:  # noqa: BLE001

@@ -8,6 +8,7 @@
     photo_cmd = "topyaz photo"
     ssh_options = ["IdentityFile=~/.ssh/gpu"]
     cache_cap = "20G"
+    include = ["~/models/shared.cfg"]   # inputs the stage backend copies for every command
 
 Precedence is one rule, in ``resolve``: a flag (or its environment variable) beats the
 profile, the profile beats the built-in default. The file is the user's too: writing a
@@ -54,6 +55,8 @@ class HostOptions:
     ssh_options: tuple[str, ...] | None = None
     ssh_config: str | None = None
     cache_cap: str | None = None
+    # Local paths every command reads that no argument names (``--include``).
+    include: tuple[str, ...] | None = None
 
 
 DEFAULTS = HostOptions(
@@ -63,9 +66,11 @@ DEFAULTS = HostOptions(
     giga_cmd=shlex.join(DEFAULT_PRODUCTS["giga"]),
     video_cmd=shlex.join(DEFAULT_PRODUCTS["video"]),
     ssh_options=(),
+    include=(),
 )
 
-_STRING_KEYS = {f.name for f in fields(HostOptions)} - {"ssh_options"}
+_LIST_KEYS = {"ssh_options", "include"}
+_STRING_KEYS = {f.name for f in fields(HostOptions)} - _LIST_KEYS
 
 
 def config_path() -> Path:
@@ -81,15 +86,19 @@ def config_path() -> Path:
 def resolve(flags: HostOptions, profile: HostOptions | None) -> HostOptions:
     """Flags over the profile over the defaults, key by key.
 
-    ssh options are the one list: the flags' come first and ssh takes the first value
-    it sees of an option, so a flag still wins over the profile's value of the same one.
+    The lists add up: the flags' come first (ssh takes the first value it sees of an
+    option, so a flag still wins over the profile's value of the same one), then the
+    profile's.
     """
     merged: dict[str, Any] = {}
     for f in fields(HostOptions):
         name = f.name
         layers = [flags, profile or HostOptions(), DEFAULTS]
-        if name == "ssh_options":
-            merged[name] = (*(flags.ssh_options or ()), *((profile and profile.ssh_options) or ()))
+        if name in _LIST_KEYS:
+            merged[name] = (
+                *(getattr(flags, name) or ()),
+                *((profile and getattr(profile, name)) or ()),
+            )
             continue
         merged[name] = next(
             (getattr(x, name) for x in layers if getattr(x, name) is not None), None
@@ -139,9 +148,9 @@ def host_settings(
 def _parse_profile(name: str, table: Mapping[str, Any], path: Path) -> HostOptions:
     values: dict[str, Any] = {}
     for key, value in table.items():
-        if key == "ssh_options":
+        if key in _LIST_KEYS:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise UsageError(f"{path}: hosts.{name}.ssh_options must be a list of strings")
+                raise UsageError(f"{path}: hosts.{name}.{key} must be a list of strings")
             values[key] = tuple(value)
         elif key in _STRING_KEYS:
             if isinstance(value, int) and key == "cache_cap":
