@@ -23,7 +23,10 @@ import pytest
 from e2e_util import (
     CLI,
     client_env,
+    descendants,
     describe,
+    pid_alive,
+    session_agent_pid,
     remote_home,
     run_exec,
     session_dirs,
@@ -359,3 +362,38 @@ def test_a_missing_remote_command_exits_127(testhost, client_root, backend):
     r = run_on(testhost, client_root, backend, "no-such-command-xyz", "gradient.png")
     assert r.returncode == 127, describe(r)
     assert b"no-such-command-xyz" in r.stderr and b"Traceback" not in r.stderr
+
+
+STILL_WRITING = r"""
+import time
+done = open("done.txt", "w"); done.write("whole\n"); done.close()
+f = open("late.txt", "w"); f.write("partial"); f.flush()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_lost_client_leaves_staged_outputs_kept_and_marked(testhost, client_root):
+    before = session_dirs()
+    with start_exec(testhost, client_root, "python3", "-c", STILL_WRITING,
+                    options=["--backend", "stage"]) as p:
+        assert p.wait_for_stdout(b"ready\n", 30), (p.stdout, p.stderr)
+        assert wait_until(lambda: (client_root / "done.txt").exists(), 30)
+        (session,) = [s for s in session_dirs() - before
+                      if session_agent_pid(s) in descendants(testhost.pid)]
+        agent = session_agent_pid(session)
+        p.remember_ssh()
+        p.send_signal(signal.SIGKILL)
+        p.proc.wait(10)
+        assert wait_until(lambda: not pid_alive(agent) and not os.path.exists(session), 30)
+    kept = remote_home() / ".cache" / "topyaz-mount" / "kept" / Path(session).name
+    try:
+        manifest = json.loads((kept / "manifest.json").read_text())
+        entries = {e["path"]: e for e in manifest["files"]}
+        assert set(entries) == {"late.txt"}
+        assert entries["late.txt"]["complete"] is False
+        assert (kept / "files" / "late.txt").read_bytes() == b"partial"
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+    assert (client_root / "done.txt").read_bytes() == b"whole\n"
+    assert not (client_root / "late.txt").exists()

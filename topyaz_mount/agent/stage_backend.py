@@ -98,6 +98,7 @@ class StageBackend:
         self.dirs: set[bytes] = {b""}  # directories that exist on the client too
         self.sent: dict[bytes, SpoolFile] = {}  # each path's last commit
         self.quiet: dict[bytes, Seen] = {}  # candidates as the previous scan saw them
+        self.writing: set[bytes] = set()  # a writer had these open at the last look
         self._scan_lock = trio.Lock()
         self._wake = trio.Event()
         self._started = False
@@ -152,7 +153,9 @@ class StageBackend:
             self.ctx.cache.drop_path(path)
 
     async def quiesce(self) -> None:
-        await self._final_scan(None, force=True)
+        """At teardown the jobs were killed: what a writer still had open at the last
+        look is marked partial, should it have to be kept on the remote."""
+        await self._final_scan(None, force=True, ending=True)
 
     async def stop(self) -> None:
         """Stop watching; the session removes the tree with its directory."""
@@ -342,13 +345,13 @@ class StageBackend:
         dirs.sort()
         return dirs, files
 
-    async def _final_scan(self, owner: int | None, *, force: bool) -> None:
+    async def _final_scan(self, owner: int | None, *, force: bool, ending: bool = False) -> None:
         async with self._scan_lock:
             await self.ctx.spool.wait_idle()  # a path's earlier commit ends first
-        await self._scan(final=force, owner=owner)
+        await self._scan(final=force, owner=owner, ending=ending)
         await self.ctx.spool.wait_idle()
 
-    async def _scan(self, *, final: bool, owner: int | None) -> None:
+    async def _scan(self, *, final: bool, owner: int | None, ending: bool = False) -> None:
         """Commit what changed: everything (``final``), or what looks finished."""
         async with self._scan_lock:
             dirs, files = await trio.to_thread.run_sync(self._walk)
@@ -361,13 +364,17 @@ class StageBackend:
                     continue
                 if not final and not self._finished(rel, now):
                     continue
-                await self._commit(rel, st, owner)
+                await self._commit(rel, st, owner, partial=ending and rel in self.writing)
 
     def _finished(self, rel: bytes, now: Seen) -> bool:
         """Whether a changed file looks whole: no writer has it open, or (where that
         cannot be told) it did not change since the previous scan."""
         previous, self.quiet[rel] = self.quiet.get(rel), now
         open_now = open_for_writing_elsewhere(self.tree / os.fsdecode(rel))
+        if open_now:
+            self.writing.add(rel)
+        else:
+            self.writing.discard(rel)
         if open_now is not None:
             return not open_now
         return previous == now
@@ -382,7 +389,9 @@ class StageBackend:
             return
         self.dirs.add(rel)
 
-    async def _commit(self, rel: bytes, st: os.stat_result, owner: int | None) -> None:
+    async def _commit(
+        self, rel: bytes, st: os.stat_result, owner: int | None, *, partial: bool = False
+    ) -> None:
         """Snapshot one output into the spool and schedule its commit."""
         spool = self.ctx.spool
         previous = self.sent.get(rel)
@@ -411,6 +420,7 @@ class StageBackend:
             return
         sf.mtime_ns = taken.st_mtime_ns
         sf.owner = owner
+        sf.partial = partial
         sf.dirty = True
         self.seen[rel] = Seen.of(taken)
         self.sent[rel] = sf
