@@ -45,7 +45,7 @@ from test_exec_e2e import (
 )
 from test_session_e2e import MountedSession
 
-from topyaz_mount import RemoteHost, RemoteMount
+from topyaz_mount import JobTimeout, RemoteHost, RemoteMount
 
 pytestmark = pytest.mark.e2e
 
@@ -321,6 +321,14 @@ def test_a_staged_session_restages_a_local_edit_and_commits_outputs(staged_sessi
     r = s.exec("cat", "copy1.txt")
     assert r.stdout == b"version one\n", describe(r)
     assert (root / "input.txt").read_bytes() == b"version two\n"
+    # Two commands at once: each one's outputs are home when it reports.
+    with s.start_exec("sh", "-c", "echo a1 > a1.txt; echo ready; sleep 3; echo a2 > a2.txt") as p:
+        assert p.wait_for_stdout(b"ready\n", 30), (p.stdout, p.stderr)
+        r = s.exec("sh", "-c", "echo b > b.txt")
+        assert r.returncode == 0 and (root / "b.txt").read_bytes() == b"b\n", describe(r)
+        r = p.wait(30)
+    assert r.returncode == 0, describe(r)
+    assert [(root / n).read_bytes() for n in ("a1.txt", "a2.txt")] == [b"a1\n", b"a2\n"]
     r = s.unmount()
     assert r.returncode == 0, describe(r)
 
@@ -334,6 +342,8 @@ def test_python_api_on_the_stage_backend(testhost, client_root, local_copy):
         assert result.stats["backend"] == "stage"
         result = remote.run(["sh", "-c", "exit 5"])
         assert result.returncode == 5
+        with pytest.raises(JobTimeout):
+            remote.run(["sleep", "63.5"], timeout=1)
     run_local(*standin("tpai"), "--cli", "gradient.png", "-o", "out", cwd=local_copy)
     assert digests(client_root) == digests(local_copy)
 
