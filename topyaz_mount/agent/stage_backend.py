@@ -40,6 +40,7 @@ from .spool import SpoolFile
 
 log = logging.getLogger(__name__)
 
+STAGE_PARALLEL = 8  # inputs staged at once: one waits for its bytes, others copy theirs
 POLL_EVERY = 0.5  # seconds between scans while jobs run, without a watcher
 WATCHED_POLL_EVERY = 2.0  # with one: a safety net for changes it did not report
 
@@ -124,13 +125,21 @@ class StageBackend:
     async def prepare(self, job: int, run: proto.Run) -> None:
         """Stage the directories ``run`` needs and every input of ``job``'s manifest."""
         await self._stage_dirs(run)
-        for entry in self.entries.pop(job, []):
-            try:
-                await self._stage_file(entry)
-            except OSError as e:
-                # As under FUSE, where such an input fails at the job's open: the job
-                # runs and says what it misses.
-                log.warning("could not stage %r: %s", entry.path, e)
+        slots = trio.Semaphore(STAGE_PARALLEL)
+        async with trio.open_nursery() as nursery:
+            for entry in self.entries.pop(job, []):
+                await slots.acquire()
+                nursery.start_soon(self._stage_one, entry, slots)
+
+    async def _stage_one(self, entry: proto.ManifestEntry, slots: trio.Semaphore) -> None:
+        try:
+            await self._stage_file(entry)
+        except OSError as e:
+            # As under FUSE, where such an input fails at the job's open: the job runs
+            # and says what it misses.
+            log.warning("could not stage %r: %s", entry.path, e)
+        finally:
+            slots.release()
 
     async def settle(self, job: int, alone: bool) -> None:
         """Commit everything the tree holds that is new or changed, and wait for it.
