@@ -400,8 +400,13 @@ def test_a_lost_client_leaves_staged_outputs_kept_and_marked(testhost, client_ro
     try:
         manifest = json.loads((kept / "manifest.json").read_text())
         entries = {e["path"]: e for e in manifest["files"]}
-        assert set(entries) == {"late.txt"}
+        # done.txt only if its commit's reply was still on the way when the link went
+        # (it is home already, and kept whole, as any commit that ended unheard).
+        assert set(entries) - {"done.txt"} == {"late.txt"}
         assert entries["late.txt"]["complete"] is False
+        if "done.txt" in entries:
+            assert entries["done.txt"]["complete"] is True
+            assert (kept / "files" / "done.txt").read_bytes() == b"whole\n"
         assert (kept / "files" / "late.txt").read_bytes() == b"partial"
     finally:
         shutil.rmtree(kept, ignore_errors=True)
