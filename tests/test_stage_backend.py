@@ -65,3 +65,31 @@ def test_paths_in_the_tree_from_arguments(tmp_path):
     assert backend._relative(str(tree), cwd) == b""
     assert backend._relative("/etc/passwd", cwd) is None
     assert backend._relative("../../root2/x", cwd) is None
+
+
+BLOCK_PYFUSE3 = r"""
+import sys
+
+class NoPyfuse3:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyfuse3" or name.startswith("pyfuse3."):
+            raise ImportError("pyfuse3 blocked for this test")
+
+sys.meta_path.insert(0, NoPyfuse3())
+import topyaz_mount.agent.__main__
+import topyaz_mount.agent.session
+import topyaz_mount.agent.stage_backend
+from topyaz_mount.agent.backend import fuse_unusable_reason
+print(fuse_unusable_reason())
+assert "pyfuse3" not in sys.modules
+"""
+
+
+def test_the_stage_path_runs_without_pyfuse3():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", BLOCK_PYFUSE3], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "pyfuse3 is not installed"
