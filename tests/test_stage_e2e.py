@@ -412,3 +412,14 @@ def test_a_lost_client_leaves_staged_outputs_kept_and_marked(testhost, client_ro
         shutil.rmtree(kept, ignore_errors=True)
     assert (client_root / "done.txt").read_bytes() == b"whole\n"
     assert not (client_root / "late.txt").exists()
+
+
+def test_a_script_in_the_root_runs_staged_cold_and_warm(testhost, client_root):
+    script = client_root / "tools" / "run.sh"
+    script.parent.mkdir()
+    script.write_text('#!/bin/sh\necho "ran with $1"\n')
+    script.chmod(0o755)
+    for _ in range(2):  # the second time its content comes from the store
+        r = run_on(testhost, client_root, "stage", "./tools/run.sh", "gradient.png")
+        assert (r.returncode, r.stdout) == (0, b"ran with gradient.png\n"), describe(r)
+    assert script.stat().st_mode & 0o777 == 0o755

@@ -82,6 +82,10 @@ class Backend(Protocol):
     async def invalidate(self, paths: list[bytes]) -> None:
         """These paths changed on the client (a watching client's push)."""
 
+    async def ending(self) -> None:
+        """The session ends and its jobs are about to be killed: note which outputs
+        they still write (kept as partial, should they have to be kept)."""
+
     async def quiesce(self) -> None:
         """The session is ending and its jobs are gone: hand every output written so
         far to the spool, which commits it or keeps it on the remote."""

@@ -160,6 +160,9 @@ class FuseBackend:
     async def invalidate(self, paths: list[bytes]) -> None:
         await self.ops.invalidate(paths)
 
+    async def ending(self) -> None:
+        """Nothing to do: the spool marks the files a writer still has open."""
+
     async def quiesce(self) -> None:
         """Nothing to do: what the job wrote is in the spool already."""
 

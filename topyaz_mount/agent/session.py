@@ -455,6 +455,9 @@ class AgentSession:
             self.spool.mark_open_partial()  # what a job still writes now is not whole
             if force or self.connection_lost:  # nothing the killed jobs leave is sent
                 self.spool.frozen = True
+        if self.backend is not None and self.jobs:
+            with trio.move_on_after(10):
+                await self.backend.ending()
         async with trio.open_nursery() as nursery:
             for job in list(self.jobs.values()):
                 nursery.start_soon(job.kill)

@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 from .. import proto
+from ..inputs import _candidate
 from .backend import BackendContext
 from .filecopy import clone_or_copy
 from .spool import SpoolFile
@@ -100,10 +101,12 @@ class StageBackend:
         self.sent: dict[bytes, SpoolFile] = {}  # each path's last commit
         self.quiet: dict[bytes, Seen] = {}  # candidates as the previous scan saw them
         self.writing: set[bytes] = set()  # a writer had these open at the last look
+        self.modes: dict[bytes, int] = {}  # client modes of programs run from the tree
         self._scan_lock = trio.Lock()
         self._wake = trio.Event()
         self._started = False
         self._stopped = False
+        self._ending = False  # the session is ending (``ending`` ran)
         self._stop_watching = trio.Event()  # watchfiles' thread reads it to stop
         self.poll_every = POLL_EVERY
 
@@ -124,10 +127,11 @@ class StageBackend:
 
     async def prepare(self, job: int, run: proto.Run) -> None:
         """Stage the directories ``run`` needs and every input of ``job``'s manifest."""
-        await self._stage_dirs(run)
+        entries = self.entries.pop(job, [])
+        await self._stage_dirs(run, {e.path for e in entries})
         slots = trio.Semaphore(STAGE_PARALLEL)
         async with trio.open_nursery() as nursery:
-            for entry in self.entries.pop(job, []):
+            for entry in entries:
                 await slots.acquire()
                 nursery.start_soon(self._stage_one, entry, slots)
 
@@ -161,10 +165,19 @@ class StageBackend:
         for path in paths:
             self.ctx.cache.drop_path(path)
 
+    async def ending(self) -> None:
+        """Note the changed files some process still writes, before the jobs die."""
+        self._ending = True
+        _, files = await trio.to_thread.run_sync(self._walk)
+        for rel, st in files:
+            changed = self.seen.get(rel) != Seen.of(st)
+            if changed and open_for_writing_elsewhere(self.tree / os.fsdecode(rel)):
+                self.writing.add(rel)
+
     async def quiesce(self) -> None:
-        """At teardown the jobs were killed: what a writer still had open at the last
-        look is marked partial, should it have to be kept on the remote."""
-        await self._final_scan(None, force=True, ending=True)
+        """Every changed file to the spool: committed, or kept (as partial where
+        ``ending`` saw a writer)."""
+        await self._final_scan(None, force=True)
 
     async def stop(self) -> None:
         """Stop watching; the session removes the tree with its directory."""
@@ -183,21 +196,33 @@ class StageBackend:
             return None
         return os.fsencode(full[len(top) + 1 :]).replace(os.sep.encode(), b"/")
 
-    async def _stage_dirs(self, run: proto.Run) -> None:
+    async def _stage_dirs(self, run: proto.Run, inputs: set[bytes]) -> None:
         """The chain down to the job's cwd, directories its arguments name, and the
-        directory an argument's new file goes into (an output directory)."""
+        directory an argument's new file goes into (an output directory); and the mode
+        of a program run from the tree (``./run.sh``), which the manifest lacks.
+
+        One ``Stat`` per argument that is neither a known input nor a known directory."""
         cwd = self._relative(run.cwd, str(self.tree))
         if cwd is not None:
             await self._ensure_dir(cwd)
+        program = self._relative(run.argv[0], run.cwd) if run.argv else None
+        if program in inputs:
+            assert program is not None
+            try:
+                self.modes[program] = (await self._client_attr(program)).mode
+            except OSError:
+                pass
         for arg in run.argv:
-            value = arg.partition("=")[2] if arg.startswith("--") and "=" in arg else arg
+            value = _candidate(arg)
             rel = self._relative(value, run.cwd) if value else None
-            if rel is None or rel in self.dirs:
+            if rel is None or rel in self.dirs or rel in inputs:
                 continue
             try:
                 attr = await self._client_attr(rel)
             except OSError:
                 parent = rel.rpartition(b"/")[0]
+                if parent in self.dirs:
+                    continue
                 try:
                     if stat.S_ISDIR((await self._client_attr(parent)).mode):
                         await self._ensure_dir(parent)
@@ -244,7 +269,7 @@ class StageBackend:
         cache.job_opened(cached)
         try:
             await cached.wait_complete()
-            mode = (cached.attr.mode & 0o777) | 0o600
+            mode = (self.modes.get(path, cached.attr.mode) & 0o777) | 0o600
             temp = await trio.to_thread.run_sync(
                 self._materialize, cached.fd, cached.size, cached.attr.mtime_ns, mode
             )
@@ -354,13 +379,13 @@ class StageBackend:
         dirs.sort()
         return dirs, files
 
-    async def _final_scan(self, owner: int | None, *, force: bool, ending: bool = False) -> None:
+    async def _final_scan(self, owner: int | None, *, force: bool) -> None:
         async with self._scan_lock:
             await self.ctx.spool.wait_idle()  # a path's earlier commit ends first
-        await self._scan(final=force, owner=owner, ending=ending)
+        await self._scan(final=force, owner=owner)
         await self.ctx.spool.wait_idle()
 
-    async def _scan(self, *, final: bool, owner: int | None, ending: bool = False) -> None:
+    async def _scan(self, *, final: bool, owner: int | None) -> None:
         """Commit what changed: everything (``final``), or what looks finished."""
         async with self._scan_lock:
             dirs, files = await trio.to_thread.run_sync(self._walk)
@@ -373,7 +398,7 @@ class StageBackend:
                     continue
                 if not final and not self._finished(rel, now):
                     continue
-                await self._commit(rel, st, owner, partial=ending and rel in self.writing)
+                await self._commit(rel, st, owner)
 
     def _finished(self, rel: bytes, now: Seen) -> bool:
         """Whether a changed file looks whole: no writer has it open, or (where that
@@ -398,9 +423,7 @@ class StageBackend:
             return
         self.dirs.add(rel)
 
-    async def _commit(
-        self, rel: bytes, st: os.stat_result, owner: int | None, *, partial: bool = False
-    ) -> None:
+    async def _commit(self, rel: bytes, st: os.stat_result, owner: int | None) -> None:
         """Snapshot one output into the spool and schedule its commit."""
         spool = self.ctx.spool
         previous = self.sent.get(rel)
@@ -429,7 +452,8 @@ class StageBackend:
             return
         sf.mtime_ns = taken.st_mtime_ns
         sf.owner = owner
-        sf.partial = partial
+        # The session ends and a killed job was still writing it: not a whole output.
+        sf.partial = self._ending and rel in self.writing
         sf.dirty = True
         self.seen[rel] = Seen.of(taken)
         self.sent[rel] = sf
