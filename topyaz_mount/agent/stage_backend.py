@@ -168,6 +168,7 @@ class StageBackend:
     async def ending(self) -> None:
         """Note the changed files some process still writes, before the jobs die."""
         self._ending = True
+        self.writing = set()  # what earlier scans saw open may have been closed since
         _, files = await trio.to_thread.run_sync(self._walk)
         for rel, st in files:
             changed = self.seen.get(rel) != Seen.of(st)
