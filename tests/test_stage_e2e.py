@@ -218,8 +218,10 @@ def test_outputs_go_home_while_the_job_runs(testhost, client_root):
 def test_inputs_the_job_deletes_or_renames_stay_on_the_client(testhost, client_root):
     before = digests(client_root)
     r = run_on(testhost, client_root, "stage", "sh", "-c",
-               "rm gradient.png && mv noise.jpg moved.jpg", "gradient.png", "noise.jpg")
+               "rm gradient.png && mv noise.jpg moved.jpg && mkdir -p made/empty",
+               "gradient.png", "noise.jpg")
     assert r.returncode == 0, describe(r)
+    assert (client_root / "made" / "empty").is_dir()  # new directories do travel
     after = digests(client_root)
     assert after.pop("moved.jpg") == before["noise.jpg"]
     assert after == before
