@@ -37,7 +37,7 @@ def test_flags_over_profile_over_defaults():
     assert resolve(HostOptions(), None) == DEFAULTS
     got = resolve(HostOptions(), PROFILE)
     assert got.remote_python == "/p/venv/bin/python" and got.photo_cmd == "tpai --cli"
-    assert got.giga_cmd == DEFAULTS.giga_cmd and got.backend == "fuse"
+    assert got.giga_cmd == DEFAULTS.giga_cmd and got.backend == "auto"
     got = resolve(HostOptions(remote_python="/mine/python", cache_cap="1G"), PROFILE)
     assert got.remote_python == "/mine/python" and got.cache_cap == "1G"
     assert got.ssh_config == "/p/ssh_config"
@@ -47,6 +47,21 @@ def test_flag_ssh_options_come_first_so_ssh_takes_them():
     got = resolve(HostOptions(ssh_options=("IdentityFile=/flag",)), PROFILE)
     assert got.ssh_options == ("IdentityFile=/flag", "IdentityFile=/k")
 
+
+
+def test_includes_add_up_and_a_backend_is_checked(config):
+    config.parent.mkdir()
+    config.write_text('[hosts.gpu]\ninclude = ["~/m.cfg"]\nbackend = "stage"\n')
+    got = resolve(HostOptions(include=("/flag/x",)), load_profile("gpu"))
+    assert got.include == ("/flag/x", "~/m.cfg") and got.backend == "stage"
+    s = _settings("gpu", (), None, None, None, 0)
+    assert s.agent_args == ("--backend", "stage")
+    config.write_text('[hosts.gpu]\ninclude = "~/m.cfg"\n')
+    with pytest.raises(UsageError, match="include must be a list of strings"):
+        load_profile("gpu")
+    config.write_text('[hosts.gpu]\nbackend = "nfs"\n')
+    with pytest.raises(UsageError, match="choose one of auto, fuse, stage"):
+        _settings("gpu", (), None, None, None, 0)
 
 @pytest.fixture
 def config(tmp_path, monkeypatch):

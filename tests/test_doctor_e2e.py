@@ -25,7 +25,7 @@ def test_doctor_names_an_unusable_dev_fuse(testhost):
     mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
     try:
         os.chmod("/dev/fuse", 0o600)
-        r = doctor(testhost, "--remote-python", testhost.remote_python)
+        r = doctor(testhost, "--remote-python", testhost.remote_python, "--backend", "fuse")
     finally:
         os.chmod("/dev/fuse", 0o666 if mode & 0o006 != 0o006 else mode)
     assert r.returncode == 255

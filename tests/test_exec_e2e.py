@@ -678,7 +678,7 @@ def test_remote_without_usable_dev_fuse(testhost, client_root):
     mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
     try:
         os.chmod("/dev/fuse", 0o600)
-        r = run_exec(testhost, client_root, "true")
+        r = run_exec(testhost, client_root, "true", options=["--backend", "fuse"])
     finally:
         os.chmod("/dev/fuse", 0o666 if mode & 0o006 != 0o006 else mode)
     assert_one_line_error(r, 255, "/dev/fuse")

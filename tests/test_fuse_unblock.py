@@ -29,7 +29,7 @@ SCRIPT = r"""
 import errno, os, stat, subprocess, sys, time
 from pathlib import Path
 import pyfuse3, trio
-from topyaz_mount.agent.session import Mount
+from topyaz_mount.agent.fuse_backend import Mount
 
 class Ops(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):

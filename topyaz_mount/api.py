@@ -42,6 +42,9 @@ class RemoteHost:
     ssh_config: str | None = None
     remote_python: str | None = None  # None: the host's profile (from `setup`), else python3
     connection_timeout: float = 30.0
+    # How the job sees the root: "fuse", "stage" or "auto" (None: the host's profile,
+    # else auto: FUSE where a mount works, else the inputs are staged).
+    backend: str | None = None
 
     @classmethod
     def parse(cls, destination: str, **kwargs: Any) -> RemoteHost:
@@ -54,7 +57,10 @@ class RemoteHost:
             options += [f"IdentityFile={os.path.expanduser(self.ssh_key)}", "IdentitiesOnly=yes"]
         options.append(f"ConnectTimeout={max(1, int(self.connection_timeout))}")
         flags = HostOptions(
-            remote_python=self.remote_python, ssh_options=tuple(options), ssh_config=self.ssh_config
+            remote_python=self.remote_python,
+            ssh_options=tuple(options),
+            ssh_config=self.ssh_config,
+            backend=self.backend,
         )
         settings, _ = host_settings(Remote(self.host, self.user, self.port), flags)
         return settings
@@ -68,7 +74,7 @@ class CompletedRun:
     stdout: bytes
     stderr: bytes
     lost: list[str] = field(default_factory=list)
-    stats: dict[str, int | float] = field(default_factory=dict)
+    stats: dict[str, int | float | str] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
 
 
@@ -168,6 +174,11 @@ class AsyncRemote:
     @property
     def connected(self) -> bool:
         return not self._session.lost.is_set()
+
+    @property
+    def backend(self) -> str:
+        """How the remote shows the job the root: "fuse" or "stage"."""
+        return self._session.backend
 
 
 @asynccontextmanager

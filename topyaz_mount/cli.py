@@ -24,6 +24,7 @@ import click
 
 from . import __version__
 from .config import (
+    BACKENDS,
     HostOptions,
     config_path,
     host_settings,
@@ -110,6 +111,7 @@ def _stats_line(stats: dict) -> str:
         f"wire {_human(stats.get('wire_bytes_sent', 0))} up, "
         f"{_human(stats.get('wire_bytes_received', 0))} down; "
         f"{stats.get('wall_seconds', 0):.2f} s"
+        + (f"; {stats['backend']} backend" if stats.get("backend") else "")
     )
 
 
@@ -222,6 +224,19 @@ def _profile(remote: str | None, flags: HostOptions) -> HostOptions:
     return resolve(flags, load_profile(str(Remote.parse(remote))) if remote else None)
 
 
+def backend_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--backend``: how the remote shows the job the root (agent/backend.py)."""
+    return click.option(
+        "--backend",
+        type=click.Choice(BACKENDS),
+        default=None,
+        envvar="TOPYAZ_MOUNT_BACKEND",
+        help="fuse: mount the root; stage: copy the inputs over and the outputs back "
+        "(hosts without FUSE); auto: FUSE where a mount works (default: the host's "
+        "profile, else auto).",
+    )(fn)
+
+
 def _settings(
     remote: str | None,
     ssh_options: Sequence[str],
@@ -229,6 +244,7 @@ def _settings(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None = None,
 ) -> SshSettings:
     if not remote:
         raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
@@ -237,6 +253,7 @@ def _settings(
         ssh_options=tuple(ssh_options),
         ssh_config=ssh_config,
         cache_cap=cache_cap,
+        backend=backend,
     )
     settings, _ = host_settings(
         Remote.parse(remote), flags, agent_log_level="INFO" if verbose else "WARNING"
@@ -312,11 +329,20 @@ def main() -> None:
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @remote_options
+@backend_option
 @click.option(
     "--root",
     type=click.Path(file_okay=False),
     default=None,
     help="Local directory to mount on the remote (default: the current directory).",
+)
+@click.option(
+    "--include",
+    "includes",
+    multiple=True,
+    metavar="PATH",
+    help="Also an input, though no argument names it (a file or a directory; "
+    "repeatable). The stage backend copies over only the inputs it knows of.",
 )
 @click.option(
     "--session",
@@ -384,7 +410,9 @@ def exec_(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None,
     root: str | None,
+    includes: tuple[str, ...],
     session_name: str | None,
     env_pairs: tuple[str, ...],
     forward_stdin: bool,
@@ -405,7 +433,10 @@ def exec_(
     _setup_logging(verbose)
     try:
         opts = _profile(
-            remote, HostOptions(photo_cmd=photo_cmd, giga_cmd=giga_cmd, video_cmd=video_cmd)
+            remote,
+            HostOptions(
+                photo_cmd=photo_cmd, giga_cmd=giga_cmd, video_cmd=video_cmd, include=includes
+            ),
         )
         products = {
             "photo": shlex.split(opts.photo_cmd or ""),
@@ -423,13 +454,17 @@ def exec_(
 
             if root is not None:
                 raise UsageError("--root cannot be used with --session (the session has one)")
+            if backend is not None:
+                raise UsageError("--backend belongs to `mount`: a session has one backend")
             if policy != PolicyOptions():
                 raise UsageError(
                     "--protect, --hide, --allow-write, --read-only and --allow-home belong to "
                     "`mount`: a session's commands share its policy"
                 )
             control.check_name(session_name)
-            req = control.Exec(argv, cwd, env, forward_stdin, list(literal))
+            req = control.Exec(
+                argv, cwd, env, forward_stdin, list(literal), includes=_absolute(includes)
+            )
             done = trio.run(session_client.run_in_session, session_name, req, _say)
             result: RunResult | None = RunResult(
                 done.code, list(done.lost), [], dict(done.stats), list(done.refused)
@@ -438,7 +473,9 @@ def exec_(
             rules = Policy.from_options(policy)
             root_dir = str(checked_root(root or cwd, policy.allow_home))
             _precheck(argv, root_dir, cwd, env, literal)
-            settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            settings = _settings(
+                remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+            )
             # Connect first; the rest of the client is imported while ssh connects.
             spawned = spawn_ssh(settings)
             try:
@@ -459,10 +496,15 @@ def exec_(
                 literal,
                 spawned,
                 rules,
+                _absolute(opts.include or ()),
             )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
     _finish(result, stats_format)
+
+
+def _absolute(paths: Sequence[str]) -> list[str]:
+    return [os.path.abspath(os.path.expanduser(p)) for p in paths]
 
 
 def _say(text: str) -> None:
@@ -649,6 +691,7 @@ def _report_recovered(done: Any) -> int:
 
 @main.command("doctor")
 @remote_options
+@backend_option
 def doctor(
     remote: str | None,
     ssh_options: tuple[str, ...],
@@ -656,13 +699,16 @@ def doctor(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None,
 ) -> None:
     """Check that the remote host can serve topyaz-mount, and say what is missing."""
     from .hostsetup import probe
 
     _setup_logging(verbose)
     try:
-        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        settings = _settings(
+            remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+        )
         facts = probe(settings)
     except BaseException as e:  # noqa: BLE001
         sys.exit(_report(e, verbose))
@@ -730,7 +776,6 @@ def setup(
         if result.ready and not check_only:
             updates = HostOptions(
                 remote_python=result.venv_python,
-                backend="fuse",
                 ssh_options=tuple(ssh_options) or None,
                 ssh_config=os.path.abspath(ssh_config) if ssh_config else None,
                 cache_cap=cache_cap,
@@ -756,6 +801,7 @@ def _mount_child_argv(
     name: str,
     ready_fd: int,
     policy: PolicyOptions,
+    backend: str | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "topyaz_mount", "mount", "--remote", remote]
     for opt in ssh_options:
@@ -766,6 +812,8 @@ def _mount_child_argv(
         argv += ["--remote-python", remote_python]
     if cache_cap:
         argv += ["--cache-cap", cache_cap]
+    if backend:
+        argv += ["--backend", backend]
     argv += ["-v"] * verbose + _policy_argv(policy)
     return argv + ["--root", root, "--name", name, "--ready-fd", str(ready_fd)]
 
@@ -809,6 +857,7 @@ def _print_ready(info: dict) -> None:
 
 @main.command("mount")
 @remote_options
+@backend_option
 @click.option(
     "--root",
     type=click.Path(file_okay=False),
@@ -826,6 +875,7 @@ def mount(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None,
     root: str | None,
     name: str | None,
     detach: bool,
@@ -859,7 +909,9 @@ def mount(
         rules = Policy.from_options(policy)
         root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
         session = control.check_name(name or mountd.default_name(Path(root_dir)))
-        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        settings = _settings(
+            remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+        )
         if detach:
             if trio.run(control.alive, session):
                 raise UsageError(
@@ -877,6 +929,7 @@ def mount(
                 session,
                 w,
                 policy,
+                backend,
             )
             log_path = str(control.runtime_dir() / f"{session}.log")
             info = _detach(child, r, w, log_path)
@@ -885,9 +938,16 @@ def mount(
             _print_ready(info)
             click.echo(f"  log:           {log_path}")
             return
+        includes = _absolute(_profile(remote, HostOptions()).include or ())
         server, lost = trio.run(
             lambda: mountd.serve(
-                settings, root_dir, session, on_ready=report_ready, say=_say, policy=rules
+                settings,
+                root_dir,
+                session,
+                on_ready=report_ready,
+                say=_say,
+                policy=rules,
+                includes=includes,
             )
         )
     except BaseException as e:  # noqa: BLE001
@@ -967,6 +1027,8 @@ def status(name: str | None, as_json: bool) -> None:
     for s in sessions:
         moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
         place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
+        if s.get("backend"):
+            place += f" ({s['backend']})"
         click.echo(
             f"{place}\n"
             f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "

@@ -63,7 +63,7 @@ class RunResult:
     exit_code: int
     lost: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    stats: dict[str, int | float] = field(default_factory=dict)
+    stats: dict[str, int | float | str] = field(default_factory=dict)
     # One line per path the write policy refused the job (what was tried, and why).
     refused: list[str] = field(default_factory=list)
 
@@ -75,6 +75,7 @@ class Job:
         self.session = session
         self.id = job_id
         self.sinks: dict[int, Sink] = {}
+        self.includes: list[str] = []  # local paths its manifest adds (--include)
         self.exited: proto.Exited | None = None
         self.started = trio.Event()  # the agent knows the job: messages may go out
         self.done = trio.Event()
@@ -123,6 +124,10 @@ class Session:
         self.closed: proto.Closed | None = None
         self.silent_for: float | None = None  # the agent said nothing for this long
         self.watch = False  # the caller pushes local changes (long-lived sessions)
+        self.backend = ""  # how the agent shows the job the root (from Welcome)
+        # Local paths every command's manifest adds (``--include``): inputs its
+        # arguments do not name, which the stage backend must copy over all the same.
+        self.includes: list[str] = []
         # The next command's manifest, computed while the connection is made.
         self._premanifest: tuple[tuple[tuple[str, ...], str], trio.Event, list] | None = None
         self._hashed_base: int | None = None  # the index's counter before that hashing
@@ -180,11 +185,16 @@ class Session:
             raise await self._startup_failure() from None
         self.pathmap = PathMap(str(self.root), welcome.mountpoint)
         self.agent_pid = welcome.agent_pid
+        self.backend = welcome.backend or "fuse"
+        if welcome.backend_note:
+            log.info("%s", welcome.backend_note)
         if liveness.CAPABILITY in welcome.capabilities:
             self.nursery.start_soon(
                 liveness.watch, self.peer, self.settings.keepalive, self._agent_silent
             )
-        log.info("session %s mounted at %s", self.session_id, welcome.mountpoint)
+        log.info(
+            "session %s: the root is at %s (%s)", self.session_id, welcome.mountpoint, self.backend
+        )
 
     async def _agent_silent(self, seconds: float) -> None:
         """No byte from the agent for ``seconds``: the link is dead or stalled; ending
@@ -307,11 +317,13 @@ class Session:
         literal: Sequence[str] = (),
         tty: tuple[int, int] | None = None,
         job: Job | None = None,
+        includes: Sequence[str] = (),
     ) -> RunResult:
         """Run one command through the mount; returns after its outputs are committed.
 
         ``stdin_open``: the caller feeds stdin itself through ``job.send_stdin``.
         ``tty``: run on a pseudo-terminal of (rows, cols), as ``ssh -t`` does.
+        ``includes``: local paths this command reads that its arguments do not name.
         """
         assert self.peer is not None
         remote_argv, remote_cwd, remote_env = self.translate(
@@ -319,6 +331,7 @@ class Session:
         )
         job = job or self.new_job()
         job.sinks = {1: stdout, 2: stderr}
+        job.includes = [os.path.abspath(p) for p in includes]
         self._jobs[job.id] = job
         try:
             return await self._run_job(
@@ -362,7 +375,7 @@ class Session:
             hashed_before, self._hashed_base = self._hashed_base, None
         started_at = trio.current_time()
         if tty is None:
-            await self._send_manifest(job.id, argv, os.path.abspath(cwd or str(self.root)))
+            await self._send_manifest(job, argv, os.path.abspath(cwd or str(self.root)))
         want_stdin = stdin is not None or stdin_open
         run = proto.Run(
             job.id, remote_argv, remote_cwd, remote_env, want_stdin, list(tty) if tty else None
@@ -394,7 +407,7 @@ class Session:
             raise await self._loss_error()
         if timed_out:
             raise JobTimeout(f"the command ran past its {timeout:g} s limit and was killed")
-        stats: dict[str, int | float] = dict(exited.stats)
+        stats: dict[str, int | float | str] = dict(exited.stats)
         stats.update(
             content_bytes_sent=self.server.stats.bytes_read - sent_before,
             content_bytes_received=self.server.stats.bytes_committed - committed_before,
@@ -403,6 +416,7 @@ class Session:
             wire_bytes_received=self.peer.bytes_received - wire_before[1],
             hashed_bytes=self.server.index.hashed_bytes - hashed_before,
             wall_seconds=round(trio.current_time() - started_at, 3),
+            backend=self.backend,
         )
         stats.pop("content_bytes_committed", None)
         # The client's own refusals during the job, and those the agent made at open.
@@ -432,22 +446,26 @@ class Session:
         self._hashed_base = self.server.index.hashed_bytes
         self.nursery.start_soon(compute)
 
-    async def _manifest_entries(self, argv: Sequence[str], cwd: str) -> list[proto.ManifestEntry]:
+    async def _manifest_entries(
+        self, argv: Sequence[str], cwd: str, includes: Sequence[str] = ()
+    ) -> list[proto.ManifestEntry]:
         # Only which paths are inputs matters here; the remote side of the map does not.
-        paths = input_files(argv, PathMap(str(self.root), "/"), cwd)
+        named = [*argv, *self.includes, *includes]
+        paths = input_files(named, PathMap(str(self.root), "/"), cwd)
         if not paths:
             return []
         return await trio.to_thread.run_sync(self.server.manifest, paths, MANIFEST_HASH_BUDGET)
 
-    async def _send_manifest(self, job_id: int, argv: Sequence[str], cwd: str) -> None:
+    async def _send_manifest(self, job: Job, argv: Sequence[str], cwd: str) -> None:
         """Tell the agent which inputs are coming so it can fetch what it lacks now."""
         assert self.peer is not None
+        job_id = job.id
         pre, self._premanifest = self._premanifest, None
-        if pre is not None and pre[0] == (tuple(argv), cwd):
+        if pre is not None and pre[0] == (tuple(argv), cwd) and not job.includes:
             await pre[1].wait()
             entries = pre[2][0] if pre[2] else await self._manifest_entries(argv, cwd)
         else:
-            entries = await self._manifest_entries(argv, cwd)
+            entries = await self._manifest_entries(argv, cwd, job.includes)
         if not entries:
             return
         try:
@@ -522,6 +540,7 @@ async def open_session(
     spawned: subprocess.Popen | None = None,
     first_command: tuple[Sequence[str], str] | None = None,
     policy: Policy | None = None,
+    includes: Sequence[str] = (),
 ) -> AsyncIterator[Session]:
     """Connect, mount ``root`` on the remote, and yield the session; always cleans up.
 
@@ -530,7 +549,8 @@ async def open_session(
     (``transport.spawn_ssh``), so the connection was made while Python imported.
     ``first_command``: (argv, cwd) of the command to run first, whose inputs are
     hashed for its manifest while the connection is made. ``policy``: what the remote
-    may write and see (default: the default rules); a root it refuses is a UsageError."""
+    may write and see (default: the default rules); a root it refuses is a UsageError.
+    ``includes``: local paths every command's manifest adds (``--include``)."""
     try:
         policy = policy or Policy.from_options(PolicyOptions())
         root_path = checked_root(root, policy.options.allow_home)
@@ -550,6 +570,7 @@ async def open_session(
                 nursery.start_soon(ssh.pump_stderr)
                 session = Session(settings, server, ssh, nursery)
                 session.watch = watch
+                session.includes = [os.path.abspath(p) for p in includes]
                 if first_command is not None:
                     session.prepare_manifest(*first_command)
                 try:

@@ -4,10 +4,11 @@
 
     [hosts."gpu-box"]
     remote_python = "/home/me/.local/share/topyaz-mount/venv-0.1.0/bin/python"
-    backend = "fuse"
+    backend = "auto"
     photo_cmd = "topyaz photo"
     ssh_options = ["IdentityFile=~/.ssh/gpu"]
     cache_cap = "20G"
+    include = ["~/models/shared.cfg"]   # inputs the stage backend copies for every command
 
 Precedence is one rule, in ``resolve``: a flag (or its environment variable) beats the
 profile, the profile beats the built-in default. The file is the user's too: writing a
@@ -38,6 +39,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 CONFIG_ENV = "TOPYAZ_MOUNT_CONFIG"
+# How the agent shows the job the root (agent/backend.py): FUSE where a mount works.
+BACKENDS = ("auto", "fuse", "stage")
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,22 @@ class HostOptions:
     ssh_options: tuple[str, ...] | None = None
     ssh_config: str | None = None
     cache_cap: str | None = None
+    # Local paths every command reads that no argument names (``--include``).
+    include: tuple[str, ...] | None = None
 
 
 DEFAULTS = HostOptions(
     remote_python="python3",
-    backend="fuse",
+    backend="auto",
     photo_cmd=shlex.join(DEFAULT_PRODUCTS["photo"]),
     giga_cmd=shlex.join(DEFAULT_PRODUCTS["giga"]),
     video_cmd=shlex.join(DEFAULT_PRODUCTS["video"]),
     ssh_options=(),
+    include=(),
 )
 
-_STRING_KEYS = {f.name for f in fields(HostOptions)} - {"ssh_options"}
+_LIST_KEYS = {"ssh_options", "include"}
+_STRING_KEYS = {f.name for f in fields(HostOptions)} - _LIST_KEYS
 
 
 def config_path() -> Path:
@@ -79,15 +86,19 @@ def config_path() -> Path:
 def resolve(flags: HostOptions, profile: HostOptions | None) -> HostOptions:
     """Flags over the profile over the defaults, key by key.
 
-    ssh options are the one list: the flags' come first and ssh takes the first value
-    it sees of an option, so a flag still wins over the profile's value of the same one.
+    The lists add up: the flags' come first (ssh takes the first value it sees of an
+    option, so a flag still wins over the profile's value of the same one), then the
+    profile's.
     """
     merged: dict[str, Any] = {}
     for f in fields(HostOptions):
         name = f.name
         layers = [flags, profile or HostOptions(), DEFAULTS]
-        if name == "ssh_options":
-            merged[name] = (*(flags.ssh_options or ()), *((profile and profile.ssh_options) or ()))
+        if name in _LIST_KEYS:
+            merged[name] = (
+                *(getattr(flags, name) or ()),
+                *((profile and getattr(profile, name)) or ()),
+            )
             continue
         merged[name] = next(
             (getattr(x, name) for x in layers if getattr(x, name) is not None), None
@@ -114,11 +125,15 @@ def host_settings(
 ) -> tuple[SshSettings, HostOptions]:
     """How to reach ``remote``: the one place flags meet the host's profile."""
     opts = resolve(flags, load_profile(str(remote)))
-    if opts.backend != "fuse":
-        raise UsageError(f"backend {opts.backend!r} for {remote}: this client knows only 'fuse'")
+    if opts.backend not in BACKENDS:
+        raise UsageError(
+            f"backend {opts.backend!r} for {remote}: choose one of {', '.join(BACKENDS)}"
+        )
     agent_args: tuple[str, ...] = ()
+    if opts.backend != "auto":  # the agent's default
+        agent_args = ("--backend", opts.backend)
     if opts.cache_cap is not None:
-        agent_args = ("--cache-cap", str(parse_size(opts.cache_cap)))
+        agent_args += ("--cache-cap", str(parse_size(opts.cache_cap)))
     settings = SshSettings(
         remote,
         opts.ssh_options or (),
@@ -133,9 +148,9 @@ def host_settings(
 def _parse_profile(name: str, table: Mapping[str, Any], path: Path) -> HostOptions:
     values: dict[str, Any] = {}
     for key, value in table.items():
-        if key == "ssh_options":
+        if key in _LIST_KEYS:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise UsageError(f"{path}: hosts.{name}.ssh_options must be a list of strings")
+                raise UsageError(f"{path}: hosts.{name}.{key} must be a list of strings")
             values[key] = tuple(value)
         elif key in _STRING_KEYS:
             if isinstance(value, int) and key == "cache_cap":

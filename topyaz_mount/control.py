@@ -47,6 +47,7 @@ class Exec(_Msg):
     stdin: bool = False
     literal: list[str] = []
     tty: list[int] | None = None
+    includes: list[str] = []  # absolute local paths the manifest adds (--include)
 
 
 class StdinData(_Msg):
@@ -91,7 +92,7 @@ class Note(_Msg):
 class Finished(_Msg):
     code: int
     lost: list[str] = []
-    stats: dict[str, float] = {}
+    stats: dict[str, float | str] = {}
     refused: list[str] = []  # the write policy's summary lines (see policy.summarize)
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,7 @@ class MountServer:
             "host": str(self.settings.remote),
             "root": str(s.root),
             "mountpoint": s.mountpoint,
+            "backend": s.backend,
             "pid": os.getpid(),
             "agent_pid": s.agent_pid,
             "started": round(self.started, 3),
@@ -239,6 +240,7 @@ class MountServer:
                     stderr=lambda data: send(control.Output(2, data)),
                     stdin_open=req.stdin,
                     literal=req.literal,
+                    includes=req.includes,
                     tty=(req.tty[0], req.tty[1]) if req.tty and len(req.tty) == 2 else None,
                     job=job,
                 )
@@ -303,8 +305,10 @@ async def serve(
     say: Callable[[str], None],
     handle_signals: bool = True,
     policy: Policy | None = None,
+    includes: Sequence[str] = (),
 ) -> tuple[MountServer, bool]:
-    """Run session ``name`` until it is unmounted; returns it and whether it was lost."""
+    """Run session ``name`` until it is unmounted; returns it and whether it was lost.
+    ``includes``: local paths every command's manifest adds (the profile's)."""
     path = control.socket_path(name)
     if await control.alive(name):
         raise control.ControlError(
@@ -314,7 +318,9 @@ async def serve(
         path.unlink()  # a stale socket of a session that died
     except FileNotFoundError:
         pass
-    async with open_session(settings, root, watch=True, policy=policy) as session:
+    async with open_session(
+        settings, root, watch=True, policy=policy, includes=includes
+    ) as session:
         listener = await control.listen(path)
         try:
             server = MountServer(session, settings, name)

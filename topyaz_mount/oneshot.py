@@ -49,11 +49,17 @@ async def exec_async(
     literal: Sequence[str],
     spawned: subprocess.Popen | None = None,
     policy: Policy | None = None,
+    includes: Sequence[str] = (),
 ) -> RunResult | None:
     """Run ``argv`` through a new session; None if aborted by a third Ctrl-C."""
     with trio.CancelScope() as abort:
         async with open_session(
-            settings, root, spawned=spawned, first_command=(argv, cwd), policy=policy
+            settings,
+            root,
+            spawned=spawned,
+            first_command=(argv, cwd),
+            policy=policy,
+            includes=includes,
         ) as session:
             stdin = trio.lowlevel.FdStream(os.dup(0)) if forward_stdin else None
             async with trio.open_nursery() as nursery:

@@ -260,11 +260,16 @@ class Committed(_Msg):
 
 
 class Welcome(_Msg):
+    """``backend``: how the job sees the root ("fuse" or "stage"); ``backend_note``:
+    why ``auto`` did not mount (empty when it did)."""
+
     version: int
     session_id: str
     mountpoint: str
     agent_pid: int
     capabilities: list[str] = []
+    backend: str = ""
+    backend_note: str = ""
 
 
 class Started(_Msg):
@@ -302,6 +307,7 @@ class StatusReply(_Msg):
     jobs: int
     pending_outputs: int
     pending_bytes: int
+    backend: str = ""
 
 
 # --- notifications (no reply) ---------------------------------------------------------

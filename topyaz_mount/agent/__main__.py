@@ -19,6 +19,7 @@ import trio
 from .. import liveness, proto
 from ..pipes import widen
 from . import kept
+from .backend import CHOICES
 from .session import AgentSession
 from .store import ContentStore
 
@@ -64,14 +65,17 @@ def _kept_command(base_dir: Path, clear: bool, session: str | None) -> int:
 SKEW_MARK = "topyaz-mount version skew:"
 
 
-def _doctor(base_dir: Path, client_version: str | None) -> int:
-    """``topyaz-mount doctor``'s remote half: each check, ok or what is wrong."""
+def _doctor(base_dir: Path, client_version: str | None, backend: str) -> int:
+    """``topyaz-mount doctor``'s remote half: each check, ok or what is wrong.
+
+    FUSE (and pyfuse3) fail the check only where ``backend`` insists on FUSE: ``auto``
+    stages the files on a host without it, and says so."""
     import importlib
     import shutil
     import sys as _sys
 
     from .. import __version__
-    from .session import fuse_problem
+    from .backend import fuse_unusable_reason as fuse_problem
 
     checks: list[dict[str, object]] = [
         {"check": "python", "ok": _sys.version_info >= (3, 10), "detail": _sys.version.split()[0]},
@@ -93,9 +97,18 @@ def _doctor(base_dir: Path, client_version: str | None) -> int:
                 }
             )
         except ImportError as e:
-            checks.append({"check": module, "ok": False, "detail": f"missing ({e})"})
-    problem = fuse_problem()
-    checks.append({"check": "fuse", "ok": problem is None, "detail": problem or "usable"})
+            needed = module != "pyfuse3" or backend == "fuse"
+            checks.append({"check": module, "ok": not needed, "detail": f"missing ({e})"})
+    problem = fuse_problem() if backend != "stage" else None
+    if backend == "stage":
+        checks.append({"check": "fuse", "ok": True, "detail": "not used (--backend stage)"})
+    elif problem is None:
+        checks.append({"check": "fuse", "ok": True, "detail": "usable"})
+    else:
+        detail = problem if backend == "fuse" else f"{problem}; auto stages files instead"
+        checks.append({"check": "fuse", "ok": backend != "fuse", "detail": detail})
+    used = "fuse" if backend == "fuse" or (backend == "auto" and problem is None) else "stage"
+    checks.append({"check": "backend", "ok": True, "detail": f"{used} (asked for: {backend})"})
     try:
         base_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(base_dir).free
@@ -125,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doctor", action="store_true", help="print checks as JSON, exit")
     parser.add_argument("--client-version", default=None, help="refuse to serve another")
     parser.add_argument(
+        "--backend",
+        choices=CHOICES,
+        default="auto",
+        help="how the job sees the root: a FUSE mount, a staged tree, or FUSE where it works",
+    )
+    parser.add_argument(
         "--keepalive",
         type=liveness.Timing.parse,
         default=liveness.Timing(),
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     base_dir = args.base_dir or default_base_dir()
     if args.doctor:
-        return _doctor(base_dir, args.client_version)
+        return _doctor(base_dir, args.client_version, args.backend)
     from .. import __version__
 
     if args.client_version not in (None, __version__):
@@ -157,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     os.close(devnull)
     try:
-        session = AgentSession(base_dir, args.cache_cap, args.keepalive)
+        session = AgentSession(base_dir, args.cache_cap, args.keepalive, args.backend)
         trio.run(_serve, session, channel_in, channel_out)
     except KeyboardInterrupt:
         return 130

@@ -45,6 +45,8 @@ class Job:
         env: dict[str, str],
         stdin: bool,
         tty: tuple[int, int] | None = None,
+        *,
+        plain_cwd: bool = False,
     ) -> None:
         if not argv:
             raise OSError(errno.EINVAL, "empty command")
@@ -53,6 +55,7 @@ class Job:
         self.env = {**os.environ, **env}
         self.want_stdin = stdin
         self.tty = tty
+        self.plain_cwd = plain_cwd  # cwd is not on a FUSE mount: chdir while forking
         self.master: trio.lowlevel.FdStream | None = None
         self.process: trio.Process | None = None
 
@@ -70,17 +73,26 @@ class Job:
         # trio forks in a worker thread that idles out after ~10 s, which would kill
         # every longer command. A dead agent's commands are ended by the next agent
         # (collect_dead_sessions reads the session's ``jobs`` file).
-        argv = ["env", "-C", self.cwd, "--", *self.argv]
+        # Off a mount (the stage backend) that hazard does not exist, and the fork does
+        # the chdir itself: `env -C` is GNU's, and macOS has not got it.
+        direct = self.plain_cwd and self.tty is None
+        argv = self.argv if direct else ["env", "-C", self.cwd, "--", *self.argv]
         if self.tty is not None:
             return await self._start_on_pty(argv, *self.tty)
-        self.process = await trio.lowlevel.open_process(
-            argv,
-            env=self.env,
-            stdin=subprocess.PIPE if self.want_stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        try:
+            self.process = await trio.lowlevel.open_process(
+                argv,
+                cwd=self.cwd if direct else None,
+                env=self.env,
+                stdin=subprocess.PIPE if self.want_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError:  # as `env` would say it
+            if direct and not os.path.isdir(self.cwd):
+                raise OSError(errno.ENOENT, f"{self.cwd}: no such directory") from None
+            raise OSError(errno.ENOENT, f"{self.argv[0]}: command not found") from None
         return self.process.pid
 
     async def _start_on_pty(self, argv: list[str], rows: int, cols: int) -> int:

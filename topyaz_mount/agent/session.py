@@ -1,10 +1,11 @@
-"""One agent session: session dir, mount, jobs, and a teardown that always runs.
+"""One agent session: session dir, backend, jobs, and a teardown that always runs.
 
-Order of life: ``Hello`` checks FUSE, clears dead sessions, makes the session dir
-(0700) and mounts; each ``Run`` starts a job (several may run at once, each known by
+Order of life: ``Hello`` clears dead sessions, makes the session dir (0700) and opens
+the backend that shows the job the root (``backend.py``: a FUSE mount or a staged
+tree); each ``Run`` starts a job (several may run at once, each known by
 the client's job id); when a job ends, every output it wrote is committed before its
-``Exited`` goes out; ``Bye`` (or a lost connection) unmounts and removes the session
-dir. The teardown is idempotent and runs on every path out, shielded from
+``Exited`` goes out; ``Bye`` (or a lost connection) stops the backend and removes
+the session dir. The teardown is idempotent and runs on every path out, shielded from
 cancellation, so no mount or session dir is left behind.
 """
 
@@ -29,6 +30,7 @@ from .. import liveness, proto
 from ..policy import Policy
 from ..rpc import Peer
 from . import kept
+from .backend import Backend, BackendContext, open_backend
 from .job import Job
 from .kept import KeptSession
 from .link import ClientLink
@@ -44,31 +46,10 @@ PREFETCH_WINDOW = 2 << 30
 MAX_JOBS = 64
 
 
-def fuse_problem() -> str | None:
-    """Why this host cannot mount a FUSE filesystem as this user, or None."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist (load the fuse module or allow the device)"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return (
-            f"/dev/fuse is not readable and writable by user {_user()} "
-            f"(fix with: chmod 0666 /dev/fuse)"
-        )
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (install the fuse3 package)"
-    return None
-
-
-def _user() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (KeyError, ImportError):
-        return str(os.getuid())
-
-
 def mounted_fuse_points() -> set[str]:
-    points = set()
+    points: set[str] = set()
+    if not os.path.exists("/proc/mounts"):  # not Linux: no FUSE mounts of ours
+        return points
     with open("/proc/mounts", "rb") as f:
         for line in f:
             fields = line.split()
@@ -169,73 +150,16 @@ def _kill_orphaned_jobs(jobs_file: Path) -> None:
             pass
 
 
-# pyfuse3 waits until /dev/fuse is readable, then reads it with a *blocking* read on
-# the trio thread, holding the GIL. A request withdrawn in between (its process got a
-# fatal signal before we read it, or an INTERRUPT dropped because we answered the
-# request it interrupts, both of which the teardown's kill of the job provokes) leaves
-# nothing to read: the whole agent then sleeps in that read until the next request,
-# and after a link cut, with the job gone, none comes (seen: 2 runs in 11 kept their
-# mount, session dir and a zombie job). A timer signal interrupts that read: EINTR,
-# which libfuse reports and pyfuse3 answers by waiting for readability again.
-UNBLOCK_EVERY = 1.0
-
-
-def _interrupt_only(signum: int, frame: Any) -> None:
-    """SIGALRM's handler: its only job is to make the blocking read return EINTR."""
-
-
-class Mount:
-    """The pyfuse3 main loop as a task, with an unmount that is safe to repeat."""
-
-    def __init__(self, ops: Any, mountpoint: Path) -> None:
-        self.ops = ops
-        self.mountpoint = mountpoint
-        self.mounted = False
-        self.loop_done = trio.Event()
-
-    def mount(self) -> None:
-        import pyfuse3
-
-        options = set(pyfuse3.default_options)
-        options |= {"fsname=topyaz-mount", "subtype=topyaz-mount", "auto_unmount"}
-        try:
-            pyfuse3.init(self.ops, str(self.mountpoint), options)
-        except RuntimeError as e:
-            raise OSError(errno.EIO, f"mounting {self.mountpoint} failed: {e}") from None
-        self.mounted = True
-
-    async def serve(self) -> None:
-        import pyfuse3
-
-        signal.signal(signal.SIGALRM, _interrupt_only)
-        signal.siginterrupt(signal.SIGALRM, True)
-        signal.setitimer(signal.ITIMER_REAL, UNBLOCK_EVERY, UNBLOCK_EVERY)
-        try:
-            await pyfuse3.main(min_tasks=4, max_tasks=128)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            self.loop_done.set()
-
-    async def unmount(self) -> None:
-        import pyfuse3
-
-        if not self.mounted:
-            return
-        self.mounted = False
-        pyfuse3.terminate()
-        with trio.move_on_after(10):
-            await self.loop_done.wait()
-        pyfuse3.close(unmount=True)
-
-
 class AgentSession:
     def __init__(
         self,
         base_dir: Path,
         cache_cap: int | None = None,
         keepalive: liveness.Timing | None = None,
+        backend: str = "auto",
     ) -> None:
         self.base_dir = base_dir
+        self.backend_choice = backend
         self.cache_cap = cache_cap
         self.keepalive = keepalive or liveness.Timing()
         self.client_root = ""
@@ -244,12 +168,12 @@ class AgentSession:
         self.dir: Path | None = None
         self.mountpoint: Path | None = None
         self.lock_fd = -1
-        self.mount: Mount | None = None
+        self.backend: Backend | None = None
+        self.backend_note = ""  # why ``auto`` chose to stage, for the client's -v
         self.jobs: dict[int, Job] = {}
         self._baselines: dict[int, dict[str, int]] = {}
         self.cache: ReadCache | None = None
         self.spool: Spool | None = None
-        self.ops: Any = None
         self.finished = trio.Event()
         self.torn_down = False
         self.connection_lost = False
@@ -314,8 +238,8 @@ class AgentSession:
         if isinstance(msg, proto.Hashed) and self.cache is not None:
             self.nursery.start_soon(self.cache.on_hashed, msg.handle, msg.blake3)
             return
-        if isinstance(msg, proto.Invalidate) and self.ops is not None:
-            self.nursery.start_soon(self.ops.invalidate, msg.paths)
+        if isinstance(msg, proto.Invalidate) and self.backend is not None:
+            self.nursery.start_soon(self.backend.invalidate, msg.paths)
             return
         job = self.jobs.get(getattr(msg, "job", -1))
         if job is None:
@@ -340,9 +264,6 @@ class AgentSession:
             raise OSError(errno.EALREADY, "session already set up")
         if not _SESSION_ID.match(req.session_id):
             raise OSError(errno.EINVAL, "bad session id")
-        problem = fuse_problem()
-        if problem:
-            raise OSError(errno.ENODEV, f"FUSE is not usable on this host: {problem}")
         for sid in collect_dead_sessions(self.sessions_dir):
             log.info("removed dead session %s", sid)
         self._make_session_dir(req.session_id)
@@ -352,15 +273,18 @@ class AgentSession:
             self.nursery.start_soon(liveness.watch, self.peer, self.keepalive, self._client_silent)
         # A client that watches its root pushes every change (Invalidate), so the
         # kernel may keep entries and attributes long; without one, 5 s bounds staleness.
-        self._build_filesystem(30.0 if "watch" in req.capabilities else 5.0)
+        policy = None
         if req.policy is not None:
-            assert self.ops is not None
-            self.ops.policy = Policy(req.policy.protect, req.policy.hide, req.policy.read_only)
-        self.mount = Mount(self.ops, self.mountpoint)
-        self.mount.mount()
-        self.nursery.start_soon(self.mount.serve)
+            policy = Policy(req.policy.protect, req.policy.hide, req.policy.read_only)
+        self._build_filesystem(30.0 if "watch" in req.capabilities else 5.0, policy)
         return proto.Welcome(
-            proto.PROTOCOL_VERSION, req.session_id, str(self.mountpoint), os.getpid(), CAPABILITIES
+            proto.PROTOCOL_VERSION,
+            req.session_id,
+            str(self.mountpoint),
+            os.getpid(),
+            CAPABILITIES,
+            self.backend.name if self.backend else "",
+            self.backend_note,
         )
 
     def _make_session_dir(self, session_id: str) -> None:
@@ -378,20 +302,27 @@ class AgentSession:
             (path / sub).mkdir(mode=0o700)
         self.mountpoint = path / "root"
 
-    def _build_filesystem(self, cache_timeout: float) -> None:
-        from .fs import MountOps
-
-        assert self.dir is not None
+    def _build_filesystem(self, cache_timeout: float, policy: Policy | None) -> None:
+        assert self.dir is not None and self.mountpoint is not None
         self.store = ContentStore(self.base_dir, self.cache_cap)
         self.store.clear_stale_temps()
         self.cache = ReadCache(self.store, self.link, self.nursery)
         kept = KeptSession(self.base_dir, self.dir.name, self.client_root)
         self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
         self.spool.on_committed = self.cache.keep_output
-        self.ops = MountOps(
-            self.link, self.cache, self.spool, timeout=cache_timeout, mountpoint=self.mountpoint
+        ctx = BackendContext(
+            self.link,
+            self.cache,
+            self.spool,
+            self.nursery,
+            self.dir,
+            self.mountpoint,
+            cache_timeout,
+            policy,
+            self.job_of_pid,
+            lambda: list(self.jobs),
         )
-        self.ops.owner_of = self.job_of_pid
+        self.backend, self.backend_note = open_backend(self.backend_choice, ctx)
 
     def job_of_pid(self, pid: int) -> int | None:
         """The job a process belongs to: the nearest ancestor that is a job's leader.
@@ -413,6 +344,8 @@ class AgentSession:
         if req.job not in self.jobs:  # the command's counters start here, with its prefetch
             self._baselines[req.job] = self.transfer_stats()
         self.cache.remember_manifest(req.entries)
+        if self.backend is not None:
+            self.backend.inputs(req.job, req.entries)
         missing = [
             i
             for i, e in enumerate(req.entries)
@@ -451,11 +384,15 @@ class AgentSession:
             except OSError:
                 pass
         return proto.StatusReply(
-            self.transfer_stats(), len(self.jobs), len(pending) + in_flight, size
+            self.transfer_stats(),
+            len(self.jobs),
+            len(pending) + in_flight,
+            size,
+            self.backend.name if self.backend else "",
         )
 
     async def _run(self, req: proto.Run) -> proto.Started:
-        if self.mount is None or not self.mount.mounted or self.torn_down:
+        if self.backend is None or not self.backend.ready or self.torn_down:
             raise OSError(errno.ENOTCONN, "no mount: send Hello first")
         if req.job in self.jobs:
             raise OSError(errno.EEXIST, f"job {req.job} is running already")
@@ -465,7 +402,12 @@ class AgentSession:
         argv = list(req.argv)
         if tty is not None and not argv:  # `topyaz-mount shell`: the user's login shell
             argv = [_login_shell(), "-l"]
-        job = Job(argv, req.cwd, dict(req.env), req.stdin, tty)
+        job = Job(
+            argv, req.cwd, dict(req.env), req.stdin, tty, plain_cwd=self.backend.plain_directory
+        )
+        await self.backend.prepare(req.job, req)
+        if self.torn_down:
+            raise OSError(errno.ENOTCONN, "the session ended while the inputs were staged")
         pid = await job.start()
         self.jobs[req.job] = job
         assert self.dir is not None
@@ -488,37 +430,20 @@ class AgentSession:
         try:
             code = await job.run(sink)
             alone = len(self.jobs) == 1
-            await self._settle_outputs(jid, alone)
-            assert self.spool is not None
+            assert self.spool is not None and self.backend is not None
+            await self.backend.settle(jid, alone)
             lost, notes = self.spool.take_reports(jid, everyone=alone)
             for note in notes:
                 await self.link.notify(proto.Log("warning", note, jid))
             after = self.transfer_stats()
             stats = {k: v - before.get(k, 0) for k, v in after.items()}
             self.jobs.pop(jid, None)
-            refused = self.ops.take_refused(jid, everyone=alone) if self.ops else []
+            refused = self.backend.take_refused(jid, everyone=alone)
             await self.link.notify(proto.Exited(jid, code, lost, stats, refused))
         except OSError as e:
             log.warning("could not report the end of job %d: %s", jid, e)
         finally:
             self.jobs.pop(jid, None)
-
-    async def _settle_outputs(self, jid: int, alone: bool) -> None:
-        """Wait for the kernel to release the job's files, then for their commits.
-
-        A job that ran alone settles every output (even one written by a process
-        that escaped its ancestry); with others running, only the files its own
-        processes opened, so it neither waits for nor commits half of theirs.
-        """
-        assert self.ops is not None and self.spool is not None
-        with trio.move_on_after(10):
-            await self.ops.stats.wait_writers_gone(jid, everyone=alone)
-        for sf in self.spool.dirty_files():
-            if alone or sf.owner == jid:
-                if sf.writers:
-                    log.warning("committing %r although it is still open", sf.path)
-                self.spool.schedule(sf)
-        await self.spool.wait_idle(jid, everyone=alone)
 
     # --- the end --------------------------------------------------------------------
 
@@ -530,9 +455,15 @@ class AgentSession:
             self.spool.mark_open_partial()  # what a job still writes now is not whole
             if force or self.connection_lost:  # nothing the killed jobs leave is sent
                 self.spool.frozen = True
+        if self.backend is not None and self.jobs:
+            with trio.move_on_after(10):
+                await self.backend.ending()
         async with trio.open_nursery() as nursery:
             for job in list(self.jobs.values()):
                 nursery.start_soon(job.kill)
+        if self.backend is not None:
+            with trio.move_on_after(60):  # commits in flight fail at once if the link is gone
+                await self.backend.quiesce()
         if self.spool is not None:
             if self.connection_lost:
                 with trio.move_on_after(10):  # commits in flight fail at once: kept
@@ -545,10 +476,8 @@ class AgentSession:
                     "dropped by a forced unmount" if force else "session ended first"
                 )
                 self.kept = (self.kept[0] + files, self.kept[1] + size)
-        if self.mount is not None:
-            await self.mount.unmount()
-        if self.mountpoint is not None:
-            unmount(self.mountpoint)  # if pyfuse3 could not, detach it lazily ourselves
+        if self.backend is not None:
+            await self.backend.stop()
         if self.cache is not None:
             with trio.move_on_after(120):
                 await self.cache.wait_stored()

@@ -49,6 +49,7 @@ import blake3
 import trio
 
 from .. import proto
+from .filecopy import clone_or_copy
 from .kept import KeptSession
 from .link import ClientLink
 
@@ -164,14 +165,7 @@ class Spool:
         sf.dirty = False
         if source_fd is not None and attr.size:
             try:
-                try:
-                    os.copy_file_range(source_fd, sf.fd, attr.size, 0, 0)
-                except OSError as e:  # EXDEV: the store and the spool are on two filesystems
-                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                        raise
-                copied = os.fstat(sf.fd).st_size
-                if copied != attr.size:  # copy_file_range may stop short; finish by hand
-                    _copy_rest(source_fd, sf.fd, copied, attr.size)
+                clone_or_copy(source_fd, sf.fd, attr.size)
             except OSError:
                 self.forget(sf)  # half a copy must never stand for the client's file
                 raise
@@ -554,16 +548,6 @@ _WHY = {
     errno.EDQUOT: "the remote disk quota is exceeded",
     errno.EIO: "the remote disk failed to write it",
 }
-
-
-def _copy_rest(src: int, dst: int, start: int, end: int) -> None:
-    offset = start
-    while offset < end:
-        data = os.pread(src, min(proto.CHUNK_SIZE, end - offset), offset)
-        if not data:
-            break
-        os.pwrite(dst, data, offset)
-        offset += len(data)
 
 
 def remove_tree(path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..hashing import hash_fd
 from . import kept
+from .filecopy import clone_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +154,7 @@ class ContentStore:
             return
         temp_fd, temp = self.new_temp(size)
         try:
-            offset = 0
-            while offset < size:
-                n = os.copy_file_range(fd, temp_fd, size - offset, offset, offset)
-                if n == 0:
-                    raise OSError(errno.EIO, "output shrank while being stored")
-                offset += n
+            clone_or_copy(fd, temp_fd, size)
             final = self.path(digest)
             final.parent.mkdir(exist_ok=True, mode=0o700)
             os.rename(temp, final)

@@ -1,0 +1,46 @@
+"""Copying a file's bytes on the remote: shared extents where possible, never a link.
+
+Used wherever the agent takes a copy it may hand to someone who writes (the stage
+backend's inputs, the spool's adopted files, the store's copies of outputs): a reflink
+is copy-on-write, so neither side ever sees the other's later writes; a hardlink
+would let a job write through into the content store.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from .. import proto
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def clone_or_copy(src_fd: int, dst_fd: int, size: int) -> None:
+    """``dst`` gets the first ``size`` bytes of ``src``: a reflink where the file
+    system has one (Linux btrfs, XFS), else ``copy_file_range`` (Linux), else
+    reads and writes. Raises EIO if ``src`` holds fewer bytes."""
+    if sys.platform.startswith("linux") and os.fstat(src_fd).st_size == size:
+        import fcntl
+
+        try:
+            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+            return
+        except OSError:
+            pass
+    offset = 0
+    while offset < size:
+        n = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, size - offset, offset, offset)
+            except OSError as e:  # EXDEV: two file systems; the others: not supported
+                if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        if n == 0:
+            data = os.pread(src_fd, min(proto.CHUNK_SIZE, size - offset), offset)
+            if not data:
+                raise OSError(errno.EIO, "the source ended early")
+            n = os.pwrite(dst_fd, data, offset)
+        offset += n
