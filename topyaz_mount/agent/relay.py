@@ -1,0 +1,76 @@
+"""The ssh side of a detachable session: bytes between the ssh channel and the host.
+
+The process ssh starts only copies bytes, so when the channel is lost only this
+process dies; the session (mount, spool, jobs) lives on in its host (``host.py``).
+A new session's host is started here, detached (its own session, ``setsid``), and
+handed one end of a socket pair; a re-attach connects to the host's socket in the
+0700 session directory. Either direction ending ends the relay.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from .. import resume
+
+HOST_SOCKET = "host.sock"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def relay(channel_in: int, channel_out: int, sock: socket.socket) -> int:
+    done = threading.Event()
+
+    def pump(read, write) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while data := read(1 << 16):
+                write(data)
+        except OSError:
+            pass
+        done.set()
+
+    for read, write in (
+        (lambda n: os.read(channel_in, n), sock.sendall),
+        (sock.recv, lambda d: _write_all(channel_out, d)),
+    ):
+        threading.Thread(target=pump, args=(read, write), daemon=True).start()
+    done.wait()
+    return 0
+
+
+def start_host(host_args: list[str]) -> socket.socket:
+    """Start a detached session host; returns our end of its first connection."""
+    ours, theirs = socket.socketpair()
+    argv = [sys.executable, "-m", "topyaz_mount.agent", "--host-fd", str(theirs.fileno())]
+    subprocess.Popen(
+        argv + host_args,
+        pass_fds=(theirs.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    theirs.close()
+    return ours
+
+
+def connect_host(sessions_dir: Path, session_id: str) -> socket.socket | None:
+    """The running host of ``session_id``, or None (ended, or never here)."""
+    if not resume.SESSION_ID.match(session_id):
+        return None
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(str(sessions_dir / session_id / HOST_SOCKET))
+    except OSError:
+        sock.close()
+        return None
+    return sock
