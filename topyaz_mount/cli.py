@@ -228,6 +228,7 @@ def _settings(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    grace: str | None = None,
 ) -> SshSettings:
     if not remote:
         raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
@@ -236,6 +237,7 @@ def _settings(
         ssh_options=tuple(ssh_options),
         ssh_config=ssh_config,
         cache_cap=cache_cap,
+        grace=grace,
     )
     settings, _ = host_settings(
         Remote.parse(remote), flags, agent_log_level="INFO" if verbose else "WARNING"
@@ -340,6 +342,14 @@ def main() -> None:
     help="Remote program for `exec video` (default: the host's profile, else "
     f"`{shlex.join(DEFAULT_PRODUCTS['video'])}`).",
 )
+@click.option(
+    "--grace",
+    default=None,
+    envvar="TOPYAZ_MOUNT_GRACE",
+    metavar="DURATION",
+    help="Keep the remote session (job, mount, outputs) this long after the link is lost, "
+    "and reconnect to it (e.g. 15m; 0: end with the link; default: the host's profile, else 0).",
+)
 @policy_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
@@ -358,6 +368,7 @@ def exec_(
     photo_cmd: str | None,
     giga_cmd: str | None,
     video_cmd: str | None,
+    grace: str | None,
     command: tuple[str, ...],
     policy: PolicyOptions,
 ) -> None:
@@ -403,7 +414,9 @@ def exec_(
             rules = Policy.from_options(policy)
             root_dir = str(checked_root(root or cwd, policy.allow_home))
             _precheck(argv, root_dir, cwd, env, literal)
-            settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            settings = _settings(
+                remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, grace
+            )
             # Connect first; the rest of the client is imported while ssh connects.
             spawned = spawn_ssh(settings)
             try:
@@ -783,6 +796,14 @@ def _print_ready(info: dict) -> None:
 @click.option("--name", default=None, help="Session name (default: the root's name).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background.")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option(
+    "--grace",
+    default=None,
+    envvar="TOPYAZ_MOUNT_GRACE",
+    metavar="DURATION",
+    help="Keep the remote session (job, mount, outputs) this long after the link is lost, "
+    "and reconnect to it (e.g. 15m; 0: end with the link; default: the host's profile, else 0).",
+)
 @policy_options
 def mount(
     remote: str | None,
@@ -795,6 +816,7 @@ def mount(
     name: str | None,
     detach: bool,
     ready_fd: int | None,
+    grace: str | None,
     policy: PolicyOptions,
 ) -> None:
     """Mount the local root on the remote host and keep it mounted.
@@ -824,8 +846,12 @@ def mount(
         rules = Policy.from_options(policy)
         root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
         session = control.check_name(name or mountd.default_name(Path(root_dir)))
-        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        settings = _settings(
+            remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, grace
+        )
         if detach:
+            if grace is not None:  # the background session reads it from its environment
+                os.environ["TOPYAZ_MOUNT_GRACE"] = grace
             if trio.run(control.alive, session):
                 raise UsageError(
                     f"a session named {session} is running already (pick another with --name)"

@@ -197,8 +197,11 @@ class ResumableStream(trio.abc.Stream):
             if self._send_pos < end:
                 start = self._send_pos - self._out_base
                 chunk = bytes(self._out[start : start + SEGMENT])
-                await self._send(transport, state, DATA, self._send_pos, chunk)
-                self._send_pos += len(chunk)
+                offset = self._send_pos
+                await self._send(transport, state, DATA, offset, chunk)
+                # The peer may have acknowledged the chunk before send_all returned
+                # (which moves _send_pos up to it): never count it twice.
+                self._send_pos = max(self._send_pos, offset + len(chunk))
                 continue
             if self._received > self._acked:
                 self._acked = self._received

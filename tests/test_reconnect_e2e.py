@@ -1,0 +1,195 @@
+"""A running job outlives a lost connection and the client resumes (issue 14), on the
+real test host (sshd, FUSE), with a detachable session (``--grace``).
+
+The job prints a numbered line a second (stdout and stderr), reads an input and writes
+an output in the middle, and exits 7. The link goes away under it: the client's ssh is
+killed by pid, or the emulated link (tools/wanproxy.py) is torn down for a while and
+brought back on the same port. Each case checks the exit status, every line of stdout
+and stderr exactly once and in order, the input's hash as the job read it, the
+output's bytes, and that nothing was committed twice (no conflict copy, no temporary).
+
+Short keepalives (``TOPYAZ_MOUNT_KEEPALIVE=1,4``) keep the cases quick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from e2e_util import (
+    REPO_DIR,
+    ExecProcess,
+    client_env,
+    describe,
+    exec_argv,
+    session_agent_pid,
+    session_dirs,
+    temp_files,
+    wait_until,
+)
+from test_exec_e2e import no_leftovers  # noqa: F401  (autouse: no mount, session dir or temp left)
+
+KEEPALIVE = "1,4"
+LINES = 14
+READ_AT = 6
+
+JOB = """
+import hashlib, os, random, sys, time
+os.makedirs("out", exist_ok=True)
+for i in range(int(sys.argv[1])):
+    print(f"line {i:03d} " + "x" * 300, flush=True)
+    print(f"err {i:03d}", file=sys.stderr, flush=True)
+    if i == int(sys.argv[2]):
+        with open("in.bin", "rb") as f:
+            print("input", hashlib.sha256(f.read()).hexdigest(), flush=True)
+        with open("out/result.bin", "wb") as f:
+            f.write(random.Random(3).randbytes(3 << 20))
+    time.sleep(1)
+sys.exit(7)
+"""
+
+
+def _expected_stdout(input_hash: str) -> bytes:
+    lines = []
+    for i in range(LINES):
+        lines.append(f"line {i:03d} " + "x" * 300)
+        if i == READ_AT:
+            lines.append(f"input {input_hash}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture
+def job_root(client_root):
+    data = random.Random(11).randbytes(1 << 20)
+    (client_root / "in.bin").write_bytes(data)
+    return client_root, hashlib.sha256(data).hexdigest()
+
+
+def _start(testhost, root, remote=None, grace: str = "60") -> ExecProcess:
+    env = client_env()
+    env["TOPYAZ_MOUNT_KEEPALIVE"] = KEEPALIVE
+    argv = exec_argv(
+        testhost,
+        root,
+        ["python3", "-c", JOB, str(LINES), str(READ_AT)],
+        options=["--grace", grace],
+        remote=remote,
+    )
+    return ExecProcess(argv, cwd=root, env=env)
+
+
+def _check(r: subprocess.CompletedProcess, root, input_hash: str, outages: int) -> None:
+    err = r.stderr.decode()
+    assert r.returncode == 7, describe(r)
+    assert r.stdout == _expected_stdout(input_hash), describe(r)
+    assert re.findall(r"err \d+", err) == [f"err {i:03d}" for i in range(LINES)], err
+    assert len(re.findall(r"link lost at \d\d:\d\d:\d\d, reconnected after \d+ s", err)) == (
+        outages
+    ), err
+    assert "Traceback" not in err
+    out = root / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["result.bin"]  # no conflict copy
+    assert (out / "result.bin").read_bytes() == random.Random(3).randbytes(3 << 20)
+    assert temp_files(root) == []
+
+
+def test_ssh_killed_twice_job_goes_on(testhost, job_root):
+    root, input_hash = job_root
+    with _start(testhost, root) as p:
+        killed: set[int] = set()
+        for outage, needle in enumerate((b"line 002", b"line 006"), 1):
+            assert p.wait_for_stdout(needle, 60), p.stderr
+            assert wait_until(lambda: set(p.remember_ssh()) - killed, 10), "no ssh child"
+            for pid in set(p.remember_ssh()) - killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            assert wait_until(lambda n=outage: p.stderr.count(b"reconnected after") == n, 30), (
+                p.stderr
+            )
+        r = p.wait(60)
+    _check(r, root, input_hash, outages=2)
+
+
+# --------------------------------------------------------------------------- link cuts
+
+
+def _start_proxy(target_port: int, listen_port: int, log) -> tuple[subprocess.Popen, int]:
+    """tools/wanproxy.py (10 ms, 80 Mbit/s) on ``listen_port`` (0: any); (Popen, port)."""
+    err = open(log, "ab")  # noqa: SIM115 - the proxy keeps it until it ends
+    p = subprocess.Popen(
+        [sys.executable, str(REPO_DIR / "tools" / "wanproxy.py"),
+         "--target", f"127.0.0.1:{target_port}", "--listen", f"127.0.0.1:{listen_port}",
+         "--delay-ms", "10", "--rate-mbit", "80"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+    )
+    err.close()
+    line = p.stdout.readline() if p.stdout else ""
+    m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+    if not m:
+        _stop(p)
+        raise AssertionError(f"wanproxy did not start: {line!r}")
+    return p, int(m.group(1))
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()  # every connection through it is torn down at once
+        p.wait()
+
+
+@pytest.mark.parametrize("outage", [3, 30])
+def test_link_cut_then_back(testhost, job_root, tmp_path, outage):
+    """The link is torn down for ``outage`` seconds while the job runs and reads an
+    input; it comes back on the same port and the job's data flows again."""
+    root, input_hash = job_root
+    proxy, port = _start_proxy(testhost.port, 0, tmp_path / "wanproxy.log")
+    try:
+        with _start(testhost, root, f"{testhost.remote_user}@127.0.0.1:{port}") as p:
+            assert p.wait_for_stdout(b"line 003", 60), p.stderr
+            _stop(proxy)
+            time.sleep(outage)
+            proxy, _ = _start_proxy(testhost.port, port, tmp_path / "wanproxy.log")
+            r = p.wait(outage + 90)
+    finally:
+        _stop(proxy)
+    _check(r, root, input_hash, outages=1)
+
+
+def test_past_the_grace_the_session_ends_and_keeps_outputs(testhost, job_root, tmp_path):
+    """No reconnect within the grace: the remote ends the job and tears the session
+    down (as on a lost link today); the client says it gave up."""
+    root, _ = job_root
+    before = session_dirs()
+    proxy, port = _start_proxy(testhost.port, 0, tmp_path / "wanproxy.log")
+    try:
+        with _start(testhost, root, f"{testhost.remote_user}@127.0.0.1:{port}", "5") as p:
+            assert p.wait_for_stdout(b"line 001", 60), p.stderr
+            new = session_dirs() - before
+            assert len(new) == 1
+            session = new.pop()
+            host = session_agent_pid(session)
+            _stop(proxy)
+            r = p.wait(60)
+            assert wait_until(lambda: not os.path.exists(session), 30), "no teardown"
+            assert host is not None and wait_until(lambda: not _alive(host), 10)
+    finally:
+        _stop(proxy)
+    err = r.stderr.decode()
+    assert r.returncode == 255, describe(r)
+    assert "giving up" in err and "lost during the job" in err, err
+    assert "Traceback" not in err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
