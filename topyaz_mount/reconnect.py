@@ -66,7 +66,10 @@ class Reconnector:
         return self.stream
 
     async def _attach(self, ssh: SshProcess) -> None:
-        await ssh.stream.send_all(self.attach_line())
+        try:
+            await ssh.stream.send_all(self.attach_line())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise SessionUnreachable("the connection ended before the attach") from None
         seen = 0
         while True:
             try:
