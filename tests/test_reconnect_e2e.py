@@ -19,12 +19,11 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from bench_wan import start_proxy, stop_proxy
 from e2e_util import (
-    REPO_DIR,
     ExecProcess,
     client_env,
     describe,
@@ -121,27 +120,16 @@ def test_ssh_killed_twice_job_goes_on(testhost, job_root):
 
 
 def _start_proxy(target_port: int, listen_port: int, log) -> tuple[subprocess.Popen, int]:
-    """tools/wanproxy.py (10 ms, 80 Mbit/s) on ``listen_port`` (0: any); (Popen, port)."""
-    err = open(log, "ab")  # noqa: SIM115 - the proxy keeps it until it ends
-    p = subprocess.Popen(
-        [sys.executable, str(REPO_DIR / "tools" / "wanproxy.py"),
-         "--target", f"127.0.0.1:{target_port}", "--listen", f"127.0.0.1:{listen_port}",
-         "--delay-ms", "10", "--rate-mbit", "80"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
-    )
-    err.close()
-    line = p.stdout.readline() if p.stdout else ""
-    m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-    if not m:
-        _stop(p)
-        raise AssertionError(f"wanproxy did not start: {line!r}")
-    return p, int(m.group(1))
+    """The emulated link (10 ms, 80 Mbit/s) on ``listen_port`` (0: any)."""
+    return start_proxy(target_port, 10, 80, log, listen_port)
 
 
 def _stop(p: subprocess.Popen) -> None:
+    """Tear the link down: every connection through it ends at once."""
     if p.poll() is None:
-        p.kill()  # every connection through it is torn down at once
+        p.kill()
         p.wait()
+    stop_proxy(p)
 
 
 @pytest.mark.parametrize("outage", [3, 30])

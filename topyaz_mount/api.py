@@ -42,6 +42,9 @@ class RemoteHost:
     ssh_config: str | None = None
     remote_python: str | None = None  # None: the host's profile (from `setup`), else python3
     connection_timeout: float = 30.0
+    # How long the remote session outlives a lost connection while the client
+    # reconnects ("15m"; "0": off); None: the host's profile, else off.
+    grace: str | None = None
 
     @classmethod
     def parse(cls, destination: str, **kwargs: Any) -> RemoteHost:
@@ -54,7 +57,10 @@ class RemoteHost:
             options += [f"IdentityFile={os.path.expanduser(self.ssh_key)}", "IdentitiesOnly=yes"]
         options.append(f"ConnectTimeout={max(1, int(self.connection_timeout))}")
         flags = HostOptions(
-            remote_python=self.remote_python, ssh_options=tuple(options), ssh_config=self.ssh_config
+            remote_python=self.remote_python,
+            ssh_options=tuple(options),
+            ssh_config=self.ssh_config,
+            grace=self.grace,
         )
         settings, _ = host_settings(Remote(self.host, self.user, self.port), flags)
         return settings
