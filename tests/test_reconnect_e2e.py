@@ -181,3 +181,27 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_mount_session_reconnects_and_its_job_goes_on(testhost, job_root, tmp_path):
+    """The long-lived `mount` (detached): its ssh is killed while a command runs
+    through it; the session reconnects, the command ends as if nothing happened."""
+    from test_session_e2e import MountedSession
+
+    root, input_hash = job_root
+    s = MountedSession(testhost, root, tmp_path / "runtime", "graced")
+    s.env.update(TOPYAZ_MOUNT_KEEPALIVE=KEEPALIVE, TOPYAZ_MOUNT_GRACE="60")
+    try:
+        s.start()
+        with s.start_exec("python3", "-c", JOB, str(LINES), str(READ_AT)) as p:
+            assert p.wait_for_stdout(b"line 002", 60), p.stderr
+            for pid in list(s.ssh):
+                os.kill(pid, signal.SIGKILL)
+            r = p.wait(90)
+        log = (s.runtime / "graced.log").read_text()
+        assert "reconnected after" in log, log
+        _check(r, root, input_hash, outages=0)
+        s.remember_ssh()
+        assert s.unmount().returncode == 0
+    finally:
+        s.close()
