@@ -14,6 +14,7 @@ Short keepalives (``TOPYAZ_MOUNT_KEEPALIVE=1,4``) keep the cases quick.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -24,6 +25,7 @@ import time
 import pytest
 from bench_wan import start_proxy, stop_proxy
 from e2e_util import (
+    CLI,
     ExecProcess,
     client_env,
     describe,
@@ -142,9 +144,32 @@ def test_link_cut_then_back(testhost, job_root, tmp_path, outage):
         with _start(testhost, root, f"{testhost.remote_user}@127.0.0.1:{port}") as p:
             assert p.wait_for_stdout(b"line 003", 60), p.stderr
             _stop(proxy)
-            time.sleep(outage)
+            cut = time.monotonic()
+            if outage > 10:  # the host lists the session as waiting for its client
+                assert wait_until(lambda: _detached(testhost, str(root)), 8)
+            time.sleep(max(0.0, outage - (time.monotonic() - cut)))
             proxy, _ = _start_proxy(testhost.port, port, tmp_path / "wanproxy.log")
             r = p.wait(outage + 90)
+    finally:
+        _stop(proxy)
+    _check(r, root, input_hash, outages=1)
+
+
+def test_link_stalled_then_back(testhost, job_root, tmp_path):
+    """The link passes no packet for 20 s (the proxy stopped, its connections open):
+    both ends take the silence for a dead link, and the client's new ssh gets through
+    once the link moves again."""
+    root, input_hash = job_root
+    proxy, port = _start_proxy(testhost.port, 0, tmp_path / "wanproxy.log")
+    try:
+        with _start(testhost, root, f"{testhost.remote_user}@127.0.0.1:{port}") as p:
+            assert p.wait_for_stdout(b"line 003", 60), p.stderr
+            os.kill(proxy.pid, signal.SIGSTOP)
+            try:
+                time.sleep(20)
+            finally:
+                os.kill(proxy.pid, signal.SIGCONT)
+            r = p.wait(120)
     finally:
         _stop(proxy)
     _check(r, root, input_hash, outages=1)
@@ -173,6 +198,15 @@ def test_past_the_grace_the_session_ends_and_keeps_outputs(testhost, job_root, t
     assert r.returncode == 255, describe(r)
     assert "giving up" in err and "lost during the job" in err, err
     assert "Traceback" not in err
+
+
+def _detached(testhost, root: str) -> bool:
+    """``status --remote HOST`` lists a session of ``root`` as detached."""
+    argv = [*CLI, "status", "--remote", testhost.remote, "-F", str(testhost.ssh_config),
+            "--remote-python", testhost.remote_python, "--json"]
+    r = subprocess.run(argv, env=client_env(), capture_output=True, timeout=60)
+    assert r.returncode == 0, describe(r)
+    return any(s["root"] == root and s["detached_since"] for s in json.loads(r.stdout))
 
 
 def _alive(pid: int) -> bool:

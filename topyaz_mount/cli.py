@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -934,14 +935,34 @@ def unmount(name: str, force: bool, verbose: int) -> None:
 
 
 @main.command("status")
+@remote_options
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of sessions).")
-def status(name: str | None, as_json: bool) -> None:
-    """List the running sessions (or show one)."""
+def status(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str | None,
+    cache_cap: str | None,
+    verbose: int,
+    name: str | None,
+    as_json: bool,
+) -> None:
+    """List the running sessions (or show one). With --remote HOST: the detachable
+    sessions (--grace) running on HOST, and since when each waits for its client."""
     import trio
 
     from . import control, session_client
 
+    source = click.get_current_context().get_parameter_source("remote")
+    if source is click.core.ParameterSource.COMMANDLINE:  # not from TOPYAZ_MOUNT_REMOTE
+        _setup_logging(verbose)
+        try:
+            settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            _print_detachable(_agent_json(settings, "--detachable")["sessions"], as_json)
+        except BaseException as e:  # noqa: BLE001
+            sys.exit(_report(e, verbose))
+        return
     try:
         if name is not None:
             sessions = [trio.run(session_client.query, control.check_name(name))]
@@ -967,6 +988,26 @@ def status(name: str | None, as_json: bool) -> None:
             f"{_human(s.get('content_bytes_received', 0))} down), "
             f"cache {s.get('cache_hits', 0)} hits / {s.get('cache_misses', 0)} misses"
         )
+
+
+def _print_detachable(sessions: list, as_json: bool) -> None:
+    """The remote's detachable sessions; what the (untrusted) host says is made printable."""
+    if as_json:
+        click.echo(json.dumps(sessions, sort_keys=True))
+        return
+    if not sessions:
+        click.echo("no detachable sessions")
+        return
+    for s in sessions:
+        since, grace = s.get("detached_since"), s.get("grace_seconds")
+        if not isinstance(since, (int, float)):
+            state = "attached"
+        elif isinstance(grace, (int, float)):
+            state = f"detached for {_duration(time.time() - since)} (grace {_duration(grace)})"
+        else:
+            state = "detached"
+        line = f"{s.get('session')}: {s.get('root')}, {s.get('jobs')} job(s), {state}"
+        click.echo(printable(line))
 
 
 def _duration(seconds: float) -> str:

@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--attach", default=None, help="re-attach to this detached session")
     parser.add_argument("--host-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--detachable", action="store_true", help="print detachable sessions as JSON, exit"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -154,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if args.kept:
         return _kept_command(base_dir, args.clear, args.session)
+    if args.detachable:
+        print(json.dumps({"sessions": relay.list_hosts(base_dir / "sessions")}))
+        return 0
     if args.cache_stats:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
     if args.host_fd is not None:

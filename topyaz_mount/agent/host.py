@@ -17,16 +17,18 @@ group ended, outputs kept as ``kept/`` defines).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from .. import resume
 from ..liveness import Timing
-from .relay import HOST_SOCKET
+from .relay import HOST_SOCKET, HOST_STATE
 
 if TYPE_CHECKING:
     from .link import ClientLink
@@ -84,6 +86,7 @@ class SessionHost:
             if link is not None:
                 link.hold()
             log.warning("connection lost: keeping the session for %g s", self.grace)
+            self._record()
 
     def _link(self) -> ClientLink | None:
         return getattr(self.session, "link", None)  # set once the session serves
@@ -98,6 +101,7 @@ class SessionHost:
             await listener.bind(str(path))
             os.chmod(path, 0o600)
             listener.listen(4)
+            self._record()
             async with trio.open_nursery() as nursery:
                 while True:
                     sock, _ = await listener.accept()
@@ -132,7 +136,29 @@ class SessionHost:
             return
         away = 0.0 if self.lost_at is None else trio.current_time() - self.lost_at
         log.warning("client re-attached after %.1f s", away)
+        self.lost_at = None
+        self._record()
         await self._carry(conn)
+
+    def _record(self) -> None:
+        """``host.json`` in the session dir, for ``status --remote`` (relay.list_hosts)."""
+        if self.session.dir is None or self.session.torn_down:
+            return
+        detached = self.lost_at is not None
+        state = {
+            "session": self.session.dir.name,
+            "pid": os.getpid(),
+            "root": self.session.client_root,
+            "grace_seconds": self.grace,
+            "detached_since": time.time() if detached else None,
+            "jobs": len(self.session.jobs),
+        }
+        tmp = self.session.dir / f".{HOST_STATE}.tmp"
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.session.dir / HOST_STATE)
+        except OSError as e:
+            log.warning("could not record the session's state: %s", e)
 
     async def _watch_grace(self) -> None:
         """Past the grace (or once the session is torn down), end the stream for good."""

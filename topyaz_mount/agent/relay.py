@@ -9,6 +9,8 @@ handed one end of a socket pair; a re-attach connects to the host's socket in th
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 from .. import resume
 
 HOST_SOCKET = "host.sock"
+HOST_STATE = "host.json"  # written by the host: attached or since when detached
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -74,3 +77,25 @@ def connect_host(sessions_dir: Path, session_id: str) -> socket.socket | None:
         sock.close()
         return None
     return sock
+
+
+def list_hosts(sessions_dir: Path) -> list[dict]:
+    """The detachable sessions on this host whose host still runs (holds its lock)."""
+    found: list[dict] = []
+    if not sessions_dir.is_dir():
+        return found
+    for entry in sorted(sessions_dir.iterdir()):
+        try:
+            state = json.loads((entry / HOST_STATE).read_text())
+            fd = os.open(entry / "agent.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError):
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            continue  # nobody holds it: the host is gone
+        except BlockingIOError:
+            if isinstance(state, dict):
+                found.append(state)
+        finally:
+            os.close(fd)
+    return found
