@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -30,6 +31,7 @@ from e2e_util import (
     client_env,
     describe,
     exec_argv,
+    remote_home,
     session_agent_pid,
     session_dirs,
     temp_files,
@@ -50,6 +52,7 @@ for i in range(int(sys.argv[1])):
     if i == int(sys.argv[2]):
         with open("in.bin", "rb") as f:
             print("input", hashlib.sha256(f.read()).hexdigest(), flush=True)
+    if i == int(sys.argv[3]):
         with open("out/result.bin", "wb") as f:
             f.write(random.Random(3).randbytes(3 << 20))
     time.sleep(1)
@@ -73,13 +76,15 @@ def job_root(client_root):
     return client_root, hashlib.sha256(data).hexdigest()
 
 
-def _start(testhost, root, remote=None, grace: str = "60") -> ExecProcess:
+def _start(
+    testhost, root, remote=None, grace: str = "60", write_at: int = READ_AT
+) -> ExecProcess:
     env = client_env()
     env["TOPYAZ_MOUNT_KEEPALIVE"] = KEEPALIVE
     argv = exec_argv(
         testhost,
         root,
-        ["python3", "-c", JOB, str(LINES), str(READ_AT)],
+        ["python3", "-c", JOB, str(LINES), str(READ_AT), str(write_at)],
         options=["--grace", grace],
         remote=remote,
     )
@@ -177,27 +182,50 @@ def test_link_stalled_then_back(testhost, job_root, tmp_path):
 
 def test_past_the_grace_the_session_ends_and_keeps_outputs(testhost, job_root, tmp_path):
     """No reconnect within the grace: the remote ends the job and tears the session
-    down (as on a lost link today); the client says it gave up."""
+    down as on a lost link today, keeping the output whose commit could not finish
+    (complete, its bytes); the client says it gave up."""
     root, _ = job_root
     before = session_dirs()
     proxy, port = _start_proxy(testhost.port, 0, tmp_path / "wanproxy.log")
+    remote = f"{testhost.remote_user}@127.0.0.1:{port}"
+    session_id = None
     try:
-        with _start(testhost, root, f"{testhost.remote_user}@127.0.0.1:{port}", "5") as p:
+        with _start(testhost, root, remote, grace="5", write_at=2) as p:
             assert p.wait_for_stdout(b"line 001", 60), p.stderr
             new = session_dirs() - before
             assert len(new) == 1
             session = new.pop()
+            session_id = os.path.basename(session)
             host = session_agent_pid(session)
-            _stop(proxy)
+            os.kill(p.pid, signal.SIGSTOP)  # the output's commit cannot finish now
+            try:
+                time.sleep(3)  # the job writes out/result.bin meanwhile
+                _stop(proxy)
+            finally:
+                os.kill(p.pid, signal.SIGCONT)
             r = p.wait(60)
             assert wait_until(lambda: not os.path.exists(session), 30), "no teardown"
             assert host is not None and wait_until(lambda: not _alive(host), 10)
+        err = r.stderr.decode()
+        assert r.returncode == 255, describe(r)
+        assert "giving up" in err and "lost during the job" in err, err
+        assert "Traceback" not in err
+        kept = _kept_dir() / session_id
+        manifest = json.loads((kept / "manifest.json").read_text())
+        (entry,) = manifest["files"]
+        assert entry["path"] == "out/result.bin" and entry["complete"] is True
+        data = (kept / "files" / "out" / "result.bin").read_bytes()
+        assert data == random.Random(3).randbytes(3 << 20)
+        assert not (root / "out" / "result.bin").exists()
+        assert temp_files(root) == []
     finally:
         _stop(proxy)
-    err = r.stderr.decode()
-    assert r.returncode == 255, describe(r)
-    assert "giving up" in err and "lost during the job" in err, err
-    assert "Traceback" not in err
+        if session_id:
+            shutil.rmtree(_kept_dir() / session_id, ignore_errors=True)
+
+
+def _kept_dir():
+    return remote_home() / ".cache" / "topyaz-mount" / "kept"
 
 
 def _detached(testhost, root: str) -> bool:
@@ -227,7 +255,7 @@ def test_mount_session_reconnects_and_its_job_goes_on(testhost, job_root, tmp_pa
     s.env.update(TOPYAZ_MOUNT_KEEPALIVE=KEEPALIVE, TOPYAZ_MOUNT_GRACE="60")
     try:
         s.start()
-        with s.start_exec("python3", "-c", JOB, str(LINES), str(READ_AT)) as p:
+        with s.start_exec("python3", "-c", JOB, str(LINES), str(READ_AT), str(READ_AT)) as p:
             assert p.wait_for_stdout(b"line 002", 60), p.stderr
             for pid in list(s.ssh):
                 os.kill(pid, signal.SIGKILL)
