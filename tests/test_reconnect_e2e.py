@@ -152,6 +152,7 @@ def test_link_cut_then_back(testhost, job_root, tmp_path, outage):
             cut = time.monotonic()
             if outage > 10:  # the host lists the session as waiting for its client
                 assert wait_until(lambda: _detached(testhost, str(root)), 8)
+                _attach_refused_without_the_secret(testhost, _detached(testhost, str(root)))
             time.sleep(max(0.0, outage - (time.monotonic() - cut)))
             proxy, _ = _start_proxy(testhost.port, port, tmp_path / "wanproxy.log")
             r = p.wait(outage + 90)
@@ -228,13 +229,24 @@ def _kept_dir():
     return remote_home() / ".cache" / "topyaz-mount" / "kept"
 
 
-def _detached(testhost, root: str) -> bool:
-    """``status --remote HOST`` lists a session of ``root`` as detached."""
+def _detached(testhost, root: str) -> str:
+    """The session of ``root`` that ``status --remote HOST`` lists as detached, or ""."""
     argv = [*CLI, "status", "--remote", testhost.remote, "-F", str(testhost.ssh_config),
             "--remote-python", testhost.remote_python, "--json"]
     r = subprocess.run(argv, env=client_env(), capture_output=True, timeout=60)
     assert r.returncode == 0, describe(r)
-    return any(s["root"] == root and s["detached_since"] for s in json.loads(r.stdout))
+    found = [s for s in json.loads(r.stdout) if s["root"] == root and s["detached_since"]]
+    return found[0]["session"] if found else ""
+
+
+def _attach_refused_without_the_secret(testhost, session: str) -> None:
+    """An attach with the right session id and another secret is refused."""
+    agent = f"exec {testhost.remote_python} -m topyaz_mount.agent --attach {session}"
+    argv = ["ssh", "-F", str(testhost.ssh_config), "-p", str(testhost.port),
+            f"{testhost.remote_user}@127.0.0.1", agent]
+    line = f"TMRESUME 1 {session} {'0' * 32}\n".encode()
+    r = subprocess.run(argv, input=line, capture_output=True, timeout=60)
+    assert r.stdout == b"TMRESUME NO not this session's id and secret\n", describe(r)
 
 
 def _alive(pid: int) -> bool:

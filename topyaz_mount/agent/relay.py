@@ -4,7 +4,7 @@ The process ssh starts only copies bytes, so when the channel is lost only this
 process dies; the session (mount, spool, jobs) lives on in its host (``host.py``).
 A new session's host is started here, detached (its own session, ``setsid``), and
 handed one end of a socket pair; a re-attach connects to the host's socket in the
-0700 session directory. Either direction ending ends the relay.
+0700 session directory. The relay ends when the host's side does.
 """
 
 from __future__ import annotations
@@ -31,22 +31,26 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def relay(channel_in: int, channel_out: int, sock: socket.socket) -> int:
-    done = threading.Event()
+    """Copy both ways until the host's side ends. The channel's EOF is passed on as a
+    half-close, so the host still gets its last word (a refusal) through."""
 
-    def pump(read, write) -> None:  # type: ignore[no-untyped-def]
+    def upstream() -> None:
         try:
-            while data := read(1 << 16):
-                write(data)
+            while data := os.read(channel_in, 1 << 16):
+                sock.sendall(data)
         except OSError:
             pass
-        done.set()
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
-    for read, write in (
-        (lambda n: os.read(channel_in, n), sock.sendall),
-        (sock.recv, lambda d: _write_all(channel_out, d)),
-    ):
-        threading.Thread(target=pump, args=(read, write), daemon=True).start()
-    done.wait()
+    threading.Thread(target=upstream, daemon=True).start()
+    try:
+        while data := sock.recv(1 << 16):
+            _write_all(channel_out, data)
+    except OSError:
+        pass
     return 0
 
 
