@@ -126,3 +126,36 @@ def test_attach_line_round_trip_and_secret():
     for bad in (b"TMRESUME 1 ../x " + b"ab" * 16 + b"\n", b"hello\n", b"TMRESUME 1 a short\n"):
         with pytest.raises(ValueError):
             resume.Attach.parse(bad)
+
+
+def test_unread_bytes_are_bounded_and_not_silence():
+    trio.run(_unread_bytes_are_bounded_and_not_silence)
+
+
+async def _unread_bytes_are_bounded_and_not_silence():
+    """A peer that sends while nobody reads fills at most the buffer; the transport
+    stays up (the reader's own wait is not the peer's silence); all bytes arrive."""
+    a, b = _pair()
+    payload = random.Random(9).randbytes(4 << 20)
+    async with trio.open_nursery() as nursery:
+        cut = await _carry(nursery, a, b)
+        nursery.start_soon(a.send_all, payload)
+        await trio.sleep(TIMING.dead_after * 2)  # nobody reads b
+        assert len(b._in) <= (1 << 20) + resume.SEGMENT
+        assert a.connected and b.connected
+        assert await _read(b, len(payload)) == payload
+        cut.cancel()
+        nursery.cancel_scope.cancel()
+
+
+def test_a_resume_past_what_was_sent_drops_the_transport():
+    trio.run(_a_resume_past_what_was_sent_drops_the_transport)
+
+
+async def _a_resume_past_what_was_sent_drops_the_transport():
+    a, _ = _pair()
+    ours, theirs = trio.testing.memory_stream_pair()
+    await theirs.send_all(resume.HEADER.pack(resume.RESUME, 1000, 0))
+    with trio.fail_after(5):
+        await a.run_transport(ours)  # returns: the transport is given up
+    assert not a.ended

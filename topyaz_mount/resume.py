@@ -126,6 +126,8 @@ class ResumableStream(trio.abc.Stream):
         n = len(self._in) if max_bytes is None else min(max_bytes, len(self._in))
         data = bytes(self._in[:n])
         del self._in[:n]
+        if n:
+            self._notify_change()  # room for the segment reader
         await trio.lowlevel.checkpoint()
         return data
 
@@ -234,6 +236,13 @@ class ResumableStream(trio.abc.Stream):
         self, transport: trio.abc.Stream, resumed: trio.Event, state: dict
     ) -> None:
         while True:
+            # What the Peer has not taken yet is bounded (the peer may be hostile); the
+            # time we do not read is not the peer's silence.
+            while len(self._in) >= self._limit and not self._ended:
+                state["blocked"] = True
+                await self._wait_change()
+            if state.pop("blocked", False):
+                state["heard"] = trio.current_time()  # the silence clock starts again
             kind, offset, length = HEADER.unpack(
                 await self._read_exactly(transport, HEADER.size, state)
             )
@@ -241,6 +250,8 @@ class ResumableStream(trio.abc.Stream):
                 raise TransportLost(f"a malformed segment (kind {kind}, {length} bytes)")
             data = await self._read_exactly(transport, length, state) if length else b""
             if kind == RESUME:
+                if offset > self._out_base + len(self._out):
+                    raise TransportLost("the peer claims bytes never sent")
                 self._acknowledged(offset)
                 if offset < self._out_base:
                     raise TransportLost("the peer wants bytes no longer held")
@@ -276,7 +287,9 @@ class ResumableStream(trio.abc.Stream):
         while True:
             await trio.sleep(min(1.0, self.timing.interval / 2))
             now = trio.current_time()
-            if now - state["heard"] >= self.timing.dead_after:
+            # While we do not read (the Peer has not taken what came), there is no
+            # silence of the peer to judge.
+            if not state.get("blocked") and now - state["heard"] >= self.timing.dead_after:
                 raise TransportLost(f"nothing heard for {now - state['heard']:.0f} s")
             if now - state["sent"] >= self.timing.interval:
                 state["ping"] = True
