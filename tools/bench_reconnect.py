@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,17 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOPYAZ_MOUNT_")}
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+def _end(p: subprocess.Popen) -> None:
+    """Ctrl-C (forwarded to the job), so the remote session ends now, not after its
+    grace; killed if it lingers."""
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
 
 
 def _kill(proxy: subprocess.Popen) -> None:
@@ -100,8 +112,7 @@ def resume_times(host, work: Path, cuts: int) -> tuple[list[float], float]:
             first = next(t for t in arrivals if t >= back)
             results.append(first - back)
     finally:
-        p.kill()
-        p.wait()
+        _end(p)
         _kill(proxy)
     return results, connect
 
@@ -125,8 +136,7 @@ def idle_traffic(host, work: Path, grace: str, seconds: float) -> tuple[float, f
         time.sleep(seconds)
         end = time.monotonic()
     finally:
-        p.kill()
-        p.wait()
+        _end(p)
         _kill(proxy)
     samples = [(float(t), int(u), int(d)) for t, u, d in _RATE.findall(log.read_text())]
     a = min(samples, key=lambda s: abs(s[0] - start))
