@@ -46,8 +46,9 @@ class SessionHost:
         self.stream = resume.ResumableStream(timing)
         self.attach: resume.Attach | None = None
         self._carrying: trio.CancelScope | None = None
-        self._carried = trio.Event()
+        self._carried = trio.Event()  # set when the connection we carried is let go
         self._carried.set()
+        self._switch = trio.Lock()  # one connection takes over at a time
         self.lost_at: float | None = None
 
     async def serve(self, first: socket.socket) -> None:
@@ -60,7 +61,8 @@ class SessionHost:
         if self.attach is None or self.attach.version != resume.VERSION:
             await _refuse(conn, f"expected attach version {resume.VERSION}")
             return
-        await conn.send_all(resume.OK_LINE)
+        if not await self._take_over(conn):
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._carry, conn)
             nursery.start_soon(self._listen)
@@ -68,19 +70,39 @@ class SessionHost:
             await self.session.serve(self.stream)
             nursery.cancel_scope.cancel()
 
+    async def _take_over(self, conn: trio.abc.Stream) -> bool:
+        """Let go of the connection we carry (a newer one wins over one we think
+        alive), then answer OK on ``conn``; False if it is gone meanwhile."""
+        async with self._switch:
+            if self._carrying is not None:
+                self._carrying.cancel()
+            await self._carried.wait()
+            self._carrying = trio.CancelScope()
+            self._carried = trio.Event()
+            try:
+                await conn.send_all(resume.OK_LINE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._carried.set()
+                return False
+        return True
+
     async def _carry(self, conn: trio.abc.Stream) -> None:
-        """The stream over ``conn`` until it is lost; then hold calls for the grace."""
-        self._carried = trio.Event()
+        """The stream over ``conn`` (taken over) until it is lost or let go; a loss
+        holds calls to the client for the grace."""
+        scope, carried = self._carrying, self._carried
+        assert scope is not None
+        self.lost_at = None
+        link = self._link()
+        if link is not None:
+            link.release()
         try:
-            with trio.CancelScope() as self._carrying:
-                self.lost_at = None
-                link = self._link()
-                if link is not None:
-                    link.release()
+            with scope:
                 await self.stream.run_transport(conn)
         finally:
-            self._carried.set()
-        if not self.stream.ended and not self.stream.peer_closed and self.lost_at is None:
+            carried.set()
+        if scope.cancelled_caught:
+            return  # let go for a newer connection: not an outage
+        if not self.stream.ended and not self.stream.peer_closed:
             self.lost_at = trio.current_time()
             link = self._link()
             if link is not None:
@@ -127,14 +149,9 @@ class SessionHost:
         if self.stream.ended:
             await _refuse(conn, "the session has ended")
             return
-        if self._carrying is not None:
-            self._carrying.cancel()  # a newer connection wins over one we think alive
-        await self._carried.wait()
-        try:
-            await conn.send_all(resume.OK_LINE)
-        except (trio.BrokenResourceError, OSError):
-            return
         away = 0.0 if self.lost_at is None else trio.current_time() - self.lost_at
+        if not await self._take_over(conn):
+            return
         log.warning("client re-attached after %.1f s", away)
         self.lost_at = None
         self._record()
