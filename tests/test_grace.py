@@ -45,3 +45,12 @@ def test_the_agent_is_told_the_grace_but_not_on_attach(config):
     again = dataclasses.replace(settings, agent_args=("--attach", "abc"))
     assert "--grace" not in again.remote_command() and "--attach abc" in again.remote_command()
     assert "--grace" not in _settings("gpu", (), None, None, None, 0).remote_command()
+
+
+def test_grace_on_a_session_command_is_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from topyaz_mount.cli import main
+
+    r = CliRunner().invoke(main, ["exec", "--session", "x", "--grace", "5m", "--", "true"])
+    assert r.exit_code == 2 and "--grace belongs to `mount`" in r.output

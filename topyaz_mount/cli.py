@@ -405,6 +405,9 @@ def exec_(
                     "--protect, --hide, --allow-write, --read-only and --allow-home belong to "
                     "`mount`: a session's commands share its policy"
                 )
+            source = click.get_current_context().get_parameter_source("grace")
+            if source is click.core.ParameterSource.COMMANDLINE:
+                raise UsageError("--grace belongs to `mount`: a session's commands share it")
             control.check_name(session_name)
             req = control.Exec(argv, cwd, env, forward_stdin, list(literal))
             done = trio.run(session_client.run_in_session, session_name, req, _say)
