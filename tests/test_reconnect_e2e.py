@@ -161,6 +161,30 @@ def test_link_cut_then_back(testhost, job_root, tmp_path, outage):
     _check(r, root, input_hash, outages=1)
 
 
+def test_ctrl_c_during_an_outage_reaches_the_job(testhost, job_root, tmp_path):
+    """Ctrl-C typed while the link is down waits in the stream and stops the job once
+    the link is back; its status (130) and every line it printed arrive once."""
+    root, input_hash = job_root
+    proxy, port = _start_proxy(testhost.port, 0, tmp_path / "wanproxy.log")
+    try:
+        with _start(testhost, root, f"{testhost.remote_user}@127.0.0.1:{port}") as p:
+            assert p.wait_for_stdout(b"line 002", 60), p.stderr
+            _stop(proxy)
+            time.sleep(1)
+            p.send_signal(signal.SIGINT)
+            time.sleep(2)
+            proxy, _ = _start_proxy(testhost.port, port, tmp_path / "wanproxy.log")
+            r = p.wait(60)
+    finally:
+        _stop(proxy)
+    err = r.stderr.decode()
+    assert r.returncode == 130, describe(r)
+    assert "stopping the remote command" in err and "reconnected after" in err, err
+    expected = _expected_stdout(input_hash)
+    assert r.stdout and expected.startswith(r.stdout) and r.stdout.endswith(b"\n"), describe(r)
+    assert f"line {LINES - 1:03d}".encode() not in r.stdout  # stopped, not run to its end
+
+
 def test_link_stalled_then_back(testhost, job_root, tmp_path):
     """The link passes no packet for 20 s (the proxy stopped, its connections open):
     both ends take the silence for a dead link, and the client's new ssh gets through
