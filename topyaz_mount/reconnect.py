@@ -76,6 +76,8 @@ class Reconnector:
                 line = await resume.read_line(ssh.stream, PREAMBLE_LIMIT)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 line = b""
+            except ValueError:  # one endless line: not our agent
+                raise SessionUnreachable("no attach answer from the agent") from None
             if not line:
                 raise SessionUnreachable("the connection ended before the agent answered")
             if line == resume.OK_LINE:
