@@ -59,15 +59,20 @@ def add_arguments(ap) -> None:
 # --------------------------------------------------------------------------- the proxy
 
 
-def start_proxy(target_port: int, delay_ms: float, rate_mbit: float, log: Path):
-    """Start tools/wanproxy.py in front of 127.0.0.1:target_port; (Popen, its port)."""
-    err = open(log, "wb")  # noqa: SIM115 - the proxy keeps it until it ends
+def start_proxy(
+    target_port: int, delay_ms: float, rate_mbit: float, log: Path, listen_port: int = 0
+):
+    """Start tools/wanproxy.py in front of 127.0.0.1:target_port; (Popen, its port).
+    ``listen_port``: that port (a link brought back after a cut), else any."""
+    err = open(log, "ab")  # noqa: SIM115 - the proxy keeps it until it ends
     p = subprocess.Popen(
         [
             sys.executable,
             str(TOOLS_DIR / "wanproxy.py"),
             "--target",
             f"127.0.0.1:{target_port}",
+            "--listen",
+            f"127.0.0.1:{listen_port}",
             "--delay-ms",
             str(delay_ms),
             "--rate-mbit",

@@ -45,6 +45,9 @@ class RemoteHost:
     # How the job sees the root: "fuse", "stage" or "auto" (None: the host's profile,
     # else auto: FUSE where a mount works, else the inputs are staged).
     backend: str | None = None
+    # How long the remote session outlives a lost connection while the client
+    # reconnects ("15m"; "0": off); None: the host's profile, else off.
+    grace: str | None = None
 
     @classmethod
     def parse(cls, destination: str, **kwargs: Any) -> RemoteHost:
@@ -61,6 +64,7 @@ class RemoteHost:
             ssh_options=tuple(options),
             ssh_config=self.ssh_config,
             backend=self.backend,
+            grace=self.grace,
         )
         settings, _ = host_settings(Remote(self.host, self.user, self.port), flags)
         return settings

@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -245,6 +246,7 @@ def _settings(
     cache_cap: str | None,
     verbose: int,
     backend: str | None = None,
+    grace: str | None = None,
 ) -> SshSettings:
     if not remote:
         raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
@@ -254,6 +256,7 @@ def _settings(
         ssh_config=ssh_config,
         cache_cap=cache_cap,
         backend=backend,
+        grace=grace,
     )
     settings, _ = host_settings(
         Remote.parse(remote), flags, agent_log_level="INFO" if verbose else "WARNING"
@@ -401,6 +404,14 @@ def main() -> None:
     help="Remote program for `exec video` (default: the host's profile, else "
     f"`{shlex.join(DEFAULT_PRODUCTS['video'])}`).",
 )
+@click.option(
+    "--grace",
+    default=None,
+    envvar="TOPYAZ_MOUNT_GRACE",
+    metavar="DURATION",
+    help="Keep the remote session (job, mount, outputs) this long after the link is lost, "
+    "and reconnect to it (e.g. 15m; 0: end with the link; default: the host's profile, else 0).",
+)
 @policy_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
@@ -421,6 +432,7 @@ def exec_(
     photo_cmd: str | None,
     giga_cmd: str | None,
     video_cmd: str | None,
+    grace: str | None,
     command: tuple[str, ...],
     policy: PolicyOptions,
 ) -> None:
@@ -461,6 +473,9 @@ def exec_(
                     "--protect, --hide, --allow-write, --read-only and --allow-home belong to "
                     "`mount`: a session's commands share its policy"
                 )
+            source = click.get_current_context().get_parameter_source("grace")
+            if source is click.core.ParameterSource.COMMANDLINE:
+                raise UsageError("--grace belongs to `mount`: a session's commands share it")
             control.check_name(session_name)
             req = control.Exec(
                 argv, cwd, env, forward_stdin, list(literal), includes=_absolute(includes)
@@ -474,7 +489,14 @@ def exec_(
             root_dir = str(checked_root(root or cwd, policy.allow_home))
             _precheck(argv, root_dir, cwd, env, literal)
             settings = _settings(
-                remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+                remote,
+                ssh_options,
+                ssh_config,
+                remote_python,
+                cache_cap,
+                verbose,
+                backend=backend,
+                grace=grace,
             )
             # Connect first; the rest of the client is imported while ssh connects.
             spawned = spawn_ssh(settings)
@@ -867,6 +889,14 @@ def _print_ready(info: dict) -> None:
 @click.option("--name", default=None, help="Session name (default: the root's name).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background.")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option(
+    "--grace",
+    default=None,
+    envvar="TOPYAZ_MOUNT_GRACE",
+    metavar="DURATION",
+    help="Keep the remote session (job, mount, outputs) this long after the link is lost, "
+    "and reconnect to it (e.g. 15m; 0: end with the link; default: the host's profile, else 0).",
+)
 @policy_options
 def mount(
     remote: str | None,
@@ -880,6 +910,7 @@ def mount(
     name: str | None,
     detach: bool,
     ready_fd: int | None,
+    grace: str | None,
     policy: PolicyOptions,
 ) -> None:
     """Mount the local root on the remote host and keep it mounted.
@@ -910,9 +941,18 @@ def mount(
         root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
         session = control.check_name(name or mountd.default_name(Path(root_dir)))
         settings = _settings(
-            remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, backend
+            remote,
+            ssh_options,
+            ssh_config,
+            remote_python,
+            cache_cap,
+            verbose,
+            backend=backend,
+            grace=grace,
         )
         if detach:
+            if grace is not None:  # the background session reads it from its environment
+                os.environ["TOPYAZ_MOUNT_GRACE"] = grace
             if trio.run(control.alive, session):
                 raise UsageError(
                     f"a session named {session} is running already (pick another with --name)"
@@ -1003,14 +1043,34 @@ def unmount(name: str, force: bool, verbose: int) -> None:
 
 
 @main.command("status")
+@remote_options
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of sessions).")
-def status(name: str | None, as_json: bool) -> None:
-    """List the running sessions (or show one)."""
+def status(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str | None,
+    cache_cap: str | None,
+    verbose: int,
+    name: str | None,
+    as_json: bool,
+) -> None:
+    """List the running sessions (or show one). With --remote HOST: the detachable
+    sessions (--grace) running on HOST, and since when each waits for its client."""
     import trio
 
     from . import control, session_client
 
+    source = click.get_current_context().get_parameter_source("remote")
+    if source is click.core.ParameterSource.COMMANDLINE:  # not from TOPYAZ_MOUNT_REMOTE
+        _setup_logging(verbose)
+        try:
+            settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            _print_detachable(_agent_json(settings, "--detachable")["sessions"], as_json)
+        except BaseException as e:  # noqa: BLE001
+            sys.exit(_report(e, verbose))
+        return
     try:
         if name is not None:
             sessions = [trio.run(session_client.query, control.check_name(name))]
@@ -1038,6 +1098,26 @@ def status(name: str | None, as_json: bool) -> None:
             f"{_human(s.get('content_bytes_received', 0))} down), "
             f"cache {s.get('cache_hits', 0)} hits / {s.get('cache_misses', 0)} misses"
         )
+
+
+def _print_detachable(sessions: list, as_json: bool) -> None:
+    """The remote's detachable sessions; what the (untrusted) host says is made printable."""
+    if as_json:
+        click.echo(json.dumps(sessions, sort_keys=True))
+        return
+    if not sessions:
+        click.echo("no detachable sessions")
+        return
+    for s in sessions:
+        since, grace = s.get("detached_since"), s.get("grace_seconds")
+        if not isinstance(since, (int, float)):
+            state = "attached"
+        elif isinstance(grace, (int, float)):
+            state = f"detached for {_duration(time.time() - since)} (grace {_duration(grace)})"
+        else:
+            state = "detached"
+        line = f"{s.get('session')}: {s.get('root')}, {s.get('jobs')} job(s), {state}"
+        click.echo(printable(line))
 
 
 def _duration(seconds: float) -> str:

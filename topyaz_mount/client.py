@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -45,6 +46,9 @@ from .rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
 from .waiting import first_of
+
+if TYPE_CHECKING:
+    from .reconnect import Reconnector
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,10 @@ class Session:
         self.ssh = ssh
         self.nursery = nursery
         self.session_id = secrets.token_hex(8)
+        self.secret = secrets.token_hex(16)  # a detachable session's: only we know it
+        self.reconnector: Reconnector | None = None
+        # One line per outage of a detachable session ("link lost at …, reconnected …").
+        self.on_link: Callable[[str], None] = lambda text: log.warning("%s", text)
         self.pathmap: PathMap | None = None
         self.peer: Peer | None = None
         self.agent_pid = 0
@@ -150,6 +158,43 @@ class Session:
     # --- connection -----------------------------------------------------------------
 
     async def _handshake(self, timeout: float) -> None:
+        if self.settings.grace > 0:
+            await self._attach_detachable(timeout)
+        else:
+            await self._read_magic(timeout)
+        self.nursery.start_soon(self._run_peer)
+        assert self.peer is not None
+        self.server.background = self.nursery
+        self.server.notify = self.peer.notify
+        # A detachable session's liveness is its stream's (resume.py), not the Peer's.
+        keepalive = [] if self.reconnector else [liveness.CAPABILITY]
+        capabilities = ["exec", "jobs", *keepalive] + (["watch"] if self.watch else [])
+        rules = proto.PolicyRules(*self.server.policy.rules())
+        hello = proto.Hello(
+            proto.PROTOCOL_VERSION, self.session_id, capabilities, rules, str(self.root)
+        )
+        try:
+            with trio.fail_after(timeout):
+                welcome = await self.peer.call(hello)
+        except RemoteError as e:
+            raise AgentUnavailable(f"{self.settings.remote}: {e.strerror}") from None
+        except (ConnectionLost, trio.TooSlowError):
+            raise await self._startup_failure() from None
+        self.pathmap = PathMap(str(self.root), welcome.mountpoint)
+        self.agent_pid = welcome.agent_pid
+        self.backend = welcome.backend or "fuse"
+        if welcome.backend_note:
+            log.info("%s", welcome.backend_note)
+        if liveness.CAPABILITY in welcome.capabilities and self.reconnector is None:
+            self.nursery.start_soon(
+                liveness.watch, self.peer, self.settings.keepalive, self._agent_silent
+            )
+        log.info(
+            "session %s: the root is at %s (%s)", self.session_id, welcome.mountpoint, self.backend
+        )
+
+    async def _read_magic(self, timeout: float) -> None:
+        """Read past what a login shell prints, up to the agent's magic."""
         buf = bytearray()
         with trio.move_on_after(timeout) as scope:
             while True:
@@ -168,33 +213,22 @@ class Session:
         if scope.cancelled_caught:
             raise ConnectionFailed(f"no answer from {self.settings.remote} within {timeout:.0f} s")
         self.peer = Peer(self.ssh.stream, self.server.handle, self._on_notice, preamble=bytes(buf))
-        self.nursery.start_soon(self._run_peer)
-        self.server.background = self.nursery
-        self.server.notify = self.peer.notify
-        capabilities = ["exec", "jobs", liveness.CAPABILITY] + (["watch"] if self.watch else [])
-        rules = proto.PolicyRules(*self.server.policy.rules())
-        hello = proto.Hello(
-            proto.PROTOCOL_VERSION, self.session_id, capabilities, rules, str(self.root)
-        )
+
+    async def _attach_detachable(self, timeout: float) -> None:
+        """A session that outlives its connection (``settings.grace``): the Peer runs on
+        a stream that survives ssh (reconnect.py), started by the attach line."""
+        from .reconnect import Reconnector, SessionUnreachable
+
+        self.reconnector = Reconnector(self, lambda text: self.on_link(text))
         try:
-            with trio.fail_after(timeout):
-                welcome = await self.peer.call(hello)
-        except RemoteError as e:
-            raise AgentUnavailable(f"{self.settings.remote}: {e.strerror}") from None
-        except (ConnectionLost, trio.TooSlowError):
+            stream = await self.reconnector.start(timeout)
+        except SessionUnreachable:
             raise await self._startup_failure() from None
-        self.pathmap = PathMap(str(self.root), welcome.mountpoint)
-        self.agent_pid = welcome.agent_pid
-        self.backend = welcome.backend or "fuse"
-        if welcome.backend_note:
-            log.info("%s", welcome.backend_note)
-        if liveness.CAPABILITY in welcome.capabilities:
-            self.nursery.start_soon(
-                liveness.watch, self.peer, self.settings.keepalive, self._agent_silent
-            )
-        log.info(
-            "session %s: the root is at %s (%s)", self.session_id, welcome.mountpoint, self.backend
-        )
+        except trio.TooSlowError:
+            raise ConnectionFailed(
+                f"no answer from {self.settings.remote} within {timeout:.0f} s"
+            ) from None
+        self.peer = Peer(stream, self.server.handle, self._on_notice)
 
     async def _agent_silent(self, seconds: float) -> None:
         """No byte from the agent for ``seconds``: the link is dead or stalled; ending
@@ -580,6 +614,9 @@ async def open_session(
                         await session.goodbye()
                 finally:
                     with trio.CancelScope(shield=True):
+                        if session.reconnector is not None:
+                            await session.reconnector.close()
+                        ssh = session.ssh  # a reconnect may have replaced it
                         await ssh.stop()
                     nursery.cancel_scope.cancel()
         finally:

@@ -9,6 +9,7 @@
     ssh_options = ["IdentityFile=~/.ssh/gpu"]
     cache_cap = "20G"
     include = ["~/models/shared.cfg"]   # inputs the stage backend copies for every command
+    grace = "15m"
 
 Precedence is one rule, in ``resolve``: a flag (or its environment variable) beats the
 profile, the profile beats the built-in default. The file is the user's too: writing a
@@ -57,6 +58,9 @@ class HostOptions:
     cache_cap: str | None = None
     # Local paths every command reads that no argument names (``--include``).
     include: tuple[str, ...] | None = None
+    # How long a session outlives a lost connection for the client to come back
+    # (``90s``, ``15m``; ``0``: it ends with the connection). See reconnect.py.
+    grace: str | None = None
 
 
 DEFAULTS = HostOptions(
@@ -120,6 +124,20 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m`` or ``1h``, in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    unit = t[-1] if t and t[-1] in units else "s"
+    try:
+        value = float(t.removesuffix(unit))
+    except ValueError:
+        raise UsageError(f"{text!r}: expected a duration like 90s or 15m") from None
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{text!r}: a duration must be 0 or more")
+    return value * units[unit]
+
+
 def host_settings(
     remote: Remote, flags: HostOptions, agent_log_level: str = "WARNING"
 ) -> tuple[SshSettings, HostOptions]:
@@ -141,6 +159,7 @@ def host_settings(
         opts.remote_python or "python3",
         agent_args=agent_args,
         agent_log_level=agent_log_level,
+        grace=parse_duration(opts.grace) if opts.grace else 0.0,
     )
     return settings, opts
 

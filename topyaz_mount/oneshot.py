@@ -67,6 +67,9 @@ async def exec_async(
                 session.on_warning = lambda text: click.echo(
                     f"topyaz-mount: warning: {printable(text)}", err=True
                 )
+                session.on_link = lambda text: click.echo(
+                    f"topyaz-mount: {printable(text)}", err=True
+                )
                 result = await session.run(
                     argv,
                     cwd=cwd,

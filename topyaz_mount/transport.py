@@ -74,6 +74,9 @@ class SshSettings:
     ssh_program: str = "ssh"
     agent_log_level: str = "WARNING"
     keepalive: liveness.Timing = field(default_factory=liveness.from_env)
+    # Seconds the remote session outlives a lost connection, for the client to come
+    # back (reconnect.py); 0: the session ends with its connection.
+    grace: float = 0.0
 
     def argv(self) -> list[str]:
         return self.argv_for(self.remote_command())
@@ -101,6 +104,8 @@ class SshSettings:
         words += ["--log-level", self.agent_log_level, *self.agent_args]
         if self.keepalive != liveness.Timing():
             words += ["--keepalive", str(self.keepalive)]
+        if self.grace > 0 and "--attach" not in self.agent_args:
+            words += ["--grace", f"{self.grace:g}"]
         return "exec " + " ".join(shlex.quote(w) for w in words)
 
 

@@ -18,7 +18,7 @@ import trio
 
 from .. import liveness, proto
 from ..pipes import widen
-from . import kept
+from . import kept, relay
 from .backend import CHOICES
 from .session import AgentSession
 from .store import ContentStore
@@ -149,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         default=liveness.Timing(),
         help="INTERVAL,DEAD_AFTER seconds (see liveness.py)",
     )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="seconds a session outlives a lost connection (a detachable session)",
+    )
+    parser.add_argument("--attach", default=None, help="re-attach to this detached session")
+    parser.add_argument("--host-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--detachable", action="store_true", help="print detachable sessions as JSON, exit"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -165,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if args.kept:
         return _kept_command(base_dir, args.clear, args.session)
+    if args.detachable:
+        print(json.dumps({"sessions": relay.list_hosts(base_dir / "sessions")}))
+        return 0
     if args.cache_stats:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
+    if args.host_fd is not None:
+        return _host(base_dir, args)
     channel_in = os.dup(0)
     channel_out = os.dup(1)
     widen(channel_in)
@@ -175,11 +191,56 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     os.close(devnull)
+    if args.attach is not None or args.grace is not None:
+        return _relay(base_dir, args, channel_in, channel_out)
     try:
         session = AgentSession(base_dir, args.cache_cap, args.keepalive, args.backend)
         trio.run(_serve, session, channel_in, channel_out)
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _relay(base_dir: Path, args: argparse.Namespace, channel_in: int, channel_out: int) -> int:
+    """The ssh side of a detachable session (relay.py): start its host, or find it."""
+    from .. import resume
+
+    if args.attach is not None:
+        sock = relay.connect_host(base_dir / "sessions", args.attach)
+        if sock is None:
+            os.write(channel_out, resume.REFUSED_PREFIX + b"no such session on this host\n")
+            return 4
+    else:
+        host_args = ["--base-dir", str(base_dir), "--log-level", args.log_level]
+        host_args += ["--keepalive", str(args.keepalive), "--grace", f"{args.grace:g}"]
+        host_args += ["--backend", args.backend]
+        if args.cache_cap is not None:
+            host_args += ["--cache-cap", str(args.cache_cap)]
+        sock = relay.start_host(host_args)
+    return relay.relay(channel_in, channel_out, sock)
+
+
+def _host(base_dir: Path, args: argparse.Namespace) -> int:
+    """A detached session host (host.py); what it logs goes to hosts/PID.log."""
+    import socket
+
+    from .host import SessionHost
+
+    first = socket.socket(fileno=args.host_fd)
+    logs = base_dir / "hosts"
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = logs / f"{os.getpid()}.log"
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 2)
+    os.dup2(log_fd, 1)
+    os.close(log_fd)
+    session = AgentSession(base_dir, args.cache_cap, args.keepalive, args.backend)
+    host = SessionHost(session, args.keepalive, args.grace or 0.0)
+    try:
+        trio.run(host.serve, first)
+    except KeyboardInterrupt:
+        return 130
+    log_path.unlink(missing_ok=True)
     return 0
 
 

@@ -155,7 +155,13 @@ class Job:
                     return
                 if not data:
                     return
-                await sink(fd, bytes(data))
+                try:
+                    await sink(fd, bytes(data))
+                except OSError as e:
+                    # The client is gone for good (the teardown ends the job next):
+                    # drain the rest, rather than end the session with the error.
+                    log.info("output of the job has nowhere to go: %s", e)
+                    sink = _discard
 
     async def _end_stragglers(self, pgid: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -222,3 +228,7 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+async def _discard(fd: int, data: bytes) -> None:
+    """An output sink for a job whose client is gone."""

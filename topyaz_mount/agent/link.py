@@ -2,11 +2,15 @@
 
 A FUSE handler must never wait on the network forever (a reader in the kernel may be
 uninterruptible), so every call has a deadline, and a lost connection is an EIO.
+While a detachable session waits for its client to come back (``host.py``), the link
+is *held*: no deadline runs, so a FUSE request waits for the client instead of failing
+the job with EIO; on re-attach each call gets its full deadline again.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 from typing import Any
 
 import trio
@@ -21,17 +25,36 @@ class ClientLink:
     def __init__(self, peer: Peer, deadline: float = DEFAULT_DEADLINE) -> None:
         self.peer = peer
         self.deadline = deadline
+        self.held = False
+        self._deadlines: set[trio.CancelScope] = set()
+
+    def hold(self) -> None:
+        """The client is away but may come back: no call times out meanwhile."""
+        self.held = True
+        for scope in self._deadlines:
+            scope.deadline = math.inf
+
+    def release(self) -> None:
+        """The client is back: every call waiting gets its full deadline from now."""
+        self.held = False
+        deadline = trio.current_time() + self.deadline
+        for scope in self._deadlines:
+            scope.deadline = deadline
 
     async def call(
         self, req: Any, prio: int = proto.PRIO_NORMAL, *, after_bulk: bool = False
     ) -> Any:
         try:
-            with trio.fail_after(self.deadline):
-                return await self.peer.call(req, prio, after_bulk=after_bulk)
+            with trio.CancelScope() as scope:
+                scope.deadline = math.inf if self.held else trio.current_time() + self.deadline
+                self._deadlines.add(scope)
+                try:
+                    return await self.peer.call(req, prio, after_bulk=after_bulk)
+                finally:
+                    self._deadlines.discard(scope)
         except ConnectionLost as e:
             raise OSError(errno.EIO, f"connection to the client lost: {e}") from None
-        except trio.TooSlowError:
-            raise OSError(errno.EIO, f"the client did not answer {type(req).__name__}") from None
+        raise OSError(errno.EIO, f"the client did not answer {type(req).__name__}")
 
     async def notify(self, msg: Any, prio: int = proto.PRIO_NORMAL) -> None:
         try:

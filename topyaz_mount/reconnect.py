@@ -1,0 +1,151 @@
+"""The client's end of a detachable session: one stream over a series of ssh connections.
+
+The session's ``Peer`` runs on a ``resume.ResumableStream``. When the ssh under it is
+lost (it ends, or says nothing for the keepalive's ``dead_after``), this kills it and
+starts a fresh ssh with the same options whose agent re-attaches to the session host
+(``--attach SESSION``), with backoff and jitter, until the remote's grace runs out.
+The stream then resumes where it stopped, so every request in flight, every output
+byte and the exit status arrive exactly once. One line per outage goes to the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import resume
+from .errors import AgentUnavailable
+from .transport import SshProcess, start_ssh
+
+if TYPE_CHECKING:
+    from .client import Session
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 30.0
+PREAMBLE_LIMIT = 64 << 10  # what a login shell may print before the attach answer
+
+
+class AttachRefused(AgentUnavailable):
+    """The remote has no such session (any more), or refused our secret."""
+
+
+class SessionUnreachable(Exception):
+    """This ssh ended before the remote answered the attach."""
+
+
+def backoff(attempt: int, away: float) -> float:
+    """Seconds before the next try: short at first (a Wi-Fi change is over in
+    seconds), longer once an outage has lasted a minute; jittered so many clients do
+    not come back in step."""
+    cap = 1.0 if away < 60 else 10.0
+    return min(cap, 0.25 * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+class Reconnector:
+    def __init__(self, session: Session, on_line: Callable[[str], None]) -> None:
+        self.session = session
+        self.stream = resume.ResumableStream(session.settings.keepalive)
+        self.on_line = on_line
+        self.outages = 0
+
+    def attach_line(self) -> bytes:
+        return resume.Attach(resume.VERSION, self.session.session_id, self.session.secret).line()
+
+    async def start(self, timeout: float) -> resume.ResumableStream:
+        """Attach over the session's first ssh; start carrying the stream."""
+        with trio.fail_after(timeout):
+            await self._attach(self.session.ssh)
+        self.session.nursery.start_soon(self._carry)
+        return self.stream
+
+    async def _attach(self, ssh: SshProcess) -> None:
+        try:
+            await ssh.stream.send_all(self.attach_line())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise SessionUnreachable("the connection ended before the attach") from None
+        seen = 0
+        while True:
+            try:
+                line = await resume.read_line(ssh.stream, PREAMBLE_LIMIT)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                line = b""
+            except ValueError:  # one endless line: not our agent
+                raise SessionUnreachable("no attach answer from the agent") from None
+            if not line:
+                raise SessionUnreachable("the connection ended before the agent answered")
+            if line == resume.OK_LINE:
+                return
+            if line.startswith(resume.REFUSED_PREFIX):
+                reason = line[len(resume.REFUSED_PREFIX) :].decode(errors="replace").strip()
+                raise AttachRefused(f"{self.session.settings.remote}: {reason}")
+            seen += len(line)
+            if seen > PREAMBLE_LIMIT:
+                raise SessionUnreachable("no attach answer from the agent")
+            log.info("remote login printed: %r", line[:200])
+
+    async def _carry(self) -> None:
+        while True:
+            await self.stream.run_transport(self.session.ssh.stream)
+            if self.stream.ended or self.stream.peer_closed:
+                return
+            await self._reconnect()
+            if self.stream.ended:
+                return
+
+    async def _reconnect(self) -> None:
+        """A fresh ssh attached to the session, or the stream ended past the grace."""
+        lost_at = time.time()
+        started = trio.current_time()
+        self.outages += 1
+        old = self.session.ssh
+        old.kill()
+        await old.wait()
+        give_up = self.session.settings.grace + self.session.settings.keepalive.dead_after
+        settings = dataclasses.replace(
+            self.session.settings,
+            agent_args=(*self.session.settings.agent_args, "--attach", self.session.session_id),
+        )
+        attempt = 0
+        while trio.current_time() - started < give_up:
+            await trio.sleep(backoff(attempt, trio.current_time() - started))
+            attempt += 1
+            log.info("reconnecting to %s (attempt %d)", settings.remote, attempt)
+            ssh = await start_ssh(settings)
+            self.session.nursery.start_soon(ssh.pump_stderr)
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await self._attach(ssh)
+            except AttachRefused as e:
+                ssh.kill()
+                await ssh.wait()
+                self.on_line(f"link lost at {_clock(lost_at)}; the session is gone ({e})")
+                self.stream.end()
+                return
+            except (SessionUnreachable, trio.TooSlowError, OSError) as e:
+                log.info("reconnect attempt %d failed: %s", attempt, e)
+                ssh.kill()
+                await ssh.wait()
+                continue
+            self.session.ssh = ssh
+            away = trio.current_time() - started
+            self.on_line(f"link lost at {_clock(lost_at)}, reconnected after {away:.0f} s")
+            return
+        self.on_line(
+            f"link lost at {_clock(lost_at)}; no reconnect within {give_up:.0f} s: giving up"
+        )
+        self.stream.end()
+
+    async def close(self) -> None:
+        """The clean end of the stream (the host then ends too)."""
+        await self.stream.aclose()
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(when))
