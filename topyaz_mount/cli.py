@@ -238,6 +238,19 @@ def backend_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def grace_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--grace``: how long the remote session outlives a lost link (reconnect.py)."""
+    return click.option(
+        "--grace",
+        default=None,
+        envvar="TOPYAZ_MOUNT_GRACE",
+        metavar="DURATION",
+        help="Keep the remote session (job, mount, outputs) this long after the link is "
+        "lost, and reconnect to it (e.g. 15m; 0: end with the link; default: the host's "
+        "profile, else 0).",
+    )(fn)
+
+
 def _settings(
     remote: str | None,
     ssh_options: Sequence[str],
@@ -404,14 +417,7 @@ def main() -> None:
     help="Remote program for `exec video` (default: the host's profile, else "
     f"`{shlex.join(DEFAULT_PRODUCTS['video'])}`).",
 )
-@click.option(
-    "--grace",
-    default=None,
-    envvar="TOPYAZ_MOUNT_GRACE",
-    metavar="DURATION",
-    help="Keep the remote session (job, mount, outputs) this long after the link is lost, "
-    "and reconnect to it (e.g. 15m; 0: end with the link; default: the host's profile, else 0).",
-)
+@grace_option
 @policy_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
@@ -889,14 +895,7 @@ def _print_ready(info: dict) -> None:
 @click.option("--name", default=None, help="Session name (default: the root's name).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background.")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
-@click.option(
-    "--grace",
-    default=None,
-    envvar="TOPYAZ_MOUNT_GRACE",
-    metavar="DURATION",
-    help="Keep the remote session (job, mount, outputs) this long after the link is lost, "
-    "and reconnect to it (e.g. 15m; 0: end with the link; default: the host's profile, else 0).",
-)
+@grace_option
 @policy_options
 def mount(
     remote: str | None,
