@@ -353,6 +353,17 @@ def main() -> None:
     help="Print a transfer summary on stderr (--stats, or --stats=json).",
 )
 @click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No live progress (shown on stderr when it is a terminal).",
+)
+@click.option(
+    "--json-progress",
+    is_flag=True,
+    help="Progress as one JSON object a second on stderr, terminal or not.",
+)
+@click.option(
     "--photo-cmd",
     default=None,
     envvar="TOPYAZ_MOUNT_PHOTO_CMD",
@@ -388,6 +399,8 @@ def exec_(
     forward_stdin: bool,
     literal: tuple[str, ...],
     stats_format: str | None,
+    quiet: bool,
+    json_progress: bool,
     photo_cmd: str | None,
     giga_cmd: str | None,
     video_cmd: str | None,
@@ -457,10 +470,20 @@ def exec_(
                 literal,
                 spawned,
                 rules,
+                _progress_display(quiet, json_progress),
             )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
     _finish(result, stats_format)
+
+
+def _progress_display(quiet: bool, json_progress: bool) -> str | None:
+    """How the live progress is shown: JSON when asked, a line on a terminal, else none."""
+    if json_progress:
+        if quiet:
+            raise UsageError("--quiet and --json-progress do not go together")
+        return "json"
+    return "line" if not quiet and sys.stderr.isatty() else None
 
 
 def _say(text: str) -> None:

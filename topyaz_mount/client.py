@@ -458,6 +458,11 @@ class Session:
         except ConnectionLost:
             raise await self._loss_error() from None
         log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
+        fetched = {i for i in missing.indices if 0 <= i < len(entries)}
+        self.server.stats.manifest_bytes += sum(e.size for e in entries)
+        self.server.stats.manifest_cached_bytes += sum(
+            e.size for i, e in enumerate(entries) if i not in fetched
+        )
 
     async def _wait_exit(self, job: Job) -> None:
         await first_of(job.done, self._lost)

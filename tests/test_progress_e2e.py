@@ -1,0 +1,132 @@
+"""Live progress of `exec`, end to end: on a terminal only, out of stdout's way, and
+its figures the same as `--stats`'s.
+
+stderr is a real pseudo-terminal (``os.openpty``) in one run and a pipe in the others;
+stdout is always a pipe, so its bytes can be compared between the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from e2e_util import client_env, descendants, exec_argv, run_exec, write_random
+
+from topyaz_mount.progress import human
+
+SIZE = 3 << 20
+# The job prints a binary input whole and copies it: both directions move bytes.
+COMMAND = ["sh", "-c", 'cat "$1"; cp "$1" "$2"; echo end', "sh", "./in.bin", "./out.bin"]
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _run_on_pty(argv: list[str], cwd: Path, timeout: float = 120) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with stderr on a new pty and stdout on a pipe: (status, stdout, pty)."""
+    master, slave = os.openpty()
+    seen: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:  # EIO: every writer of the slave is gone
+                return
+            if not data:
+                return
+            seen.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            for pid in descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    os.close(master)
+    return proc.returncode, out, b"".join(seen)
+
+
+def _stats(stderr: bytes) -> dict:
+    lines = [line for line in ANSI.sub(b"", stderr).splitlines() if line.startswith(b"{")]
+    return [json.loads(line) for line in lines if b"wall_seconds" in line][-1]
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    root = tmp_path / "client"
+    root.mkdir(mode=0o700)
+    write_random(root / "in.bin", SIZE)
+    return root
+
+
+def test_progress_on_a_terminal_only_and_its_figures_are_the_stats(testhost, root):
+    argv = exec_argv(testhost, root, COMMAND, options=["--stats=json"])
+    code, tty_out, tty_err = _run_on_pty(argv, root)
+    assert code == 0, tty_err.decode(errors="replace")
+    data = (root / "in.bin").read_bytes()
+    assert tty_out == data + b"end\n"
+    assert (root / "out.bin").read_bytes() == data
+    stats = _stats(tty_err)
+    # Drawn in place (carriage return, erase to the end of the line), and cleared.
+    frames = [f for f in re.split(rb"\r", tty_err) if b"topyaz-mount" in f and b"\x1b[K" in f]
+    assert frames, tty_err
+    last = ANSI.sub(b"", frames[-1]).decode()
+    assert "done" in last
+    assert f"in {human(stats['content_bytes_sent'])}" in last
+    assert f"out {human(stats['content_bytes_received'])} in 1 files" in last
+    erase = tty_err.rindex(b"\x1b[K")
+    assert tty_err[erase - 1 : erase] == b"\r"  # the last thing drawn is the clearing
+
+    (root / "out.bin").unlink()
+    piped = run_exec(testhost, root, *COMMAND, options=["--stats=json"])
+    assert piped.returncode == 0
+    assert piped.stdout == tty_out  # byte for byte, with and without the progress
+    assert b"\x1b[" not in piped.stderr and b"\r" not in piped.stderr
+
+    (root / "out.bin").unlink()
+    code, quiet_out, quiet_err = _run_on_pty(argv[:-len(COMMAND) - 1] + ["-q", "--", *COMMAND],
+                                             root)
+    assert code == 0 and quiet_out == tty_out
+    assert b"\x1b[K" not in quiet_err
+
+
+def test_json_progress_lines_end_with_the_stats_figures(testhost, root):
+    first = run_exec(testhost, root, *COMMAND)  # the remote cache now has in.bin
+    assert first.returncode == 0
+    (root / "out.bin").unlink()
+    r = run_exec(testhost, root, *COMMAND, options=["--json-progress", "--stats=json"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == first.stdout
+    assert (root / "out.bin").read_bytes() == (root / "in.bin").read_bytes()
+    records = [json.loads(line) for line in r.stderr.splitlines() if line.startswith(b"{")]
+    progress = [p for p in records if "phase" in p]
+    stats = records[-1]
+    assert progress and progress[-1]["phase"] == "done"
+    final = progress[-1]
+    assert final["in_bytes"] == stats["content_bytes_sent"]
+    assert final["out_bytes"] == stats["content_bytes_received"] == SIZE
+    assert final["out_files"] == stats["files_committed"] == 1
+    assert final["out_pending"] == 0
+    assert final["in_expected"] + final["in_skipped"] == SIZE
+    assert final["in_skipped"] == SIZE  # cached by the first run: shown as skipped
+
+
+def test_quiet_and_json_progress_together_are_a_usage_error(testhost, root):
+    r = run_exec(testhost, root, "true", options=["-q", "--json-progress"])
+    assert r.returncode == 2
+    assert b"--quiet and --json-progress" in r.stderr
