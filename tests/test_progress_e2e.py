@@ -130,3 +130,40 @@ def test_quiet_and_json_progress_together_are_a_usage_error(testhost, root):
     r = run_exec(testhost, root, "true", options=["-q", "--json-progress"])
     assert r.returncode == 2
     assert b"--quiet and --json-progress" in r.stderr
+
+
+def test_api_progress_callback_ends_with_the_result_stats(testhost, root):
+    from test_api_e2e import remote_host
+
+    from topyaz_mount.api import RemoteMount
+
+    seen = []
+    with RemoteMount(remote_host(testhost), root) as remote:
+        quiet = remote.run(COMMAND, cwd=root)  # no callback: no progress anywhere
+        (root / "out.bin").unlink()
+        done = remote.run(COMMAND, cwd=root, on_progress=seen.append, progress_interval=0.1)
+    assert quiet.returncode == done.returncode == 0
+    assert done.stdout == quiet.stdout
+    assert seen and all(p.phase == "running" for p in seen[:-1]) and seen[-1].phase == "done"
+    final = seen[-1]
+    assert final.in_bytes == done.stats["content_bytes_sent"]
+    assert final.out_bytes == done.stats["content_bytes_received"] == SIZE
+    assert final.out_files == done.stats["files_committed"] == 1
+
+
+def test_status_shows_a_sessions_transfer_figures(testhost, root, tmp_path):
+    from test_session_e2e import MountedSession
+
+    session = MountedSession(testhost, root, tmp_path / "runtime", "prog")
+    try:
+        session.start()
+        r = session.exec(*COMMAND)
+        assert r.returncode == 0 and r.stdout == (root / "in.bin").read_bytes() + b"end\n"
+        info = session.status()
+        assert info["progress_phase"] == "mounted"
+        assert info["progress_out_bytes"] == SIZE and info["progress_out_files"] == 1
+        assert info["progress_in_bytes"] == info["content_bytes_sent"]
+        text = session.cli("status", "prog")
+        assert f"out {human(SIZE)} in 1 files".encode() in text.stdout, text.stdout
+    finally:
+        session.close()

@@ -838,6 +838,12 @@ def _print_ready(info: dict) -> None:
 )
 @click.option("--name", default=None, help="Session name (default: the root's name).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No live transfer line (shown on stderr when it is a terminal).",
+)
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @policy_options
 def mount(
@@ -850,6 +856,7 @@ def mount(
     root: str | None,
     name: str | None,
     detach: bool,
+    quiet: bool,
     ready_fd: int | None,
     policy: PolicyOptions,
 ) -> None:
@@ -866,7 +873,7 @@ def mount(
     _setup_logging(verbose)
     import trio
 
-    from . import control, mountd
+    from . import control, mountd, progress
 
     def report_ready(info: dict) -> None:
         if ready_fd is not None:
@@ -906,9 +913,23 @@ def mount(
             _print_ready(info)
             click.echo(f"  log:           {log_path}")
             return
+        line = _progress_display(quiet, False) and ready_fd is None
+        shown = progress.TerminalLine() if line else None
+
+        def say(text: str) -> None:
+            if shown is not None:
+                shown.clear()
+            _say(text)
+
         server, lost = trio.run(
             lambda: mountd.serve(
-                settings, root_dir, session, on_ready=report_ready, say=_say, policy=rules
+                settings,
+                root_dir,
+                session,
+                on_ready=report_ready,
+                say=say,
+                policy=rules,
+                line=shown,
             )
         )
     except BaseException as e:  # noqa: BLE001
@@ -985,6 +1006,8 @@ def status(name: str | None, as_json: bool) -> None:
     if not sessions:
         click.echo("no sessions")
         return
+    from .progress import describe, from_flat
+
     for s in sessions:
         moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
         place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
@@ -997,6 +1020,9 @@ def status(name: str | None, as_json: bool) -> None:
             f"{_human(s.get('content_bytes_received', 0))} down), "
             f"cache {s.get('cache_hits', 0)} hits / {s.get('cache_misses', 0)} misses"
         )
+        figures = from_flat(s)
+        if figures is not None:  # the figures a foreground `mount` shows live
+            click.echo(f"  {printable(describe(figures))}")
 
 
 def _duration(seconds: float) -> str:

@@ -71,9 +71,7 @@ async def exec_async(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward_signals, session, abort)
                 if shown is not None:
-                    nursery.start_soon(
-                        progress.watch, tracker, shown.show, 0.5 if line else 1.0
-                    )
+                    nursery.start_soon(progress.watch, tracker, shown.show, 0.5 if line else 1.0)
                 warn = out(writer(sys.stderr.buffer))
                 session.on_warning = lambda text: warn(
                     f"topyaz-mount: warning: {printable(text)}\n".encode()

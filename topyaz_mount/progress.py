@@ -46,7 +46,7 @@ class Progress:
     out_files: int
     elapsed: float
     rate: float
-    eta: float | None
+    eta: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +54,12 @@ class Progress:
 
 Callback = Callable[[Progress], None]
 Sink = Callable[[bytes], None]
+
+
+def from_flat(info: dict[str, Any], prefix: str = "progress_") -> Progress | None:
+    """The snapshot a session's status carries as ``progress_*`` keys, if it does."""
+    fields = {k[len(prefix) :]: v for k, v in info.items() if k.startswith(prefix)}
+    return Progress(**fields) if fields else None
 
 
 class Tracker:
