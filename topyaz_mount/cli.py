@@ -155,6 +155,15 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+bwlimit_option = click.option(
+    "--bwlimit",
+    default=None,
+    metavar="RATE",
+    help="Use at most RATE bytes a second of the link (10M, 500k; UP:DOWN for each way, "
+    "e.g. 1M:10M; default: the host's profile, else no limit).",
+)
+
+
 def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The write policy's options (see policy.py), handed on as one ``policy`` argument."""
 
@@ -229,6 +238,7 @@ def _settings(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    bwlimit: str | None = None,
 ) -> SshSettings:
     if not remote:
         raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
@@ -237,6 +247,7 @@ def _settings(
         ssh_options=tuple(ssh_options),
         ssh_config=ssh_config,
         cache_cap=cache_cap,
+        bwlimit=bwlimit,
     )
     settings, _ = host_settings(
         Remote.parse(remote), flags, agent_log_level="INFO" if verbose else "WARNING"
@@ -363,6 +374,7 @@ def main() -> None:
     is_flag=True,
     help="Progress as one JSON object a second on stderr, terminal or not.",
 )
+@bwlimit_option
 @click.option(
     "--photo-cmd",
     default=None,
@@ -401,6 +413,7 @@ def exec_(
     stats_format: str | None,
     quiet: bool,
     json_progress: bool,
+    bwlimit: str | None,
     photo_cmd: str | None,
     giga_cmd: str | None,
     video_cmd: str | None,
@@ -449,7 +462,9 @@ def exec_(
             rules = Policy.from_options(policy)
             root_dir = str(checked_root(root or cwd, policy.allow_home))
             _precheck(argv, root_dir, cwd, env, literal)
-            settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+            settings = _settings(
+                remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, bwlimit
+            )
             # Connect first; the rest of the client is imported while ssh connects.
             spawned = spawn_ssh(settings)
             try:
@@ -777,6 +792,7 @@ def _mount_child_argv(
     name: str,
     ready_fd: int,
     policy: PolicyOptions,
+    bwlimit: str | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "topyaz_mount", "mount", "--remote", remote]
     for opt in ssh_options:
@@ -787,6 +803,8 @@ def _mount_child_argv(
         argv += ["--remote-python", remote_python]
     if cache_cap:
         argv += ["--cache-cap", cache_cap]
+    if bwlimit:
+        argv += ["--bwlimit", bwlimit]
     argv += ["-v"] * verbose + _policy_argv(policy)
     return argv + ["--root", root, "--name", name, "--ready-fd", str(ready_fd)]
 
@@ -844,6 +862,7 @@ def _print_ready(info: dict) -> None:
     is_flag=True,
     help="No live transfer line (shown on stderr when it is a terminal).",
 )
+@bwlimit_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @policy_options
 def mount(
@@ -857,6 +876,7 @@ def mount(
     name: str | None,
     detach: bool,
     quiet: bool,
+    bwlimit: str | None,
     ready_fd: int | None,
     policy: PolicyOptions,
 ) -> None:
@@ -887,7 +907,9 @@ def mount(
         rules = Policy.from_options(policy)
         root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
         session = control.check_name(name or mountd.default_name(Path(root_dir)))
-        settings = _settings(remote, ssh_options, ssh_config, remote_python, cache_cap, verbose)
+        settings = _settings(
+            remote, ssh_options, ssh_config, remote_python, cache_cap, verbose, bwlimit
+        )
         if detach:
             if trio.run(control.alive, session):
                 raise UsageError(
@@ -905,6 +927,7 @@ def mount(
                 session,
                 w,
                 policy,
+                bwlimit,
             )
             log_path = str(control.runtime_dir() / f"{session}.log")
             info = _detach(child, r, w, log_path)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from . import liveness, proto
+from . import liveness, pacing, proto
 from .errors import (
     AgentUnavailable,
     ConnectionFailed,
@@ -166,10 +166,16 @@ class Session:
         self.nursery.start_soon(self._run_peer)
         self.server.background = self.nursery
         self.server.notify = self.peer.notify
+        self.peer.pacer = pacing.bucket(self.settings.bwlimit[0])
         capabilities = ["exec", "jobs", liveness.CAPABILITY] + (["watch"] if self.watch else [])
         rules = proto.PolicyRules(*self.server.policy.rules())
         hello = proto.Hello(
-            proto.PROTOCOL_VERSION, self.session_id, capabilities, rules, str(self.root)
+            proto.PROTOCOL_VERSION,
+            self.session_id,
+            capabilities,
+            rules,
+            str(self.root),
+            bwlimit=self.settings.bwlimit[1],
         )
         try:
             with trio.fail_after(timeout):

@@ -52,6 +52,7 @@ class HostOptions:
     ssh_options: tuple[str, ...] | None = None
     ssh_config: str | None = None
     cache_cap: str | None = None
+    bwlimit: str | None = None  # "10M", "500k" or "UP:DOWN" (pacing.parse_bwlimit)
 
 
 DEFAULTS = HostOptions(
@@ -109,6 +110,21 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def parse_bwlimit(text: str) -> tuple[int, int]:
+    """``--bwlimit``: (bytes a second the client sends, bytes a second the agent sends),
+    0 for no limit. ``10M`` (both ways), ``500k``, or ``UP:DOWN`` (``1M:10M``; ``0`` or
+    nothing for no limit on that side). Suffixes count in 1024s, as sizes do."""
+    up, colon, down = text.partition(":")
+    try:
+        first = parse_size(up) if up.strip() else 0
+        second = (parse_size(down) if down.strip() else 0) if colon else first
+    except UsageError:
+        raise UsageError(
+            f"--bwlimit {text!r}: expected a rate like 10M, 500k or UP:DOWN (1M:10M)"
+        ) from None
+    return first, second
+
+
 def host_settings(
     remote: Remote, flags: HostOptions, agent_log_level: str = "WARNING"
 ) -> tuple[SshSettings, HostOptions]:
@@ -126,6 +142,7 @@ def host_settings(
         opts.remote_python or "python3",
         agent_args=agent_args,
         agent_log_level=agent_log_level,
+        bwlimit=parse_bwlimit(opts.bwlimit) if opts.bwlimit else (0, 0),
     )
     return settings, opts
 

@@ -74,6 +74,8 @@ class SshSettings:
     ssh_program: str = "ssh"
     agent_log_level: str = "WARNING"
     keepalive: liveness.Timing = field(default_factory=liveness.from_env)
+    # --bwlimit: bytes a second (we send, the agent sends); 0 is no limit (pacing.py).
+    bwlimit: tuple[int, int] = (0, 0)
 
     def argv(self) -> list[str]:
         return self.argv_for(self.remote_command())
