@@ -292,7 +292,9 @@ class PassThroughCommand(click.Command):
         # What is left once our options are taken, before click checks anything else
         # (a missing required option would otherwise hide the typo that caused it).
         opts, _, _ = self.make_parser(ctx).parse_args(args=list(args))
-        command = opts.get("command") or ()
+        command = opts.get("command")
+        if not isinstance(command, list | tuple):  # none given (click 8.3: a sentinel)
+            command = ()
         if command and command[0].startswith("-") and command[0] != "-":
             before = args[len(args) - len(command) - 1] if len(args) > len(command) else ""
             if before != "--":
