@@ -167,3 +167,21 @@ def test_status_shows_a_sessions_transfer_figures(testhost, root, tmp_path):
         assert f"out {human(SIZE)} in 1 files".encode() in text.stdout, text.stdout
     finally:
         session.close()
+
+
+def test_a_paced_session_moves_every_byte_both_ways(testhost, root):
+    """Under --bwlimit (both ways, then up only) the job's outputs and stdout are whole;
+    the rate itself is measured in tools/bench_progress.py, not asserted here."""
+    for limit in ("8M", "8M:"):
+        r = run_exec(testhost, root, *COMMAND, options=["--bwlimit", limit, "--stats=json"])
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == (root / "in.bin").read_bytes() + b"end\n"
+        assert (root / "out.bin").read_bytes() == (root / "in.bin").read_bytes()
+        assert _stats(r.stderr)["content_bytes_received"] == SIZE
+        (root / "out.bin").unlink()
+
+
+def test_a_bad_bwlimit_is_one_line_and_status_2(testhost, root):
+    r = run_exec(testhost, root, "true", options=["--bwlimit", "fast"])
+    assert r.returncode == 2
+    assert r.stderr.count(b"\n") == 1 and b"--bwlimit 'fast'" in r.stderr, r.stderr
