@@ -185,3 +185,53 @@ def test_a_bad_bwlimit_is_one_line_and_status_2(testhost, root):
     r = run_exec(testhost, root, "true", options=["--bwlimit", "fast"])
     assert r.returncode == 2
     assert r.stderr.count(b"\n") == 1 and b"--bwlimit 'fast'" in r.stderr, r.stderr
+
+
+def test_a_foreground_mount_on_a_terminal_shows_the_sessions_line_and_clears_it(
+    testhost, root, tmp_path
+):
+    from e2e_util import wait_until
+    from test_session_e2e import MountedSession
+
+    session = MountedSession(testhost, root, tmp_path / "runtime", "fg")
+    master, slave = os.openpty()
+    seen: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            seen.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = subprocess.Popen(session.mount_argv(), env=session.env, cwd=root,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    try:
+        assert wait_until(lambda: session.cli("status", "fg").returncode == 0, 60)
+        session.pid = proc.pid
+        session.remember_ssh()
+        r = session.exec(*COMMAND)
+        assert r.returncode == 0 and r.stdout == (root / "in.bin").read_bytes() + b"end\n"
+        line = f"out {human(SIZE)} in 1 files".encode()
+        assert wait_until(lambda: line in b"".join(seen), 10), b"".join(seen)
+        assert session.unmount().returncode == 0
+        proc.wait(60)
+    finally:
+        session.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+        os.close(master)
+    shown = b"".join(seen)
+    assert proc.returncode == 0, shown
+    assert b"mounted" in shown and b"\x1b[K" in shown
+    # The line is cleared before the session's last words ("... unmounted").
+    tail = shown[shown.rindex(b"\x1b[K") - 1 :]
+    assert tail.startswith(b"\r\x1b[K") and b"session fg unmounted" in tail
