@@ -150,11 +150,19 @@ class AsyncRemote:
 
         data = input.encode() if isinstance(input, str) else input
         report = guarded(on_progress)
-        async with self._lock, trio.open_nursery() as nursery:
+        async with self._lock:
             tracker = progress.Tracker(self._session.server)
             tracker.phase = "running"
+            # In the session's nursery, not one of ours: the caller's errors (a
+            # TranslationError) must come out as themselves, not in an exception group.
+            watching = trio.CancelScope()
+
+            async def watch() -> None:
+                with watching:
+                    await progress.watch(tracker, report, progress_interval)
+
             if on_progress is not None:
-                nursery.start_soon(progress.watch, tracker, report, progress_interval)
+                self._session.nursery.start_soon(watch)
             try:
                 result = await self._session.run(
                     list(argv),
@@ -167,7 +175,7 @@ class AsyncRemote:
                     literal=literal,
                 )
             finally:
-                nursery.cancel_scope.cancel()
+                watching.cancel()
             if on_progress is not None:
                 progress.finish(tracker, report)
         if callback_errors:
