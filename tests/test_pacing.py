@@ -118,3 +118,19 @@ def test_a_paced_peer_sends_at_the_rate_and_an_urgent_frame_overtakes_bulk():
     last_bulk = max(t for t, msg in arrived if msg.job != 99)
     total = 16 * (256 << 10) - TokenBucket(RATE).burst
     assert last_bulk - start >= total / RATE
+
+
+def test_the_limit_comes_from_the_flag_over_the_host_profile(tmp_path, monkeypatch):
+    from topyaz_mount.api import RemoteHost
+    from topyaz_mount.cli import _settings
+    from topyaz_mount.config import HostOptions, save_profile
+
+    monkeypatch.setenv("TOPYAZ_MOUNT_CONFIG", str(tmp_path / "config.toml"))
+    save_profile("gpu", HostOptions(bwlimit="1M:4M"))
+    assert _settings("gpu", (), None, None, None, 0).bwlimit == (1 << 20, 4 << 20)
+    assert _settings("gpu", (), None, None, None, 0, "500k").bwlimit == (500 << 10, 500 << 10)
+    assert _settings("other", (), None, None, None, 0).bwlimit == (0, 0)
+    assert RemoteHost.parse("gpu").settings().bwlimit == (1 << 20, 4 << 20)  # the API too
+    save_profile("bad", HostOptions(bwlimit="fast"))
+    with pytest.raises(UsageError, match="--bwlimit"):
+        _settings("bad", (), None, None, None, 0)
