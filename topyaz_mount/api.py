@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from . import progress
 from .client import Session, open_session
 from .config import HostOptions, host_settings
 from .errors import collapse
@@ -125,38 +126,68 @@ class AsyncRemote:
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
         literal: Sequence[str] = (),
+        on_progress: progress.Callback | None = None,
+        progress_interval: float = 1.0,
     ) -> CompletedRun:
         """Run ``argv`` remotely; paths under the root are translated both in ``argv``
         and in ``env`` values, except the arguments listed in ``literal``. Output is
         captured, and also streamed to ``on_stdout`` / ``on_stderr`` if given. Raises
-        ``JobTimeout`` after killing the command when ``timeout`` runs out."""
+        ``JobTimeout`` after killing the command when ``timeout`` runs out.
+        ``on_progress`` gets a ``progress.Progress`` every ``progress_interval`` seconds
+        and a last one (phase ``done``) whose figures are the result's ``stats``."""
         out: list[bytes] = []
         err: list[bytes] = []
         callback_errors: list[BaseException] = []
 
-        def tee(buf: list[bytes], cb: Callable[[bytes], None] | None) -> Callable[[bytes], None]:
-            def sink(data: bytes) -> None:
-                buf.append(data)
+        def guarded(cb: Callable[[Any], None] | None) -> Callable[[Any], None]:
+            def call(value: Any) -> None:
                 if cb is not None and not callback_errors:
                     try:
-                        cb(data)
+                        cb(value)
                     except Exception as e:  # the caller's bug: report it, keep the session
                         callback_errors.append(e)
+
+            return call
+
+        def tee(buf: list[bytes], cb: Callable[[bytes], None] | None) -> Callable[[bytes], None]:
+            forward = guarded(cb)
+
+            def sink(data: bytes) -> None:
+                buf.append(data)
+                forward(data)
 
             return sink
 
         data = input.encode() if isinstance(input, str) else input
+        report = guarded(on_progress)
         async with self._lock:
-            result = await self._session.run(
-                list(argv),
-                cwd=os.fspath(cwd) if cwd is not None else None,
-                env=dict(env or {}),
-                stdout=tee(out, on_stdout),
-                stderr=tee(err, on_stderr),
-                stdin=data,
-                timeout=timeout,
-                literal=literal,
-            )
+            tracker = progress.Tracker(self._session.server)
+            tracker.phase = "running"
+            # In the session's nursery, not one of ours: the caller's errors (a
+            # TranslationError) must come out as themselves, not in an exception group.
+            watching = trio.CancelScope()
+
+            async def watch() -> None:
+                with watching:
+                    await progress.watch(tracker, report, progress_interval)
+
+            if on_progress is not None:
+                self._session.nursery.start_soon(watch)
+            try:
+                result = await self._session.run(
+                    list(argv),
+                    cwd=os.fspath(cwd) if cwd is not None else None,
+                    env=dict(env or {}),
+                    stdout=tee(out, on_stdout),
+                    stderr=tee(err, on_stderr),
+                    stdin=data,
+                    timeout=timeout,
+                    literal=literal,
+                )
+            finally:
+                watching.cancel()
+            if on_progress is not None:
+                progress.finish(tracker, report)
         if callback_errors:
             raise callback_errors[0]
         return CompletedRun(
@@ -312,14 +343,24 @@ class RemoteMount:
         input: bytes | str | None = None,
         timeout: float | None = None,
         literal: Sequence[str] = (),
+        on_progress: progress.Callback | None = None,
+        progress_interval: float = 1.0,
     ) -> CompletedRun:
+        """See ``AsyncRemote.run``; ``on_progress`` is called in the session's thread."""
         assert self._remote is not None or not self.is_open
         remote = self._remote
 
         async def go() -> CompletedRun:
             assert remote is not None
             return await remote.run(
-                argv, cwd=cwd, env=env, input=input, timeout=timeout, literal=literal
+                argv,
+                cwd=cwd,
+                env=env,
+                input=input,
+                timeout=timeout,
+                literal=literal,
+                on_progress=on_progress,
+                progress_interval=progress_interval,
             )
 
         return self._call(go)

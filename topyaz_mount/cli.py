@@ -158,6 +158,15 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+bwlimit_option = click.option(
+    "--bwlimit",
+    default=None,
+    metavar="RATE",
+    help="Use at most RATE bytes a second of the link (10M, 500k; UP:DOWN for each way, "
+    "e.g. 1M:10M; default: the host's profile, else no limit).",
+)
+
+
 def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The write policy's options (see policy.py), handed on as one ``policy`` argument."""
 
@@ -260,6 +269,7 @@ def _settings(
     verbose: int,
     backend: str | None = None,
     grace: str | None = None,
+    bwlimit: str | None = None,
 ) -> SshSettings:
     if not remote:
         raise UsageError("missing --remote HOST (or set TOPYAZ_MOUNT_REMOTE)")
@@ -270,6 +280,7 @@ def _settings(
         cache_cap=cache_cap,
         backend=backend,
         grace=grace,
+        bwlimit=bwlimit,
     )
     settings, _ = host_settings(
         Remote.parse(remote), flags, agent_log_level="INFO" if verbose else "WARNING"
@@ -397,6 +408,18 @@ def main() -> None:
     help="Print a transfer summary on stderr (--stats, or --stats=json).",
 )
 @click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No live progress (shown on stderr when it is a terminal).",
+)
+@click.option(
+    "--json-progress",
+    is_flag=True,
+    help="Progress as one JSON object a second on stderr, terminal or not.",
+)
+@bwlimit_option
+@click.option(
     "--photo-cmd",
     default=None,
     envvar="TOPYAZ_MOUNT_PHOTO_CMD",
@@ -435,6 +458,9 @@ def exec_(
     forward_stdin: bool,
     literal: tuple[str, ...],
     stats_format: str | None,
+    quiet: bool,
+    json_progress: bool,
+    bwlimit: str | None,
     photo_cmd: str | None,
     giga_cmd: str | None,
     video_cmd: str | None,
@@ -503,6 +529,7 @@ def exec_(
                 verbose,
                 backend=backend,
                 grace=grace,
+                bwlimit=bwlimit,
             )
             # Connect first; the rest of the client is imported while ssh connects.
             spawned = spawn_ssh(settings)
@@ -525,6 +552,7 @@ def exec_(
                 spawned,
                 rules,
                 _absolute(opts.include or ()),
+                _progress_display(quiet, json_progress),
             )
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
@@ -533,6 +561,15 @@ def exec_(
 
 def _absolute(paths: Sequence[str]) -> list[str]:
     return [os.path.abspath(os.path.expanduser(p)) for p in paths]
+
+
+def _progress_display(quiet: bool, json_progress: bool) -> str | None:
+    """How the live progress is shown: JSON when asked, a line on a terminal, else none."""
+    if json_progress:
+        if quiet:
+            raise UsageError("--quiet and --json-progress do not go together")
+        return "json"
+    return "line" if not quiet and sys.stderr.isatty() else None
 
 
 def _say(text: str) -> None:
@@ -830,6 +867,7 @@ def _mount_child_argv(
     ready_fd: int,
     policy: PolicyOptions,
     backend: str | None = None,
+    bwlimit: str | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "topyaz_mount", "mount", "--remote", remote]
     for opt in ssh_options:
@@ -842,6 +880,8 @@ def _mount_child_argv(
         argv += ["--cache-cap", cache_cap]
     if backend:
         argv += ["--backend", backend]
+    if bwlimit:
+        argv += ["--bwlimit", bwlimit]
     argv += ["-v"] * verbose + _policy_argv(policy)
     return argv + ["--root", root, "--name", name, "--ready-fd", str(ready_fd)]
 
@@ -894,6 +934,13 @@ def _print_ready(info: dict) -> None:
 )
 @click.option("--name", default=None, help="Session name (default: the root's name).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No live transfer line (shown on stderr when it is a terminal).",
+)
+@bwlimit_option
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @grace_option
 @policy_options
@@ -908,6 +955,8 @@ def mount(
     root: str | None,
     name: str | None,
     detach: bool,
+    quiet: bool,
+    bwlimit: str | None,
     ready_fd: int | None,
     grace: str | None,
     policy: PolicyOptions,
@@ -925,7 +974,7 @@ def mount(
     _setup_logging(verbose)
     import trio
 
-    from . import control, mountd
+    from . import control, mountd, progress
 
     def report_ready(info: dict) -> None:
         if ready_fd is not None:
@@ -948,6 +997,7 @@ def mount(
             verbose,
             backend=backend,
             grace=grace,
+            bwlimit=bwlimit,
         )
         if detach:
             if grace is not None:  # the background session reads it from its environment
@@ -969,6 +1019,7 @@ def mount(
                 w,
                 policy,
                 backend,
+                bwlimit,
             )
             log_path = str(control.runtime_dir() / f"{session}.log")
             info = _detach(child, r, w, log_path)
@@ -978,15 +1029,24 @@ def mount(
             click.echo(f"  log:           {log_path}")
             return
         includes = _absolute(_profile(remote, HostOptions()).include or ())
+        line = _progress_display(quiet, False) and ready_fd is None
+        shown = progress.TerminalLine() if line else None
+
+        def say(text: str) -> None:
+            if shown is not None:
+                shown.clear()
+            _say(text)
+
         server, lost = trio.run(
             lambda: mountd.serve(
                 settings,
                 root_dir,
                 session,
                 on_ready=report_ready,
-                say=_say,
+                say=say,
                 policy=rules,
                 includes=includes,
+                line=shown,
             )
         )
     except BaseException as e:  # noqa: BLE001
@@ -1083,6 +1143,8 @@ def status(
     if not sessions:
         click.echo("no sessions")
         return
+    from .progress import describe, from_flat
+
     for s in sessions:
         moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
         place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
@@ -1097,6 +1159,9 @@ def status(
             f"{_human(s.get('content_bytes_received', 0))} down), "
             f"cache {s.get('cache_hits', 0)} hits / {s.get('cache_misses', 0)} misses"
         )
+        figures = from_flat(s)
+        if figures is not None:  # the figures a foreground `mount` shows live
+            click.echo(f"  {printable(describe(figures))}")
 
 
 def _print_detachable(sessions: list, as_json: bool) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import liveness, proto
+from . import liveness, pacing, proto
 from .errors import (
     AgentUnavailable,
     ConnectionFailed,
@@ -166,12 +166,18 @@ class Session:
         assert self.peer is not None
         self.server.background = self.nursery
         self.server.notify = self.peer.notify
+        self.peer.pacer = pacing.bucket(self.settings.bwlimit[0])
         # A detachable session's liveness is its stream's (resume.py), not the Peer's.
         keepalive = [] if self.reconnector else [liveness.CAPABILITY]
         capabilities = ["exec", "jobs", *keepalive] + (["watch"] if self.watch else [])
         rules = proto.PolicyRules(*self.server.policy.rules())
         hello = proto.Hello(
-            proto.PROTOCOL_VERSION, self.session_id, capabilities, rules, str(self.root)
+            proto.PROTOCOL_VERSION,
+            self.session_id,
+            capabilities,
+            rules,
+            str(self.root),
+            bwlimit=self.settings.bwlimit[1],
         )
         try:
             with trio.fail_after(timeout):
@@ -510,6 +516,11 @@ class Session:
         except ConnectionLost:
             raise await self._loss_error() from None
         log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
+        fetched = {i for i in missing.indices if 0 <= i < len(entries)}
+        self.server.stats.manifest_bytes += sum(e.size for e in entries)
+        self.server.stats.manifest_cached_bytes += sum(
+            e.size for i, e in enumerate(entries) if i not in fetched
+        )
 
     async def _wait_exit(self, job: Job) -> None:
         await first_of(job.done, self._lost)

@@ -61,6 +61,7 @@ class HostOptions:
     # How long a session outlives a lost connection for the client to come back
     # (``90s``, ``15m``; ``0``: it ends with the connection). See reconnect.py.
     grace: str | None = None
+    bwlimit: str | None = None  # "10M", "500k" or "UP:DOWN" (pacing.parse_bwlimit)
 
 
 DEFAULTS = HostOptions(
@@ -138,6 +139,21 @@ def parse_duration(text: str) -> float:
     return value * units[unit]
 
 
+def parse_bwlimit(text: str) -> tuple[int, int]:
+    """``--bwlimit``: (bytes a second the client sends, bytes a second the agent sends),
+    0 for no limit. ``10M`` (both ways), ``500k``, or ``UP:DOWN`` (``1M:10M``; ``0`` or
+    nothing for no limit on that side). Suffixes count in 1024s, as sizes do."""
+    up, colon, down = text.partition(":")
+    try:
+        first = parse_size(up) if up.strip() else 0
+        second = (parse_size(down) if down.strip() else 0) if colon else first
+    except UsageError:
+        raise UsageError(
+            f"--bwlimit {text!r}: expected a rate like 10M, 500k or UP:DOWN (1M:10M)"
+        ) from None
+    return first, second
+
+
 def host_settings(
     remote: Remote, flags: HostOptions, agent_log_level: str = "WARNING"
 ) -> tuple[SshSettings, HostOptions]:
@@ -160,6 +176,7 @@ def host_settings(
         agent_args=agent_args,
         agent_log_level=agent_log_level,
         grace=parse_duration(opts.grace) if opts.grace else 0.0,
+        bwlimit=parse_bwlimit(opts.bwlimit) if opts.bwlimit else (0, 0),
     )
     return settings, opts
 

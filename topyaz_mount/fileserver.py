@@ -130,6 +130,10 @@ class TransferStats:
     files_opened: int = 0
     bytes_committed: int = 0
     files_committed: int = 0
+    # What the jobs' manifests announced, and the part the remote cache already had
+    # (set by the session; the progress display's "expected" and "skipped" bytes).
+    manifest_bytes: int = 0
+    manifest_cached_bytes: int = 0
 
 
 class FileServer:
@@ -173,6 +177,10 @@ class FileServer:
     def commits_in_flight(self) -> list[bytes]:
         """Outputs begun and not yet committed (named when the connection is lost)."""
         return [c.path for c in self._commits.values()]
+
+    def bytes_in_flight(self) -> int:
+        """Output bytes received and not yet committed."""
+        return sum(c.written for c in self._commits.values())
 
     # --- our own changes, for the watcher ----------------------------------------------
 

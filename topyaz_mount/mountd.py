@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from . import control, proto
+from . import control, progress, proto
 from .client import Job, Session, open_session
 from .errors import TopyazMountError, collapse
 from .policy import Policy
@@ -51,6 +51,9 @@ class MountServer:
         self.watching = False
         self.invalidations = 0
         self._connections = 0
+        # The session's transfer since it was mounted: `status` and the foreground line.
+        self.tracker = progress.Tracker(session.server)
+        self.tracker.phase = "mounted"
 
     # --- life -----------------------------------------------------------------------
 
@@ -185,6 +188,9 @@ class MountServer:
             "content_bytes_received": s.server.stats.bytes_committed,
             "files_committed": s.server.stats.files_committed,
         }
+        # Flat, as the control messages carry only scalars (eta, when unknown, left out).
+        figures = self.tracker.snapshot().as_dict().items()
+        info.update((f"progress_{k}", v) for k, v in figures if v is not None)
         if s.peer is not None:
             info["wire_bytes_sent"] = s.peer.bytes_sent
             info["wire_bytes_received"] = s.peer.bytes_received
@@ -306,9 +312,11 @@ async def serve(
     handle_signals: bool = True,
     policy: Policy | None = None,
     includes: Sequence[str] = (),
+    line: progress.TerminalLine | None = None,
 ) -> tuple[MountServer, bool]:
     """Run session ``name`` until it is unmounted; returns it and whether it was lost.
-    ``includes``: local paths every command's manifest adds (the profile's)."""
+    ``includes``: local paths every command's manifest adds (the profile's); ``line``:
+    the session's transfer shown live there (a foreground mount on a terminal)."""
     path = control.socket_path(name)
     if await control.alive(name):
         raise control.ControlError(
@@ -328,8 +336,14 @@ async def serve(
                 if handle_signals:
                     nursery.start_soon(server.forward_signals, say)
                 on_ready(await server.info())
-                await server.run(listener)
-                nursery.cancel_scope.cancel()
+                if line is not None:
+                    nursery.start_soon(progress.watch, server.tracker, line.show, 0.5)
+                try:
+                    await server.run(listener)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    if line is not None:
+                        line.clear()
         finally:
             try:
                 path.unlink()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import click
 import trio
 
-from . import proto
+from . import progress, proto
 from .client import RunResult, Session, open_session
 from .policy import Policy
 from .safetext import printable
@@ -50,8 +50,12 @@ async def exec_async(
     spawned: subprocess.Popen | None = None,
     policy: Policy | None = None,
     includes: Sequence[str] = (),
+    display: str | None = None,
 ) -> RunResult | None:
-    """Run ``argv`` through a new session; None if aborted by a third Ctrl-C."""
+    """Run ``argv`` through a new session; None if aborted by a third Ctrl-C.
+
+    ``display``: live progress on stderr, ``"line"`` (a terminal's bottom line) or
+    ``"json"`` (a JSON object a second); None for none."""
     with trio.CancelScope() as abort:
         async with open_session(
             settings,
@@ -62,24 +66,41 @@ async def exec_async(
             includes=includes,
         ) as session:
             stdin = trio.lowlevel.FdStream(os.dup(0)) if forward_stdin else None
+            line = progress.TerminalLine() if display == "line" else None
+            shown = line or (progress.JsonLines() if display == "json" else None)
+            tracker = progress.Tracker(session.server)
+            tracker.phase = "running"
+
+            def out(sink: progress.Sink) -> progress.Sink:
+                return line.around(sink) if line is not None else sink
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward_signals, session, abort)
-                session.on_warning = lambda text: click.echo(
-                    f"topyaz-mount: warning: {printable(text)}", err=True
+                if shown is not None:
+                    nursery.start_soon(progress.watch, tracker, shown.show, 0.5 if line else 1.0)
+                warn = out(writer(sys.stderr.buffer))
+                session.on_warning = lambda text: warn(
+                    f"topyaz-mount: warning: {printable(text)}\n".encode()
                 )
                 session.on_link = lambda text: click.echo(
                     f"topyaz-mount: {printable(text)}", err=True
                 )
-                result = await session.run(
-                    argv,
-                    cwd=cwd,
-                    env=env,
-                    stdout=writer(sys.stdout.buffer),
-                    stderr=writer(sys.stderr.buffer),
-                    stdin=stdin,
-                    literal=literal,
-                )
-                nursery.cancel_scope.cancel()
+                try:
+                    result = await session.run(
+                        argv,
+                        cwd=cwd,
+                        env=env,
+                        stdout=out(writer(sys.stdout.buffer)),
+                        stderr=out(writer(sys.stderr.buffer)),
+                        stdin=stdin,
+                        literal=literal,
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
+                    if shown is not None:
+                        progress.finish(tracker, shown.show)
+                    if line is not None:
+                        line.clear()
             return result
     return None
 

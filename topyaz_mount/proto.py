@@ -169,6 +169,7 @@ class Hello(_Msg):
     capabilities: list[str] = []
     policy: PolicyRules | None = None
     root: str = ""
+    bwlimit: int = 0  # bytes a second the agent may send (--bwlimit's DOWN); 0: no limit
 
 
 class Run(_Msg):

@@ -36,11 +36,14 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import proto
+
+if TYPE_CHECKING:
+    from .pacing import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,8 @@ class Peer:
         self._closed: BaseException | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        # A bandwidth limit on what we send (``--bwlimit``; see pacing.py), or None.
+        self.pacer: TokenBucket | None = None
         # When the reader began waiting for bytes that have not come (None while it
         # handles what came): liveness.py's measure of the peer's silence.
         self.idle_since: float | None = None
@@ -281,13 +286,26 @@ class Peer:
                 if self._closed is not None:
                     return
                 continue
-            batch = self._take_batch()
+            pacer = self.pacer
+            batch = self._take_batch(pacer.quantum if pacer is not None else 1 << 20)
             self._sending = len(batch)
-            await self._stream.send_all(batch)
+            if pacer is None:
+                await self._stream.send_all(batch)
+            else:
+                await self._send_paced(batch, pacer)
             self._sending = 0
             self._last_sent_at = trio.current_time()
             self.bytes_sent += len(batch)
             self._room_changed()
+
+    async def _send_paced(self, batch: bytes, pacer: TokenBucket) -> None:
+        """``batch`` a piece at a time, each when the bucket allows (``--bwlimit``)."""
+        view = memoryview(batch)
+        for start in range(0, len(batch), pacer.quantum):
+            piece = view[start : start + pacer.quantum]
+            await trio.sleep(pacer.delay(len(piece), trio.current_time()))
+            await self._stream.send_all(piece)
+            self._last_sent_at = trio.current_time()  # a slow sender is not a stalled one
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         for frame, size in self._decoder.sized_frames():

@@ -77,6 +77,8 @@ class SshSettings:
     # Seconds the remote session outlives a lost connection, for the client to come
     # back (reconnect.py); 0: the session ends with its connection.
     grace: float = 0.0
+    # --bwlimit: bytes a second (we send, the agent sends); 0 is no limit (pacing.py).
+    bwlimit: tuple[int, int] = (0, 0)
 
     def argv(self) -> list[str]:
         return self.argv_for(self.remote_command())

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from .. import liveness, proto
+from .. import liveness, pacing, proto
 from ..policy import Policy
 from ..rpc import Peer
 from . import kept
@@ -269,6 +269,7 @@ class AgentSession:
         self._make_session_dir(req.session_id)
         assert self.dir is not None and self.mountpoint is not None
         self.client_root = req.root
+        self.peer.pacer = pacing.bucket(req.bwlimit)  # --bwlimit: our output stream
         if liveness.CAPABILITY in req.capabilities:
             self.nursery.start_soon(liveness.watch, self.peer, self.keepalive, self._client_silent)
         # A client that watches its root pushes every change (Invalidate), so the
