@@ -128,7 +128,8 @@ def test_the_limit_comes_from_the_flag_over_the_host_profile(tmp_path, monkeypat
     monkeypatch.setenv("TOPYAZ_MOUNT_CONFIG", str(tmp_path / "config.toml"))
     save_profile("gpu", HostOptions(bwlimit="1M:4M"))
     assert _settings("gpu", (), None, None, None, 0).bwlimit == (1 << 20, 4 << 20)
-    assert _settings("gpu", (), None, None, None, 0, bwlimit="500k").bwlimit == (500 << 10, 500 << 10)
+    flag = _settings("gpu", (), None, None, None, 0, bwlimit="500k")
+    assert flag.bwlimit == (500 << 10, 500 << 10)
     assert _settings("other", (), None, None, None, 0).bwlimit == (0, 0)
     assert RemoteHost.parse("gpu").settings().bwlimit == (1 << 20, 4 << 20)  # the API too
     save_profile("bad", HostOptions(bwlimit="fast"))
