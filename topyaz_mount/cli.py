@@ -29,6 +29,7 @@ from .config import (
     HostOptions,
     config_path,
     host_settings,
+    human_size,
     load_profile,
     parse_size,
     resolve,
@@ -95,22 +96,14 @@ def _precheck(argv: list[str], root: str, cwd: str, env: dict[str, str], literal
     translate_env(env, pm, cwd)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _stats_line(stats: dict) -> str:
     return (
-        f"sent {_human(stats.get('content_bytes_sent', 0))} of content, "
-        f"received {_human(stats.get('content_bytes_received', 0))} in "
+        f"sent {human_size(stats.get('content_bytes_sent', 0))} of content, "
+        f"received {human_size(stats.get('content_bytes_received', 0))} in "
         f"{stats.get('files_committed', 0)} outputs; cache {stats.get('cache_hits', 0)} hits, "
-        f"{stats.get('cache_misses', 0)} misses, saved {_human(stats.get('bytes_saved', 0))}; "
-        f"wire {_human(stats.get('wire_bytes_sent', 0))} up, "
-        f"{_human(stats.get('wire_bytes_received', 0))} down; "
+        f"{stats.get('cache_misses', 0)} misses, saved {human_size(stats.get('bytes_saved', 0))}; "
+        f"wire {human_size(stats.get('wire_bytes_sent', 0))} up, "
+        f"{human_size(stats.get('wire_bytes_received', 0))} down; "
         f"{stats.get('wall_seconds', 0):.2f} s"
         + (f"; {stats['backend']} backend" if stats.get("backend") else "")
     )
@@ -637,17 +630,17 @@ def _show_cache(out: dict, remote: Remote, freed: bool) -> None:
     lines = [
         f"cache at {out['path']} on {remote}",
         f"  objects  {out['objects']}",
-        f"  size     {_human(out['bytes'])} of {_human(out['cap'])} cap",
+        f"  size     {human_size(out['bytes'])} of {human_size(out['cap'])} cap",
         f"  hit rate {out['hit_rate'] * 100:.1f} % ({out['hits']} hits, "
-        f"{out['misses']} misses), {_human(out['bytes_saved'])} not sent again",
+        f"{out['misses']} misses), {human_size(out['bytes_saved'])} not sent again",
     ]
     if out.get("kept_bytes"):
         lines.append(
-            f"  kept     {_human(out['kept_bytes'])} of outputs not committed, sharing "
+            f"  kept     {human_size(out['kept_bytes'])} of outputs not committed, sharing "
             f"the cap (see `topyaz-mount kept`)"
         )
     if freed:
-        lines.append(f"  freed    {_human(out['freed'])}")
+        lines.append(f"  freed    {human_size(out['freed'])}")
     for line in lines:  # the agent's answer: shown as escapes where it is not text
         click.echo(printable(line))
 
@@ -711,7 +704,7 @@ def kept_(
         click.echo(json.dumps(out, sort_keys=True))
         return
     if clear:
-        click.echo(f"removed kept outputs on {settings.remote}: {_human(out['freed'])} freed")
+        click.echo(f"removed kept outputs on {settings.remote}: {human_size(out['freed'])} freed")
     _print_kept(out, settings.remote)
 
 
@@ -729,11 +722,11 @@ def _print_kept(out: dict, host: Remote) -> None:
         whole = sum(1 for f in s["files"] if f.get("complete"))
         click.echo(
             f"{printable(s['session'])}  {when}  root {printable(s['root'] or '?')}  "
-            f"{len(s['files'])} files ({whole} complete), {_human(s['bytes'])}"
+            f"{len(s['files'])} files ({whole} complete), {human_size(s['bytes'])}"
         )
         for f in s["files"]:
             state = "complete" if f.get("complete") else "partial "
-            click.echo(f"  {state} {_human(f['size']):>10}  {printable(f['path'])}")
+            click.echo(f"  {state} {human_size(f['size']):>10}  {printable(f['path'])}")
 
 
 def _report_recovered(done: Any) -> int:
@@ -1068,7 +1061,7 @@ def mount(
     closed = server.closed
     if closed is not None and closed.kept_files:
         _say(
-            f"dropped {closed.kept_files} output(s), {_human(closed.kept_bytes)}, not "
+            f"dropped {closed.kept_files} output(s), {human_size(closed.kept_bytes)}, not "
             f"committed; kept on {settings.remote} at {closed.kept_dir}"
         )
     _say(f"session {session} unmounted")
@@ -1095,7 +1088,7 @@ def unmount(name: str, force: bool, verbose: int) -> None:
         sys.exit(_report(e, verbose))
     if done.kept_files:
         _say(
-            f"dropped {done.kept_files} output(s), {_human(done.kept_bytes)}, not committed; "
+            f"dropped {done.kept_files} output(s), {human_size(done.kept_bytes)}, not committed; "
             f"kept on the remote host at {done.kept_dir}"
         )
     _say(f"session {name} unmounted")
@@ -1154,9 +1147,9 @@ def status(
             f"{place}\n"
             f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "
             f"{s.get('pending_outputs', 0)} outputs pending "
-            f"({_human(s.get('pending_bytes', 0))}), moved {_human(moved)} "
-            f"({_human(s.get('content_bytes_sent', 0))} up, "
-            f"{_human(s.get('content_bytes_received', 0))} down), "
+            f"({human_size(s.get('pending_bytes', 0))}), moved {human_size(moved)} "
+            f"({human_size(s.get('content_bytes_sent', 0))} up, "
+            f"{human_size(s.get('content_bytes_received', 0))} down), "
             f"cache {s.get('cache_hits', 0)} hits / {s.get('cache_misses', 0)} misses"
         )
         figures = from_flat(s)

@@ -125,6 +125,15 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def human_size(n: float) -> str:
+    """Bytes the way people read them, 1024-based (``parse_size``'s inverse, roughly)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``15m`` or ``1h``, in seconds."""
     units = {"s": 1, "m": 60, "h": 3600}

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .config import human_size
 from .errors import AgentUnavailable
 from .safetext import printable
 from .transport import SshSettings, run_remote_json
@@ -573,14 +574,6 @@ def _tar(house: Path) -> bytes:
     return buf.getvalue()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def setup_host(req: SetupRequest) -> SetupResult:
     """Probe; if not ready (and not ``check_only``) make the venv and install."""
     started = time.monotonic()
@@ -657,7 +650,7 @@ def setup_host(req: SetupRequest) -> SetupResult:
         notes = gather(settings, facts, wheel, online, house)
         for attempt in range(1, 5):
             payload = _tar(house)
-            say(f"{host}: uploading {_human(len(payload))}: {'; '.join(notes)}")
+            say(f"{host}: uploading {human_size(len(payload))}: {'; '.join(notes)}")
             done = run_remote_json(settings, 1800, command=f"exec {command}", stdin=payload)
             if done.get("ok"):
                 break

@@ -22,6 +22,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
+from .config import human_size
+
 if TYPE_CHECKING:
     from .fileserver import FileServer
 
@@ -121,28 +123,19 @@ def finish(tracker: Tracker, callback: Callback) -> None:
     callback(tracker.snapshot())
 
 
-def human(n: float) -> str:
-    """Bytes the way people read them (1024-based, as ``--stats`` prints them)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def describe(p: Progress) -> str:
     """The figures as one plain line (the terminal line's text; ``status`` uses it)."""
-    line = f"in {human(p.in_bytes)}"
+    line = f"in {human_size(p.in_bytes)}"
     if p.in_expected:
-        line += f" of {human(p.in_expected)}"
-    line += f" at {human(p.rate)}/s"
+        line += f" of {human_size(p.in_expected)}"
+    line += f" at {human_size(p.rate)}/s"
     if p.eta is not None:
         line += f", ETA {int(p.eta) // 60}:{int(p.eta) % 60:02d}"
     if p.in_skipped:
-        line += f", {human(p.in_skipped)} cached"
-    line += f" | out {human(p.out_bytes)} in {p.out_files} files"
+        line += f", {human_size(p.in_skipped)} cached"
+    line += f" | out {human_size(p.out_bytes)} in {p.out_files} files"
     if p.out_pending:
-        line += f", {human(p.out_pending)} pending"
+        line += f", {human_size(p.out_pending)} pending"
     return line
 
 
