@@ -34,16 +34,16 @@ tm=(topyaz-mount exec --remote "$TM_REMOTE" -F "$TM_SSH_CONFIG")
 
 echo "== Photo AI on one image, output to ./out/"
 run "${tm[@]}" -- tpai --cli "./shots/gradient.png" -o ./out/
-echo "== Gigapixel on the whole folder"
-run "${tm[@]}" -- gigapixel --cli -i ./shots -o ./out/ --scale 2
+echo "== Gigapixel on the whole folder, output to ./out/giga/ (named like the inputs)"
+run "${tm[@]}" -- gigapixel --cli -i ./shots -o ./out/giga/ --scale 2
 echo "== Video AI through topyaz (writes next to the input)"
 run "${tm[@]}" video shots/clip.mp4
 echo "== the same batch again: the remote cache has every input, so no content moves"
-run "${tm[@]}" --stats -- gigapixel --cli -i ./shots -o ./out/ --scale 2 --overwrite
+run "${tm[@]}" --stats -- gigapixel --cli -i ./shots -o ./out/giga/ --scale 2 --overwrite
 echo "== exit status passes through"
 set +e
 "${tm[@]}" -- sh -c 'echo "remote cwd: $PWD"; exit 3'
 echo "exit status: $?"
 set -e
 echo "== results in $work"
-ls -la "$work/out" "$work/shots"
+ls -la "$work/out" "$work/out/giga" "$work/shots"
