@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import importlib.metadata
 import os
 import pwd
@@ -322,15 +321,14 @@ def ensure_venv(log=print) -> None:
 
 
 def _source_digest() -> str:
-    """A digest of what goes into the wheel, so an unchanged tree is not rebuilt."""
-    h = hashlib.sha256()
-    files = [REPO_DIR / "pyproject.toml", REPO_DIR / "README.md"]
-    files += sorted(
-        p for p in PACKAGE_SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    )
-    for path in files:
-        h.update(str(path.relative_to(REPO_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    """The repo's wheel digest, computed by the package's own rule (the repo's copy of
+    it, whatever topyaz_mount this interpreter may have installed)."""
+    sys.path.insert(0, str(REPO_DIR))
+    try:
+        from topyaz_mount.hostsetup import tree_digest
+    finally:
+        sys.path.remove(str(REPO_DIR))
+    return tree_digest(REPO_DIR)
 
 
 def build_wheel() -> Path:

@@ -333,7 +333,9 @@ def _source_tree() -> Path | None:
     return root if f'name = "{DIST_NAME}"' in text else None
 
 
-def _tree_digest(root: Path) -> str:
+def tree_digest(root: Path) -> str:
+    """A digest of what goes into the wheel of the checkout at ``root``, so an unchanged
+    tree is not built again (here, and by the test host: tools/testhost.py)."""
     h = hashlib.sha256()
     files = [root / "pyproject.toml", root / "README.md"]
     files += sorted(
@@ -347,7 +349,7 @@ def _tree_digest(root: Path) -> str:
 
 
 def _build_from_source(root: Path) -> Path:
-    out = wheel_cache_dir() / f"src-{_tree_digest(root)}"
+    out = wheel_cache_dir() / f"src-{tree_digest(root)}"
     found = sorted(out.glob("topyaz_mount-*.whl"))
     if found:
         return found[0]
