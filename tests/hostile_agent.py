@@ -23,11 +23,11 @@ from typing import Any
 
 import trio
 
-from topyaz_mount import proto
 from topyaz_mount.client import Session
 from topyaz_mount.fileserver import FileServer
-from topyaz_mount.rpc import Peer
 from topyaz_mount.transport import Remote, SshProcess, SshSettings
+from topyaz_mount.wire import proto
+from topyaz_mount.wire.rpc import Peer
 
 MOUNTPOINT = "/remote/session"
 JobScript = Callable[["HostileAgent", proto.Run], Awaitable[None]]

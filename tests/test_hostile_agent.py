@@ -21,10 +21,11 @@ import pytest
 import trio
 from hostile_agent import RawAgent, Tree, client_and_agent, session_for, socket_streams
 
-from topyaz_mount import fileserver, proto, rpc
+from topyaz_mount import fileserver
 from topyaz_mount.errors import ConnectionFailed
 from topyaz_mount.fileserver import FileServer, OpenCaps
-from topyaz_mount.rpc import RemoteError
+from topyaz_mount.wire import proto, rpc
+from topyaz_mount.wire.rpc import RemoteError
 
 pytestmark = pytest.mark.both_os_calls
 
@@ -514,7 +515,7 @@ def test_caps_leave_fds_for_listings_and_commits():
 _FD_SCRIPT = """
 import errno, os, resource, sys, trio, blake3
 from pathlib import Path
-from topyaz_mount import proto
+from topyaz_mount.wire import proto
 from topyaz_mount.fileserver import FileServer
 soft, hard = (int(x) for x in sys.argv[2:4])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -571,7 +572,7 @@ CLI = [sys.executable, "-m", "topyaz_mount"]
 CLI_QUICK_STALL = [
     sys.executable,
     "-c",
-    "import atexit, os, sys, topyaz_mount.rpc as rpc\n"
+    "import atexit, os, sys, topyaz_mount.wire.rpc as rpc\n"
     "rpc.STALL_TIMEOUT = 2.0\n"
     "def peak():\n"
     "    with open('/proc/self/status') as f, open(os.environ['PEAK_FILE'], 'w') as out:\n"

@@ -10,10 +10,10 @@ import blake3
 import trio
 import trio.testing
 
-from topyaz_mount import liveness, proto
 from topyaz_mount.agent import kept
 from topyaz_mount.agent.store import ContentStore
-from topyaz_mount.rpc import Peer
+from topyaz_mount.wire import liveness, proto
+from topyaz_mount.wire.rpc import Peer
 
 
 def _fd_with(tmp_path, name: str, data: bytes) -> int:

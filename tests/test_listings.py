@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from topyaz_mount import proto
 from topyaz_mount.agent.listings import MISSING, RELIST_MAX, STALE, UNKNOWN, Listings
+from topyaz_mount.wire import proto
 
 A = proto.Attr(0o100644, 3, 1, 1, 1)
 

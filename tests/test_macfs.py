@@ -19,7 +19,7 @@ import blake3
 import pytest
 import trio
 
-from topyaz_mount import jail, proto
+from topyaz_mount import jail
 from topyaz_mount.fileserver import FileServer
 from topyaz_mount.hashindex import HashIndex
 from topyaz_mount.inputs import input_files
@@ -31,6 +31,7 @@ from topyaz_mount.translate import (
     translate_cwd,
     translate_value,
 )
+from topyaz_mount.wire import proto
 
 NFD_NAME = unicodedata.normalize("NFD", "café.jpg")  # as the Finder stores it
 NFC_NAME = unicodedata.normalize("NFC", "café.jpg")  # as a keyboard types it

@@ -8,10 +8,10 @@ import trio
 import trio.testing
 from test_rpc import pair
 
-from topyaz_mount import proto
 from topyaz_mount.config import parse_bwlimit
 from topyaz_mount.errors import UsageError
-from topyaz_mount.pacing import TokenBucket, bucket
+from topyaz_mount.wire import proto
+from topyaz_mount.wire.pacing import TokenBucket, bucket
 
 RATE = 1 << 20
 

@@ -20,7 +20,6 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topyaz_mount import proto
 from topyaz_mount.errors import UsageError
 from topyaz_mount.fileserver import FileServer
 from topyaz_mount.jail import checked_root
@@ -38,6 +37,7 @@ from topyaz_mount.policy import (
     safe_mode,
     summarize,
 )
+from topyaz_mount.wire import proto
 
 pytestmark = pytest.mark.both_os_calls
 

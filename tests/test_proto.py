@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from topyaz_mount import proto
+from topyaz_mount.wire import proto
 
 FAST = settings(
     database=None, deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from topyaz_mount import proto
 from topyaz_mount.agent import readcache
 from topyaz_mount.agent.bulkwindow import BulkWindow
 from topyaz_mount.agent.readcache import CachedFile, ReadCache
 from topyaz_mount.agent.store import ContentStore
+from topyaz_mount.wire import proto
 
 TIMEOUT = 10
 MIB = 1 << 20

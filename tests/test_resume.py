@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from topyaz_mount import resume
-from topyaz_mount.liveness import Timing
+from topyaz_mount.wire import resume
+from topyaz_mount.wire.liveness import Timing
 
 TIMING = Timing(0.2, 1.0)
 

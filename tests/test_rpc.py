@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from topyaz_mount import proto
-from topyaz_mount.rpc import ConnectionLost, Peer, PeerStalled, RemoteError
+from topyaz_mount.wire import proto
+from topyaz_mount.wire.rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 
 TIMEOUT = 5
 

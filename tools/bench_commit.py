@@ -29,9 +29,9 @@ def one_run(root: str, files: int, size: int) -> float:
     import blake3
     import trio
 
-    from topyaz_mount import proto
     from topyaz_mount.fileserver import FileServer
     from topyaz_mount.hashindex import HashIndex
+    from topyaz_mount.wire import proto
 
     os.makedirs(os.path.join(root, "out"))
     datas = [os.urandom(size) for _ in range(files)]

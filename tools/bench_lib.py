@@ -67,7 +67,7 @@ def time_hash_fd(python: Path, paths: list[Path]) -> float:
     """Seconds the snapshot's ``hash_fd`` takes over ``paths`` from the page cache (best
     of 3, in ``python``, the snapshot's interpreter); nan if it could not run."""
     code = (
-        "import os,sys,time; from topyaz_mount.hashing import hash_fd; b=[]\n"
+        "import os,sys,time; from topyaz_mount.wire.hashing import hash_fd; b=[]\n"
         "for _ in range(3):\n t=time.perf_counter()\n for p in sys.argv[1:]:\n"
         "  fd=os.open(p,os.O_RDONLY); hash_fd(fd); os.close(fd)\n"
         " b.append(time.perf_counter()-t)\nprint(min(b))"

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import liveness, pacing, proto
 from .errors import (
     AgentUnavailable,
     ConnectionFailed,
@@ -42,10 +41,11 @@ from .hashindex import MANIFEST_HASH_BUDGET
 from .inputs import input_files
 from .jail import checked_root
 from .policy import MAX_REFUSALS_KEPT, Policy, PolicyOptions, Refusal, summarize
-from .rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
 from .waiting import first_of
+from .wire import liveness, pacing, proto
+from .wire.rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 
 if TYPE_CHECKING:
     from .reconnect import Reconnector

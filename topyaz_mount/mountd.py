@@ -24,13 +24,14 @@ from typing import Any
 
 import trio
 
-from . import control, progress, proto
+from . import control, progress
 from .client import Job, Session, open_session
 from .errors import TopyazMountError, collapse
 from .policy import Policy
 from .translate import TranslationError
 from .transport import SshSettings
 from .waiting import first_of
+from .wire import proto
 
 log = logging.getLogger(__name__)
 

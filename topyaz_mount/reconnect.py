@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import resume
 from .errors import AgentUnavailable
 from .transport import SshProcess, start_ssh
+from .wire import resume
 
 if TYPE_CHECKING:
     from .client import Session

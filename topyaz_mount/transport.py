@@ -22,9 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import liveness
 from .errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
 from .osapi import OS
+from .wire import liveness
 
 if TYPE_CHECKING:
     import trio

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import trio
 
-from .. import liveness, proto
 from ..pipes import widen
+from ..wire import liveness, proto
 from . import kept, relay
 from .backend import CHOICES
 from .session import AgentSession
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _relay(base_dir: Path, args: argparse.Namespace, channel_in: int, channel_out: int) -> int:
     """The ssh side of a detachable session (relay.py): start its host, or find it."""
-    from .. import resume
+    from ..wire import resume
 
     if args.attach is not None:
         sock = relay.connect_host(base_dir / "sessions", args.attach)

@@ -25,8 +25,8 @@ from typing import Protocol
 
 import trio
 
-from .. import proto
 from ..policy import Policy
+from ..wire import proto
 from .link import ClientLink
 from .readcache import ReadCache
 from .spool import Spool

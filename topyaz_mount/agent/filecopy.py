@@ -12,7 +12,7 @@ import errno
 import os
 import sys
 
-from .. import proto
+from ..wire import proto
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 

@@ -22,8 +22,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .. import proto
 from ..policy import MAX_REFUSALS_KEPT, Policy
+from ..wire import proto
 from . import listings, nudge
 from .link import ClientLink
 from .listings import Listings

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from .. import proto
+from ..wire import proto
 from .backend import BackendContext
 
 log = logging.getLogger(__name__)

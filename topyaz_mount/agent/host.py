@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .. import resume
-from ..liveness import Timing
+from ..wire import resume
+from ..wire.liveness import Timing
 from .relay import HOST_SOCKET, HOST_STATE
 
 if TYPE_CHECKING:

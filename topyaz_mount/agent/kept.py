@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
-from .. import proto
-from ..hashing import hash_fd
+from ..wire import proto
+from ..wire.hashing import hash_fd
 
 if TYPE_CHECKING:
     from .spool import Spool

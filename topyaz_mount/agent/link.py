@@ -15,8 +15,8 @@ from typing import Any
 
 import trio
 
-from .. import proto
-from ..rpc import ConnectionLost, Peer
+from ..wire import proto
+from ..wire.rpc import ConnectionLost, Peer
 
 DEFAULT_DEADLINE = 120.0
 

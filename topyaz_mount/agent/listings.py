@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from .. import proto
+from ..wire import proto
 
 MISSING = object()  # a name the listing lacks: the lookup's answer is ENOENT
 UNKNOWN = object()  # no listing, or a name we changed ourselves: ask the client

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import trio
 
-from .. import proto
+from ..wire import proto
 from .bulkwindow import BulkWindow
 from .store import ContentStore
 

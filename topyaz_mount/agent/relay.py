@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .. import resume
+from ..wire import resume
 
 HOST_SOCKET = "host.sock"
 HOST_STATE = "host.json"  # written by the host: attached or since when detached

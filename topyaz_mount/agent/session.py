@@ -26,9 +26,9 @@ from typing import Any
 
 import trio
 
-from .. import liveness, pacing, proto
 from ..policy import Policy
-from ..rpc import Peer
+from ..wire import liveness, pacing, proto
+from ..wire.rpc import Peer
 from . import kept
 from .backend import Backend, BackendContext, open_backend
 from .job import Job

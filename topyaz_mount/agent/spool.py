@@ -48,7 +48,7 @@ from pathlib import Path
 import blake3
 import trio
 
-from .. import proto
+from ..wire import proto
 from .filecopy import clone_or_copy
 from .kept import KeptSession
 from .link import ClientLink

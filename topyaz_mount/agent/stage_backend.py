@@ -33,8 +33,8 @@ from pathlib import Path
 
 import trio
 
-from .. import proto
 from ..inputs import _candidate
+from ..wire import proto
 from .backend import BackendContext
 from .filecopy import clone_or_copy
 from .spool import SpoolFile

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hashing import hash_fd
+from ..wire.hashing import hash_fd
 from . import kept
 from .filecopy import clone_or_copy
 

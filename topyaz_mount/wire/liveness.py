@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import UsageError
 from . import proto
-from .errors import UsageError
 
 if TYPE_CHECKING:
     from .rpc import Peer

@@ -1,0 +1,2 @@
+"""What both sides speak: frames and messages, the RPC peer, byte numbering for
+resume, keepalives, pacing and content hashes."""
