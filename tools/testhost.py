@@ -320,15 +320,15 @@ def ensure_venv(log=print) -> None:
     _make_world_readable(VENV_DIR)
 
 
-def _source_digest() -> str:
-    """The repo's wheel digest, computed by the package's own rule (the repo's copy of
-    it, whatever topyaz_mount this interpreter may have installed)."""
+def _hostsetup():
+    """The repo's own hostsetup module (whatever topyaz_mount this interpreter may have
+    installed): its rule for what goes into the wheel, and its build."""
     sys.path.insert(0, str(REPO_DIR))
     try:
-        from topyaz_mount.hostsetup import tree_digest
+        from topyaz_mount import hostsetup
     finally:
         sys.path.remove(str(REPO_DIR))
-    return tree_digest(REPO_DIR)
+    return hostsetup
 
 
 def build_wheel() -> Path:
@@ -341,15 +341,15 @@ def build_wheel() -> Path:
     given = os.environ.get("TOPYAZ_MOUNT_TESTHOST_WHEEL")
     if given:
         return Path(given).resolve()
-    out = BASE_DIR / "wheels" / _source_digest()
+    hostsetup = _hostsetup()
+    out = BASE_DIR / "wheels" / hostsetup.tree_digest(REPO_DIR)
     found = sorted(out.glob("topyaz_mount-*.whl"))
     if found:
         return found[0]
     BASE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="wheel-", dir=BASE_DIR))
     try:
-        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-              "--disable-pip-version-check", "-w", str(tmp), str(REPO_DIR)])
+        hostsetup.build_wheel(REPO_DIR, tmp)
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, out)

@@ -333,19 +333,40 @@ def _source_tree() -> Path | None:
     return root if f'name = "{DIST_NAME}"' in text else None
 
 
-def tree_digest(root: Path) -> str:
-    """A digest of what goes into the wheel of the checkout at ``root``, so an unchanged
-    tree is not built again (here, and by the test host: tools/testhost.py)."""
-    h = hashlib.sha256()
+def wheel_sources(root: Path) -> list[Path]:
+    """What goes into the wheel of the checkout at ``root``: one list for the digest
+    and for the build, so a file that is not in the tree cannot reach the wheel."""
     files = [root / "pyproject.toml", root / "README.md"]
     files += sorted(
         p
         for p in (root / "topyaz_mount").rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     )
-    for path in files:
+    return files
+
+
+def tree_digest(root: Path) -> str:
+    """A digest of what goes into the wheel of the checkout at ``root``, so an unchanged
+    tree is not built again (here, and by the test host: tools/testhost.py)."""
+    h = hashlib.sha256()
+    for path in wheel_sources(root):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def build_wheel(root: Path, dest: Path) -> Path:
+    """Build the checkout's wheel into ``dest`` from a copy of ``wheel_sources``.
+
+    Not in place: an in-tree build reuses the checkout's ``build/``, where a module
+    that was moved or removed since the last build still sits and would be packed.
+    """
+    with tempfile.TemporaryDirectory(prefix="topyaz-mount-src-") as src:
+        for path in wheel_sources(root):
+            copy = Path(src, path.relative_to(root))
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, copy)
+        _pip("wheel", "-q", "--no-deps", "-w", str(dest), src)
+    return sorted(dest.glob("topyaz_mount-*.whl"))[0]
 
 
 def _build_from_source(root: Path) -> Path:
@@ -356,7 +377,7 @@ def _build_from_source(root: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
-        _pip("wheel", "-q", "--no-deps", "-w", str(tmp), str(root))
+        build_wheel(root, tmp)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
