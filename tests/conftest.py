@@ -26,7 +26,7 @@ if str(TOOLS_DIR) not in sys.path:
 import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
 
 import topyaz_mount  # noqa: E402
-from topyaz_mount import osapi  # noqa: E402
+from topyaz_mount.client import osapi  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

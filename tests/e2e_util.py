@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from topyaz_mount.osapi import PORTABLE_ENV
+from topyaz_mount.client.osapi import PORTABLE_ENV
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 STANDINS_DIR = REPO_DIR / "tools" / "standins"

@@ -23,9 +23,9 @@ from typing import Any
 
 import trio
 
-from topyaz_mount.client import Session
-from topyaz_mount.fileserver import FileServer
-from topyaz_mount.transport import Remote, SshProcess, SshSettings
+from topyaz_mount.client.fileserver import FileServer
+from topyaz_mount.client.session import Session
+from topyaz_mount.client.transport import Remote, SshProcess, SshSettings
 from topyaz_mount.wire import proto
 from topyaz_mount.wire.rpc import Peer
 

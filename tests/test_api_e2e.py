@@ -52,7 +52,7 @@ from topyaz_mount import (
     TopyazMountError,
     open_remote,
 )
-from topyaz_mount.translate import TranslationError
+from topyaz_mount.client.translate import TranslationError
 
 if sys.version_info >= (3, 11):
     pass
@@ -301,7 +301,7 @@ def test_outputs_in_a_new_directory_cost_no_lookup_round_trips(
     """The job's own mkdir tells the agent the directory is empty, and the kernel's
     re-checks of the directory after each create are answered from what the agent saw:
     twenty outputs, yet only the job's first steps ask the client anything."""
-    from topyaz_mount import fileserver
+    from topyaz_mount.client import fileserver
 
     counts: dict[str, int] = {}
     handle = fileserver.FileServer.handle

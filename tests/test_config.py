@@ -10,7 +10,7 @@ import pytest
 
 from topyaz_mount.api import RemoteHost
 from topyaz_mount.cli import _settings
-from topyaz_mount.config import (
+from topyaz_mount.client.config import (
     DEFAULTS,
     HostOptions,
     load_profile,

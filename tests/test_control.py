@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from topyaz_mount import control
+from topyaz_mount.client import control
 from topyaz_mount.errors import UsageError
 
 pytestmark = pytest.mark.both_os_calls

@@ -41,7 +41,7 @@ from e2e_util import (
     write_random,
 )
 
-from topyaz_mount.fileserver import LEFTOVER_AGE
+from topyaz_mount.client.fileserver import LEFTOVER_AGE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.both_os_calls]
 

@@ -14,8 +14,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topyaz_mount.fileserver import TEMP_MARK, FileServer, attr_of
-from topyaz_mount.jail import JailError
+from topyaz_mount.client.fileserver import TEMP_MARK, FileServer, attr_of
+from topyaz_mount.client.jail import JailError
 from topyaz_mount.wire import proto
 
 pytestmark = pytest.mark.both_os_calls

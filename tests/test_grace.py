@@ -9,7 +9,7 @@ import pytest
 
 from topyaz_mount.api import RemoteHost
 from topyaz_mount.cli import _settings
-from topyaz_mount.config import HostOptions, parse_duration, save_profile
+from topyaz_mount.client.config import HostOptions, parse_duration, save_profile
 from topyaz_mount.errors import UsageError
 
 

@@ -21,9 +21,9 @@ import pytest
 import trio
 from hostile_agent import RawAgent, Tree, client_and_agent, session_for, socket_streams
 
-from topyaz_mount import fileserver
+from topyaz_mount.client import fileserver
+from topyaz_mount.client.fileserver import FileServer, OpenCaps
 from topyaz_mount.errors import ConnectionFailed
-from topyaz_mount.fileserver import FileServer, OpenCaps
 from topyaz_mount.wire import proto, rpc
 from topyaz_mount.wire.rpc import RemoteError
 
@@ -516,7 +516,7 @@ _FD_SCRIPT = """
 import errno, os, resource, sys, trio, blake3
 from pathlib import Path
 from topyaz_mount.wire import proto
-from topyaz_mount.fileserver import FileServer
+from topyaz_mount.client.fileserver import FileServer
 soft, hard = (int(x) for x in sys.argv[2:4])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 server = FileServer(Path(sys.argv[1]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from topyaz_mount.hostsetup import (
+from topyaz_mount.client.hostsetup import (
     HostFacts,
     SetupFailed,
     build_requires,
@@ -20,7 +20,7 @@ from topyaz_mount.hostsetup import (
     host_requirements,
     own_wheel,
 )
-from topyaz_mount.transport import Remote, SshSettings
+from topyaz_mount.client.transport import Remote, SshSettings
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_an_installed_wheel_is_repacked_file_for_file(tmp_path, own_cache):
         check=True, capture_output=True,
     )
     env = {**os.environ, "PYTHONPATH": str(target), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    code = "from topyaz_mount.hostsetup import own_wheel; print(own_wheel())"
+    code = "from topyaz_mount.client.hostsetup import own_wheel; print(own_wheel())"
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                          capture_output=True, text=True, cwd=tmp_path).stdout.strip()
     repacked = Path(out)

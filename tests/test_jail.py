@@ -15,7 +15,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from topyaz_mount.jail import MAX_PATH, Jail, JailError, is_special, split_path
+from topyaz_mount.client.jail import MAX_PATH, Jail, JailError, is_special, split_path
 
 pytestmark = pytest.mark.both_os_calls
 

@@ -19,12 +19,12 @@ import blake3
 import pytest
 import trio
 
-from topyaz_mount import jail
-from topyaz_mount.fileserver import FileServer
-from topyaz_mount.hashindex import HashIndex
-from topyaz_mount.inputs import input_files
-from topyaz_mount.spelling import Spelling, fold
-from topyaz_mount.translate import (
+from topyaz_mount.client import jail
+from topyaz_mount.client.fileserver import FileServer
+from topyaz_mount.client.hashindex import HashIndex
+from topyaz_mount.client.inputs import input_files
+from topyaz_mount.client.spelling import Spelling, fold
+from topyaz_mount.client.translate import (
     PathMap,
     TranslationError,
     translate_argv,

@@ -25,8 +25,8 @@ import blake3
 import pytest
 import trio
 
-from topyaz_mount import fileserver, jail, osapi
-from topyaz_mount.fileserver import TEMP_MARK, FileServer
+from topyaz_mount.client import fileserver, jail, osapi
+from topyaz_mount.client.fileserver import TEMP_MARK, FileServer
 from topyaz_mount.wire import proto
 
 IMPLEMENTATIONS = [osapi.PortableCalls()] + (
@@ -151,7 +151,7 @@ def test_a_killed_portable_client_leaves_a_temp_the_next_session_collects(tmp_pa
         f"""
         import os, trio
         from topyaz_mount.wire import proto
-        from topyaz_mount.fileserver import FileServer
+        from topyaz_mount.client.fileserver import FileServer
         server = FileServer({str(root)!r})
         trio.run(server.handle, proto.CommitBegin(1, b"out/a.tif", 0o644))
         server.handle_chunk(proto.CommitChunk(1, 0, b"half an output"))

@@ -8,7 +8,7 @@ import trio
 import trio.testing
 from test_rpc import pair
 
-from topyaz_mount.config import parse_bwlimit
+from topyaz_mount.client.config import parse_bwlimit
 from topyaz_mount.errors import UsageError
 from topyaz_mount.wire import proto
 from topyaz_mount.wire.pacing import TokenBucket, bucket
@@ -123,7 +123,7 @@ def test_a_paced_peer_sends_at_the_rate_and_an_urgent_frame_overtakes_bulk():
 def test_the_limit_comes_from_the_flag_over_the_host_profile(tmp_path, monkeypatch):
     from topyaz_mount.api import RemoteHost
     from topyaz_mount.cli import _settings
-    from topyaz_mount.config import HostOptions, save_profile
+    from topyaz_mount.client.config import HostOptions, save_profile
 
     monkeypatch.setenv("TOPYAZ_MOUNT_CONFIG", str(tmp_path / "config.toml"))
     save_profile("gpu", HostOptions(bwlimit="1M:4M"))

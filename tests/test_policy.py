@@ -20,9 +20,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from topyaz_mount.client.fileserver import FileServer
+from topyaz_mount.client.jail import checked_root
 from topyaz_mount.errors import UsageError
-from topyaz_mount.fileserver import FileServer
-from topyaz_mount.jail import checked_root
 from topyaz_mount.policy import (
     DEFAULT_HIDE,
     DEFAULT_PROTECT,
@@ -679,7 +679,7 @@ def test_a_rename_names_what_it_would_move_and_a_huge_tree_is_refused(home, monk
     assert (refusal.path, refusal.why) == (b"proj", "would move proj/.git, protected: .git")
     for i in range(5):
         (root / "out" / f"f{i}").write_bytes(b"x")
-    monkeypatch.setattr("topyaz_mount.fileserver.MAX_RENAME_SCAN", 3)
+    monkeypatch.setattr("topyaz_mount.client.fileserver.MAX_RENAME_SCAN", 3)
     before = snapshot(root)
     refused(server, proto.Rename(b"out", b"out2"))
     assert snapshot(root) == before

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from e2e_util import client_env, descendants, exec_argv, run_exec, write_random
 
-from topyaz_mount.config import human_size as human
+from topyaz_mount.client.config import human_size as human
 
 SIZE = 3 << 20
 # The job prints a binary input whole and copies it: both directions move bytes.

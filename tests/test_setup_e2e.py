@@ -19,7 +19,7 @@ import pytest
 from e2e_util import CLI, REMOTE_USER, STANDINS_DIR, client_env, describe, remote_home
 
 from topyaz_mount import __version__
-from topyaz_mount.transport import Remote, SshSettings, explain_startup_failure
+from topyaz_mount.client.transport import Remote, SshSettings, explain_startup_failure
 
 pytestmark = pytest.mark.e2e
 

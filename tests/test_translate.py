@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topyaz_mount.translate import (
+from topyaz_mount.client.translate import (
     DEFAULT_PRODUCTS,
     PathMap,
     TranslationError,

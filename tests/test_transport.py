@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topyaz_mount import __version__
+from topyaz_mount.client.transport import Remote, SshSettings, explain_startup_failure
 from topyaz_mount.errors import (
     AgentUnavailable,
     AuthenticationFailed,
     ConnectionFailed,
     UsageError,
 )
-from topyaz_mount.transport import Remote, SshSettings, explain_startup_failure
 
 # --- Remote.parse --------------------------------------------------------------------
 

@@ -29,8 +29,8 @@ def one_run(root: str, files: int, size: int) -> float:
     import blake3
     import trio
 
-    from topyaz_mount.fileserver import FileServer
-    from topyaz_mount.hashindex import HashIndex
+    from topyaz_mount.client.fileserver import FileServer
+    from topyaz_mount.client.hashindex import HashIndex
     from topyaz_mount.wire import proto
 
     os.makedirs(os.path.join(root, "out"))

@@ -764,7 +764,8 @@ def mib(n: float) -> str:
 # them on stderr at exit: an untimed extra run, to show the round trips behind a figure.
 COUNTING_CLI = """
 import atexit, collections, json, sys
-from topyaz_mount import cli, fileserver
+from topyaz_mount import cli
+from topyaz_mount.client import fileserver
 counts = collections.Counter()
 _handle = fileserver.FileServer.handle
 async def handle(self, req):

@@ -325,7 +325,7 @@ def _hostsetup():
     installed): its rule for what goes into the wheel, and its build."""
     sys.path.insert(0, str(REPO_DIR))
     try:
-        from topyaz_mount import hostsetup
+        from topyaz_mount.client import hostsetup
     finally:
         sys.path.remove(str(REPO_DIR))
     return hostsetup

@@ -23,6 +23,8 @@ _EXPORTS = {
     "ConnectionFailed": "errors",
     "JobTimeout": "errors",
     "TopyazMountError": "errors",
+    "TranslationError": "client.translate",
+    "Progress": "client.progress",
     "ExecutorContext": "executor",
     "MountExecutor": "executor",
     "RemoteOptions": "executor",

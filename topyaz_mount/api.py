@@ -21,13 +21,13 @@ from typing import Any
 
 import trio
 
-from . import progress
-from .client import Session, open_session
-from .config import HostOptions, host_settings
+from .client import progress
+from .client.config import HostOptions, host_settings
+from .client.session import Session, open_session
+from .client.translate import PathMap
+from .client.transport import Remote, SshSettings
 from .errors import collapse
 from .policy import Policy, PolicyOptions
-from .translate import PathMap
-from .transport import Remote, SshSettings
 from .waiting import first_of
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .config import (
+from .client.config import (
     BACKENDS,
     HostOptions,
     config_path,
@@ -35,11 +35,8 @@ from .config import (
     resolve,
     save_profile,
 )
-from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse, exit_status
-from .jail import checked_root
-from .policy import Policy, PolicyOptions
-from .safetext import printable
-from .translate import (
+from .client.jail import checked_root
+from .client.translate import (
     DEFAULT_PRODUCTS,
     PathMap,
     TranslationError,
@@ -48,10 +45,13 @@ from .translate import (
     translate_cwd,
     translate_env,
 )
-from .transport import Remote, SshSettings, run_remote_json, spawn_ssh
+from .client.transport import Remote, SshSettings, run_remote_json, spawn_ssh
+from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse, exit_status
+from .policy import Policy, PolicyOptions
+from .safetext import printable
 
 if TYPE_CHECKING:
-    from .client import RunResult
+    from .client.session import RunResult
 
 log = logging.getLogger("topyaz_mount")
 
@@ -486,8 +486,8 @@ def exec_(
         if session_name is not None:
             import trio
 
-            from . import control, session_client
-            from .client import RunResult
+            from .client import control, session_client
+            from .client.session import RunResult
 
             if root is not None:
                 raise UsageError("--root cannot be used with --session (the session has one)")
@@ -529,7 +529,7 @@ def exec_(
             try:
                 import trio
 
-                from .oneshot import exec_async
+                from .client.oneshot import exec_async
             except BaseException:
                 spawned.kill()
                 raise
@@ -688,7 +688,7 @@ def kept_(
         if recover:
             import trio
 
-            from .oneshot import recover_kept
+            from .client.oneshot import recover_kept
 
             root_dir = os.path.realpath(root or os.getcwd())
             done = trio.run(recover_kept, settings, root_dir)
@@ -760,7 +760,7 @@ def doctor(
     backend: str | None,
 ) -> None:
     """Check that the remote host can serve topyaz-mount, and say what is missing."""
-    from .hostsetup import probe
+    from .client.hostsetup import probe
 
     _setup_logging(verbose)
     try:
@@ -821,7 +821,7 @@ def setup(
     first Python >= 3.10 found there). Works offline too: what the host cannot
     download, this machine uploads.
     """
-    from .hostsetup import SetupRequest, setup_host
+    from .client.hostsetup import SetupRequest, setup_host
 
     _setup_logging(verbose)
 
@@ -967,7 +967,7 @@ def mount(
     _setup_logging(verbose)
     import trio
 
-    from . import control, mountd, progress
+    from .client import control, mountd, progress
 
     def report_ready(info: dict) -> None:
         if ready_fd is not None:
@@ -1080,7 +1080,7 @@ def unmount(name: str, force: bool, verbose: int) -> None:
     _setup_logging(verbose)
     import trio
 
-    from . import control, session_client
+    from .client import control, session_client
 
     try:
         done = trio.run(session_client.unmount, control.check_name(name), force, _say)
@@ -1112,7 +1112,7 @@ def status(
     sessions (--grace) running on HOST, and since when each waits for its client."""
     import trio
 
-    from . import control, session_client
+    from .client import control, session_client
 
     source = click.get_current_context().get_parameter_source("remote")
     if source is click.core.ParameterSource.COMMANDLINE:  # not from TOPYAZ_MOUNT_REMOTE
@@ -1136,7 +1136,7 @@ def status(
     if not sessions:
         click.echo("no sessions")
         return
-    from .progress import describe, from_flat
+    from .client.progress import describe, from_flat
 
     for s in sessions:
         moved = s.get("content_bytes_sent", 0) + s.get("content_bytes_received", 0)
@@ -1202,8 +1202,8 @@ def shell(session_name: str, verbose: int, command: tuple[str, ...]) -> None:
     _setup_logging(verbose)
     import trio
 
-    from . import control, session_client
-    from .client import RunResult
+    from .client import control, session_client
+    from .client.session import RunResult
 
     try:
         rows, cols = session_client.terminal_size()

@@ -50,11 +50,11 @@ except ImportError as e:  # pragma: no cover - the message is the point
     ) from e
 
 from . import executor
-from .config import load_profile
+from .client.config import load_profile
+from .client.translate import TranslationError
+from .client.transport import Remote
 from .errors import ConnectionFailed, JobTimeout, RemoteCommandFailed, TopyazMountError
 from .policy import PolicyOptions
-from .translate import TranslationError
-from .transport import Remote
 
 __all__ = ["MountExecutor", "run_cli"]
 

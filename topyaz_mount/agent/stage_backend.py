@@ -33,7 +33,7 @@ from pathlib import Path
 
 import trio
 
-from ..inputs import _candidate
+from ..client.inputs import _candidate
 from ..wire import proto
 from .backend import BackendContext
 from .filecopy import clone_or_copy

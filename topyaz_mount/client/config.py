@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 from .translate import DEFAULT_PRODUCTS
 from .transport import Remote, SshSettings
 

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..policy import root_refusal, safe_mode
 from .osapi import OS
-from .policy import root_refusal, safe_mode
 from .spelling import Spelling
 
 MAX_PATH = 4096

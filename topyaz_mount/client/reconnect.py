@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import AgentUnavailable
+from ..errors import AgentUnavailable
+from ..wire import resume
 from .transport import SshProcess, start_ssh
-from .wire import resume
 
 if TYPE_CHECKING:
-    from .client import Session
+    from .session import Session
 
 log = logging.getLogger(__name__)
 

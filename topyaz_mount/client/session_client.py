@@ -20,8 +20,8 @@ from typing import Any
 
 import trio
 
+from ..errors import ConnectionFailed, TopyazMountError
 from . import control
-from .errors import ConnectionFailed, TopyazMountError
 
 Say = Callable[[str], None]
 

@@ -16,7 +16,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .wire.hashing import hash_fd
+from ..wire.hashing import hash_fd
 
 log = logging.getLogger(__name__)
 

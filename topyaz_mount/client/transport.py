@@ -22,9 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
+from ..errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
+from ..wire import liveness
 from .osapi import OS
-from .wire import liveness
 
 if TYPE_CHECKING:
     import trio
@@ -100,7 +100,7 @@ class SshSettings:
         return argv
 
     def remote_command(self) -> str:
-        from . import __version__
+        from .. import __version__
 
         words = [self.remote_python, "-m", "topyaz_mount.agent", "--client-version", __version__]
         words += ["--log-level", self.agent_log_level, *self.agent_args]
@@ -232,7 +232,7 @@ async def start_ssh(settings: SshSettings) -> SshProcess:
 
 def explain_startup_failure(settings: SshSettings, tail: list[str]) -> Exception:
     """Turn what ssh / the remote shell printed into one clear error."""
-    from . import __version__
+    from .. import __version__
 
     host = str(settings.remote)
     text = "\n".join(tail)

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 import click
 import trio
 
+from ..policy import Policy
+from ..safetext import printable
+from ..wire import proto
 from . import progress
-from .client import RunResult, Session, open_session
-from .policy import Policy
-from .safetext import printable
+from .session import RunResult, Session, open_session
 from .session_client import writer
 from .transport import SshSettings
-from .wire import proto
 
 
 async def _forward_signals(session: Session, abort: trio.CancelScope) -> None:

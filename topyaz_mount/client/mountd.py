@@ -24,14 +24,14 @@ from typing import Any
 
 import trio
 
+from ..errors import TopyazMountError, collapse
+from ..policy import Policy
+from ..waiting import first_of
+from ..wire import proto
 from . import control, progress
-from .client import Job, Session, open_session
-from .errors import TopyazMountError, collapse
-from .policy import Policy
+from .session import Job, Session, open_session
 from .translate import TranslationError
 from .transport import SshSettings
-from .waiting import first_of
-from .wire import proto
 
 log = logging.getLogger(__name__)
 

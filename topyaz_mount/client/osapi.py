@@ -33,7 +33,7 @@ import struct
 import sys
 from typing import Protocol
 
-from . import pipes
+from .. import pipes
 
 PORTABLE_ENV = "TOPYAZ_MOUNT_PORTABLE"
 

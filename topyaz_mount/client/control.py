@@ -23,7 +23,7 @@ from typing import Union
 import msgspec
 import trio
 
-from .errors import UsageError
+from ..errors import UsageError
 from .osapi import OS
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

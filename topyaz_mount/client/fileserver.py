@@ -35,11 +35,11 @@ from typing import Any
 import blake3
 import trio
 
+from ..policy import Policy, PolicyOptions, Refusal, RefusalLog, safe_mode
+from ..wire import proto
 from .hashindex import QUICK_HASH_LIMIT, HashIndex
 from .jail import Jail, JailError, split_path
 from .osapi import OS
-from .policy import Policy, PolicyOptions, Refusal, RefusalLog, safe_mode
-from .wire import proto
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import (
+from ..errors import (
     AgentUnavailable,
     ConnectionFailed,
     JobTimeout,
@@ -36,16 +36,16 @@ from .errors import (
     UsageError,
     exit_status,
 )
+from ..policy import MAX_REFUSALS_KEPT, Policy, PolicyOptions, Refusal, summarize
+from ..waiting import first_of
+from ..wire import liveness, pacing, proto
+from ..wire.rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 from .fileserver import FileServer
 from .hashindex import MANIFEST_HASH_BUDGET
 from .inputs import input_files
 from .jail import checked_root
-from .policy import MAX_REFUSALS_KEPT, Policy, PolicyOptions, Refusal, summarize
 from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
-from .waiting import first_of
-from .wire import liveness, pacing, proto
-from .wire.rpc import ConnectionLost, Peer, PeerStalled, RemoteError
 
 if TYPE_CHECKING:
     from .reconnect import Reconnector

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
+from ..errors import AgentUnavailable
+from ..safetext import printable
 from .config import human_size
-from .errors import AgentUnavailable
-from .safetext import printable
 from .transport import SshSettings, run_remote_json
 
 READY_MARKER = ".topyaz-mount-ready"
@@ -325,7 +325,7 @@ def wheel_cache_dir() -> Path:
 
 def _source_tree() -> Path | None:
     """The checkout this package runs from, if it runs from one."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # topyaz_mount/client/hostsetup.py
     try:
         text = (root / "pyproject.toml").read_text()
     except OSError:
