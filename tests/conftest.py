@@ -26,6 +26,7 @@ if str(TOOLS_DIR) not in sys.path:
 import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
 
 import topyaz_mount  # noqa: E402
+import topyaz_mount.client  # noqa: E402
 from topyaz_mount.client import osapi  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -46,12 +47,20 @@ def os_calls(request, monkeypatch) -> str:
     if which == "portable":
         monkeypatch.setenv(osapi.PORTABLE_ENV, "1")
         portable = osapi.PortableCalls()
-        for info in pkgutil.iter_modules(topyaz_mount.__path__, "topyaz_mount."):
+        swapped: set[str] = set()
+        client_side = [
+            *pkgutil.iter_modules(topyaz_mount.__path__, "topyaz_mount."),
+            *pkgutil.iter_modules(topyaz_mount.client.__path__, "topyaz_mount.client."),
+        ]
+        for info in client_side:
             if info.ispkg or info.name.endswith(".__main__"):
                 continue  # the agent (its own OS) and the command line's entry point
             module = importlib.import_module(info.name)  # a later import would miss the swap
             if getattr(module, "OS", None) is osapi.OS:
                 monkeypatch.setattr(module, "OS", portable)
+                swapped.add(info.name)
+        # A layout change must not quietly leave the portable run on native calls.
+        assert {"topyaz_mount.client.fileserver", "topyaz_mount.client.jail"} <= swapped
     return which
 
 
