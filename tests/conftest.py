@@ -13,6 +13,7 @@ import pkgutil
 import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,25 @@ TOOLS_DIR = REPO_DIR / "tools"
 STANDINS_DIR = TOOLS_DIR / "standins"
 if str(TOOLS_DIR) not in sys.path:
     sys.path.insert(0, str(TOOLS_DIR))
+
+# Under pytest-xdist each worker gets a test host of its own: worker gw0 keeps the
+# user (tmremote, or TOPYAZ_MOUNT_TESTHOST_USER), gwN uses that name with "-N". Set
+# before tools/testhost.py and tests/e2e_util.py read it at import.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+if _WORKER != "gw0":
+    _base = os.environ.get("TOPYAZ_MOUNT_TESTHOST_USER", "tmremote")
+    os.environ["TOPYAZ_MOUNT_TESTHOST_USER"] = f"{_base}-{_WORKER.removeprefix('gw')}"
+
+# Each run (each worker) has client-side directories of its own: one worker's `mount`
+# is not in the other's `status`, and the user's own profiles and caches stay out.
+_CLIENT_DIRS = Path(tempfile.mkdtemp(prefix=f"topyaz-mount-tests-{_WORKER}-"))
+for _var in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+    (_CLIENT_DIRS / _var.lower()).mkdir(mode=0o700)
+    os.environ[_var] = str(_CLIENT_DIRS / _var.lower())
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CLIENT_DIRS, ignore_errors=True)
 
 import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
 

@@ -19,6 +19,7 @@ import hashlib
 import os
 import pwd
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -299,6 +300,29 @@ def describe(r: subprocess.CompletedProcess) -> str:
 
 
 # --------------------------------------------------------------------------- remote state
+
+
+@contextlib.contextmanager
+def fuse_denied_to_remote_user():
+    """/dev/fuse unusable for the test host's user alone: a POSIX ACL entry with no
+    permissions for that user, so tests running beside this one keep their FUSE
+    (``chmod 0600 /dev/fuse`` would take it from every user of the machine)."""
+    undefined = 0xFFFFFFFF
+    uid = pwd.getpwnam(REMOTE_USER).pw_uid
+    mode = os.stat("/dev/fuse").st_mode
+
+    def bits(shift: int) -> int:
+        return (mode >> shift) & 0o7
+
+    # Linux's xattr form of an ACL: version 2, then (tag, perm, id) sorted by tag.
+    entries = [(0x01, bits(6), undefined), (0x02, 0, uid), (0x04, bits(3), undefined),
+               (0x10, bits(3), undefined), (0x20, bits(0), undefined)]
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr("/dev/fuse", "system.posix_acl_access", blob)
+    try:
+        yield
+    finally:
+        os.removexattr("/dev/fuse", "system.posix_acl_access")
 
 
 def remote_home() -> Path:

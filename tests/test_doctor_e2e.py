@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import stat
 import subprocess
 
-from e2e_util import CLI, client_env
+from e2e_util import CLI, client_env, fuse_denied_to_remote_user
 
 
 def doctor(testhost, *extra: str) -> subprocess.CompletedProcess:
@@ -22,12 +20,8 @@ def test_doctor_on_a_good_host(testhost):
 
 
 def test_doctor_names_an_unusable_dev_fuse(testhost):
-    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    try:
-        os.chmod("/dev/fuse", 0o600)
+    with fuse_denied_to_remote_user():
         r = doctor(testhost, "--remote-python", testhost.remote_python, "--backend", "fuse")
-    finally:
-        os.chmod("/dev/fuse", 0o666 if mode & 0o006 != 0o006 else mode)
     assert r.returncode == 255
     assert "FAIL fuse: /dev/fuse is not readable and writable" in r.stdout
 
