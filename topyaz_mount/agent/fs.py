@@ -497,7 +497,11 @@ class MountOps(pyfuse3.Operations):
         if not isinstance(h, DirHandle):
             raise OSError(errno.EBADF, "bad directory handle")
         if h.entries is None or start_id == 0:
+            # The spool's files before and after asking: one committed while the
+            # listing was on its way left the spool but may not be in the listing.
+            pending = {name: sf.attr() for name, sf in self.spool.children(h.path).items()}
             merged = {e.name: e.attr for e in await self._list(h.path)}
+            merged.update(pending)
             for name, sf in self.spool.children(h.path).items():
                 merged[name] = sf.attr()
             # "." and ".." as any directory lists them; the kernel takes only their
