@@ -512,6 +512,10 @@ def exec_(
             source = click.get_current_context().get_parameter_source("grace")
             if source is click.core.ParameterSource.COMMANDLINE:
                 raise UsageError("--grace belongs to `mount`: a session's commands share it")
+            if bwlimit is not None:
+                raise UsageError(
+                    "--bwlimit belongs to `mount`: a session's commands share its link"
+                )
             control.check_name(session_name)
             req = control.Exec(
                 argv, cwd, env, forward_stdin, list(literal), includes=_absolute(includes)
