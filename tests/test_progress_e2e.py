@@ -291,6 +291,12 @@ def test_a_sessions_command_and_shell_show_their_own_figures(testhost, root, tmp
             assert b"\x1b[" not in piped.stderr and b"\r" not in piped.stderr
             assert (root / "out.bin").read_bytes() == data
             (root / "out.bin").unlink()
+        code, quiet_out, quiet_err = _run_on_pty(
+            [*CLI, "exec", "--session", "live", "-q", "--", *COMMAND], root, env=session.env
+        )
+        assert code == 0 and quiet_out == (root / "in.bin").read_bytes() + b"end\n"
+        assert b"\x1b[K" not in quiet_err
+        (root / "out.bin").unlink()
         r = session.cli("exec", "--session", "live", "--json-progress", "--stats=json", "--",
                         *COMMAND)
         assert r.returncode == 0, r.stderr
