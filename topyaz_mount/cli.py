@@ -110,6 +110,13 @@ def _stats_line(stats: dict) -> str:
     )
 
 
+def _decorated(fn: Callable[..., Any], options: list[Callable]) -> Callable[..., Any]:
+    """``fn`` with click ``options``, listed in the order ``--help`` shows them."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options every command that talks to a remote host shares."""
     options = [
@@ -147,9 +154,7 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--verbose", "-v", count=True, help="-v: progress; -vv: debug."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _decorated(fn, options)
 
 
 def progress_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -176,9 +181,7 @@ def progress_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Progress as one JSON object a second on stderr, terminal or not.",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _decorated(fn, options)
 
 
 bwlimit_option = click.option(
@@ -234,9 +237,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Allow the root to be your home directory (or an ancestor of it).",
         ),
     ]
-    for option in reversed(options):
-        with_policy = option(with_policy)
-    return with_policy
+    return _decorated(with_policy, options)
 
 
 def _policy_argv(options: PolicyOptions) -> list[str]:
