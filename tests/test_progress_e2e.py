@@ -266,41 +266,53 @@ def test_verbose_log_lines_step_around_the_line(testhost, root):
 
 def test_a_sessions_command_and_shell_show_their_own_figures(testhost, root, tmp_path):
     """`exec --session` and `shell`: the same line on a terminal, with the figures of
-    the command (those of its --stats), cleared; none when piped; JSON when asked."""
+    the command (those of its --stats), cleared; none when piped; JSON when asked.
+    Each run writes an output of its own name: a local delete reaches the session's
+    host later (the watcher), and would race with the next run writing the same name."""
     from e2e_util import CLI
     from test_session_e2e import MountedSession
 
     write_random(root / "in2.bin", SIZE)  # the shell's input: new to the remote cache
-    shell_command = ["sh", "-c", 'cp "$1" "$2"; echo end', "sh", "./in2.bin", "./out.bin"]
+    outputs = iter(range(100))
+
+    def command(verb: str) -> tuple[list[str], Path]:
+        out = f"out{next(outputs)}.bin"
+        if verb == "exec":
+            return [*COMMAND[:-1], f"./{out}"], root / out
+        return ["sh", "-c", 'cp "$1" "$2"; echo end', "sh", "./in2.bin", f"./{out}"], root / out
+
     session = MountedSession(testhost, root, tmp_path / "runtime", "live")
     try:
         session.start()
-        for verb, command, source in (("exec", COMMAND, "in.bin"),
-                                      ("shell", shell_command, "in2.bin")):
-            argv = [*CLI, verb, "--session", "live", "--stats=json", "--", *command]
-            code, tty_out, tty_err = _run_on_pty(argv, root, env=session.env)
+        for verb, source in (("exec", "in.bin"), ("shell", "in2.bin")):
+            data = (root / source).read_bytes()
+            argv, out = command(verb)
+            code, tty_out, tty_err = _run_on_pty(
+                [*CLI, verb, "--session", "live", "--stats=json", "--", *argv], root,
+                env=session.env,
+            )
             assert code == 0, tty_err.decode(errors="replace")
             stats = _drawn_and_cleared(tty_err)
-            data = (root / source).read_bytes()
-            assert (root / "out.bin").read_bytes() == data
+            assert out.read_bytes() == data
             assert stats["content_bytes_received"] == SIZE
-            (root / "out.bin").unlink()
-            piped = session.cli(verb, "--session", "live", "--", *command)
+            argv, out = command(verb)
+            piped = session.cli(verb, "--session", "live", "--", *argv)
             assert piped.returncode == 0, piped.stderr
             assert piped.stdout == tty_out  # byte for byte, with and without the line
             assert b"\x1b[" not in piped.stderr and b"\r" not in piped.stderr
-            assert (root / "out.bin").read_bytes() == data
-            (root / "out.bin").unlink()
+            assert out.read_bytes() == data
+        argv, out = command("exec")
         code, quiet_out, quiet_err = _run_on_pty(
-            [*CLI, "exec", "--session", "live", "-q", "--", *COMMAND], root, env=session.env
+            [*CLI, "exec", "--session", "live", "-q", "--", *argv], root, env=session.env
         )
         assert code == 0 and quiet_out == (root / "in.bin").read_bytes() + b"end\n"
-        assert b"\x1b[K" not in quiet_err
-        (root / "out.bin").unlink()
+        assert b"\x1b[K" not in quiet_err and out.read_bytes() == (root / "in.bin").read_bytes()
+        argv, out = command("exec")
         r = session.cli("exec", "--session", "live", "--json-progress", "--stats=json", "--",
-                        *COMMAND)
+                        *argv)
         assert r.returncode == 0, r.stderr
         assert r.stdout == (root / "in.bin").read_bytes() + b"end\n"
+        assert out.read_bytes() == (root / "in.bin").read_bytes()
         records = [json.loads(line) for line in r.stderr.splitlines() if line.startswith(b"{")]
         final, stats = [p for p in records if "phase" in p][-1], records[-1]
         assert final["phase"] == "done"
