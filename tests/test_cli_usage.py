@@ -46,3 +46,13 @@ def test_shell_without_a_command_is_no_usage_error():
     assert "Traceback" not in r.stderr
     assert "no such option" not in r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_a_bwlimit_for_one_command_of_a_session_is_a_usage_error():
+    """The session's link is paced as a whole (`mount --bwlimit`); a limit given to one
+    of its commands would silently do nothing."""
+    r = run("exec", "--session", "nosuch", "--bwlimit", "2M", "--", "true")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        "topyaz-mount: --bwlimit belongs to `mount`: a session's commands share its link"
+    ]

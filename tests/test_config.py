@@ -133,3 +133,30 @@ def test_bad_config_is_one_clear_error(config):
     with pytest.raises(UsageError, match="backend 'smb'"):
         config.write_text('[hosts.gpu]\nbackend = "smb"\n')
         _settings("gpu", (), None, None, None, 0)
+
+
+def test_a_bad_bwlimit_in_a_profile_names_the_key_and_the_host(config):
+    config.parent.mkdir()
+    config.write_text('[hosts.gpu]\nbwlimit = "fast"\n')
+    with pytest.raises(UsageError) as caught:
+        _settings("gpu", (), None, None, None, 0)
+    assert str(caught.value) == (
+        f"{config}: hosts.gpu.bwlimit = 'fast': expected a rate like 10M, 500k or UP:DOWN "
+        "(1M:10M)"
+    )
+    assert _settings("gpu", (), None, None, None, 0, bwlimit="1M").bwlimit == (1 << 20,) * 2
+    with pytest.raises(UsageError, match="^--bwlimit 'slow'"):  # the flag's own value
+        _settings("gpu", (), None, None, None, 0, bwlimit="slow")
+    # From the command line: that one line, status 2, before any connection is tried.
+    import subprocess
+
+    r = subprocess.run(
+        [sys.executable, "-m", "topyaz_mount", "exec", "--remote", "gpu", "--", "true"],
+        capture_output=True, text=True, timeout=60, cwd="/tmp",
+        env={**os.environ, "TOPYAZ_MOUNT_CONFIG": str(config)},
+    )
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"topyaz-mount: {config}: hosts.gpu.bwlimit = 'fast': expected a rate like 10M, 500k "
+        "or UP:DOWN (1M:10M)"
+    ]

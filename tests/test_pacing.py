@@ -133,5 +133,5 @@ def test_the_limit_comes_from_the_flag_over_the_host_profile(tmp_path, monkeypat
     assert _settings("other", (), None, None, None, 0).bwlimit == (0, 0)
     assert RemoteHost.parse("gpu").settings().bwlimit == (1 << 20, 4 << 20)  # the API too
     save_profile("bad", HostOptions(bwlimit="fast"))
-    with pytest.raises(UsageError, match="--bwlimit"):
+    with pytest.raises(UsageError, match=r"hosts\.bad\.bwlimit = 'fast'"):  # test_config
         _settings("bad", (), None, None, None, 0)

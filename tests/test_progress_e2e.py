@@ -26,7 +26,8 @@ COMMAND = ["sh", "-c", 'cat "$1"; cp "$1" "$2"; echo end', "sh", "./in.bin", "./
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def _run_on_pty(argv: list[str], cwd: Path, timeout: float = 120) -> tuple[int, bytes, bytes]:
+def _run_on_pty(argv: list[str], cwd: Path, timeout: float = 120,
+                env: dict | None = None) -> tuple[int, bytes, bytes]:
     """Run ``argv`` with stderr on a new pty and stdout on a pipe: (status, stdout, pty)."""
     master, slave = os.openpty()
     seen: list[bytes] = []
@@ -44,7 +45,7 @@ def _run_on_pty(argv: list[str], cwd: Path, timeout: float = 120) -> tuple[int, 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     proc = subprocess.Popen(
-        argv, cwd=cwd, env=client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        argv, cwd=cwd, env=env or client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=slave,
     )
     os.close(slave)
@@ -74,15 +75,10 @@ def root(tmp_path) -> Path:
     return root
 
 
-def test_progress_on_a_terminal_only_and_its_figures_are_the_stats(testhost, root):
-    argv = exec_argv(testhost, root, COMMAND, options=["--stats=json"])
-    code, tty_out, tty_err = _run_on_pty(argv, root)
-    assert code == 0, tty_err.decode(errors="replace")
-    data = (root / "in.bin").read_bytes()
-    assert tty_out == data + b"end\n"
-    assert (root / "out.bin").read_bytes() == data
+def _drawn_and_cleared(tty_err: bytes) -> dict:
+    """The line was drawn in place (carriage return, erase to the end of the line), its
+    last frame says "done" with the figures of ``--stats=json``, and it was cleared."""
     stats = _stats(tty_err)
-    # Drawn in place (carriage return, erase to the end of the line), and cleared.
     frames = [f for f in re.split(rb"\r", tty_err) if b"topyaz-mount" in f and b"\x1b[K" in f]
     assert frames, tty_err
     last = ANSI.sub(b"", frames[-1]).decode()
@@ -91,6 +87,17 @@ def test_progress_on_a_terminal_only_and_its_figures_are_the_stats(testhost, roo
     assert f"out {human(stats['content_bytes_received'])} in 1 files" in last
     erase = tty_err.rindex(b"\x1b[K")
     assert tty_err[erase - 1 : erase] == b"\r"  # the last thing drawn is the clearing
+    return stats
+
+
+def test_progress_on_a_terminal_only_and_its_figures_are_the_stats(testhost, root):
+    argv = exec_argv(testhost, root, COMMAND, options=["--stats=json"])
+    code, tty_out, tty_err = _run_on_pty(argv, root)
+    assert code == 0, tty_err.decode(errors="replace")
+    data = (root / "in.bin").read_bytes()
+    assert tty_out == data + b"end\n"
+    assert (root / "out.bin").read_bytes() == data
+    _drawn_and_cleared(tty_err)
 
     (root / "out.bin").unlink()
     piped = run_exec(testhost, root, *COMMAND, options=["--stats=json"])
@@ -235,3 +242,83 @@ def test_a_foreground_mount_on_a_terminal_shows_the_sessions_line_and_clears_it(
     # The line is cleared before the session's last words ("... unmounted").
     tail = shown[shown.rindex(b"\x1b[K") - 1 :]
     assert tail.startswith(b"\r\x1b[K") and b"session fg unmounted" in tail
+
+
+def test_verbose_log_lines_step_around_the_line(testhost, root):
+    """Each -v log line starts on a line of its own: the progress line is cleared just
+    before it (or was not drawn), and is not drawn into it before it ends."""
+    argv = exec_argv(testhost, root, COMMAND, options=["-v", "--stats=json"])
+    code, out, err = _run_on_pty(argv, root)
+    assert code == 0, err.decode(errors="replace")
+    assert out == (root / "in.bin").read_bytes() + b"end\n"
+    assert (root / "out.bin").read_bytes() == (root / "in.bin").read_bytes()
+    _drawn_and_cleared(err)
+    starts = [m.start() for m in re.finditer(rb"topyaz-mount: INFO", err)]
+    assert len(starts) >= 2, err
+    cleared = 0
+    for at in starts:
+        before = err[:at]
+        assert before == b"" or before.endswith((b"\n", b"\r\x1b[K")), err[at - 200 : at + 80]
+        cleared += before.endswith(b"\r\x1b[K")
+        assert b"\r" not in err[at : err.index(b"\n", at) - 1], err[at : at + 300]
+    assert cleared, err  # at least one came while the line was shown (the manifest's)
+
+
+def test_a_sessions_command_and_shell_show_their_own_figures(testhost, root, tmp_path):
+    """`exec --session` and `shell`: the same line on a terminal, with the figures of
+    the command (those of its --stats), cleared; none when piped; JSON when asked.
+    Each run writes an output of its own name: a local delete reaches the session's
+    host later (the watcher), and would race with the next run writing the same name."""
+    from e2e_util import CLI
+    from test_session_e2e import MountedSession
+
+    write_random(root / "in2.bin", SIZE)  # the shell's input: new to the remote cache
+    outputs = iter(range(100))
+
+    def command(verb: str) -> tuple[list[str], Path]:
+        out = f"out{next(outputs)}.bin"
+        if verb == "exec":
+            return [*COMMAND[:-1], f"./{out}"], root / out
+        return ["sh", "-c", 'cp "$1" "$2"; echo end', "sh", "./in2.bin", f"./{out}"], root / out
+
+    session = MountedSession(testhost, root, tmp_path / "runtime", "live")
+    try:
+        session.start()
+        for verb, source in (("exec", "in.bin"), ("shell", "in2.bin")):
+            data = (root / source).read_bytes()
+            argv, out = command(verb)
+            code, tty_out, tty_err = _run_on_pty(
+                [*CLI, verb, "--session", "live", "--stats=json", "--", *argv], root,
+                env=session.env,
+            )
+            assert code == 0, tty_err.decode(errors="replace")
+            stats = _drawn_and_cleared(tty_err)
+            assert out.read_bytes() == data
+            assert stats["content_bytes_received"] == SIZE
+            argv, out = command(verb)
+            piped = session.cli(verb, "--session", "live", "--", *argv)
+            assert piped.returncode == 0, piped.stderr
+            assert piped.stdout == tty_out  # byte for byte, with and without the line
+            assert b"\x1b[" not in piped.stderr and b"\r" not in piped.stderr
+            assert out.read_bytes() == data
+        argv, out = command("exec")
+        code, quiet_out, quiet_err = _run_on_pty(
+            [*CLI, "exec", "--session", "live", "-q", "--", *argv], root, env=session.env
+        )
+        assert code == 0 and quiet_out == (root / "in.bin").read_bytes() + b"end\n"
+        assert b"\x1b[K" not in quiet_err and out.read_bytes() == (root / "in.bin").read_bytes()
+        argv, out = command("exec")
+        r = session.cli("exec", "--session", "live", "--json-progress", "--stats=json", "--",
+                        *argv)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == (root / "in.bin").read_bytes() + b"end\n"
+        assert out.read_bytes() == (root / "in.bin").read_bytes()
+        records = [json.loads(line) for line in r.stderr.splitlines() if line.startswith(b"{")]
+        final, stats = [p for p in records if "phase" in p][-1], records[-1]
+        assert final["phase"] == "done"
+        assert final["in_bytes"] == stats["content_bytes_sent"]
+        assert final["out_bytes"] == stats["content_bytes_received"] == SIZE
+        assert final["out_files"] == stats["files_committed"] == 1
+        assert final["in_expected"] + final["in_skipped"] == SIZE
+    finally:
+        session.close()

@@ -36,6 +36,7 @@ from .client.config import (
     save_profile,
 )
 from .client.jail import checked_root
+from .client.progress import LogHandler, aside
 from .client.translate import (
     DEFAULT_PRODUCTS,
     PathMap,
@@ -73,7 +74,7 @@ class _PrintableFormatter(logging.Formatter):
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LogHandler(sys.stderr)  # steps around the live progress line
     handler.setFormatter(_PrintableFormatter("topyaz-mount: %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
 
@@ -107,6 +108,13 @@ def _stats_line(stats: dict) -> str:
         f"{stats.get('wall_seconds', 0):.2f} s"
         + (f"; {stats['backend']} backend" if stats.get("backend") else "")
     )
+
+
+def _decorated(fn: Callable[..., Any], options: list[Callable]) -> Callable[..., Any]:
+    """``fn`` with click ``options``, listed in the order ``--help`` shows them."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -146,9 +154,34 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--verbose", "-v", count=True, help="-v: progress; -vv: debug."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _decorated(fn, options)
+
+
+def progress_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What a command shows of its transfer: ``exec`` and ``shell`` share these."""
+    options = [
+        click.option(
+            "--stats",
+            "stats_format",
+            is_flag=False,
+            flag_value="text",
+            default=None,
+            type=click.Choice(["text", "json"]),
+            help="Print a transfer summary on stderr (--stats, or --stats=json).",
+        ),
+        click.option(
+            "--quiet",
+            "-q",
+            is_flag=True,
+            help="No live progress (shown on stderr when it is a terminal).",
+        ),
+        click.option(
+            "--json-progress",
+            is_flag=True,
+            help="Progress as one JSON object a second on stderr, terminal or not.",
+        ),
+    ]
+    return _decorated(fn, options)
 
 
 bwlimit_option = click.option(
@@ -204,9 +237,7 @@ def policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Allow the root to be your home directory (or an ancestor of it).",
         ),
     ]
-    for option in reversed(options):
-        with_policy = option(with_policy)
-    return with_policy
+    return _decorated(with_policy, options)
 
 
 def _policy_argv(options: PolicyOptions) -> list[str]:
@@ -391,26 +422,7 @@ def main() -> None:
     metavar="ARG",
     help="Pass this argument through untranslated (repeatable).",
 )
-@click.option(
-    "--stats",
-    "stats_format",
-    is_flag=False,
-    flag_value="text",
-    default=None,
-    type=click.Choice(["text", "json"]),
-    help="Print a transfer summary on stderr (--stats, or --stats=json).",
-)
-@click.option(
-    "--quiet",
-    "-q",
-    is_flag=True,
-    help="No live progress (shown on stderr when it is a terminal).",
-)
-@click.option(
-    "--json-progress",
-    is_flag=True,
-    help="Progress as one JSON object a second on stderr, terminal or not.",
-)
+@progress_options
 @bwlimit_option
 @click.option(
     "--photo-cmd",
@@ -501,11 +513,20 @@ def exec_(
             source = click.get_current_context().get_parameter_source("grace")
             if source is click.core.ParameterSource.COMMANDLINE:
                 raise UsageError("--grace belongs to `mount`: a session's commands share it")
+            if bwlimit is not None:
+                raise UsageError(
+                    "--bwlimit belongs to `mount`: a session's commands share its link"
+                )
             control.check_name(session_name)
             req = control.Exec(
                 argv, cwd, env, forward_stdin, list(literal), includes=_absolute(includes)
             )
-            done = trio.run(session_client.run_in_session, session_name, req, _say)
+            display = _progress_display(quiet, json_progress)
+            done = trio.run(
+                functools.partial(
+                    session_client.run_in_session, session_name, req, _say, display=display
+                )
+            )
             result: RunResult | None = RunResult(
                 done.code, list(done.lost), [], dict(done.stats), list(done.refused)
             )
@@ -567,7 +588,8 @@ def _progress_display(quiet: bool, json_progress: bool) -> str | None:
 
 def _say(text: str) -> None:
     """One line of ours on stderr; any remote text in it is shown as escapes."""
-    click.echo(f"topyaz-mount: {printable(text)}", err=True)
+    with aside():  # around the live progress line, if one is shown
+        click.echo(f"topyaz-mount: {printable(text)}", err=True)
 
 
 def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
@@ -1025,18 +1047,13 @@ def mount(
         line = _progress_display(quiet, False) and ready_fd is None
         shown = progress.TerminalLine() if line else None
 
-        def say(text: str) -> None:
-            if shown is not None:
-                shown.clear()
-            _say(text)
-
         server, lost = trio.run(
             lambda: mountd.serve(
                 settings,
                 root_dir,
                 session,
                 on_ready=report_ready,
-                say=say,
+                say=_say,
                 policy=rules,
                 includes=includes,
                 line=shown,
@@ -1193,8 +1210,16 @@ def _duration(seconds: float) -> str:
 )
 @click.option("--session", "session_name", required=True, metavar="NAME", help="The session.")
 @click.option("--verbose", "-v", count=True)
+@progress_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def shell(session_name: str, verbose: int, command: tuple[str, ...]) -> None:
+def shell(
+    session_name: str,
+    verbose: int,
+    stats_format: str | None,
+    quiet: bool,
+    json_progress: bool,
+    command: tuple[str, ...],
+) -> None:
     """Open a remote shell (a real terminal) in the translated current directory.
 
     With COMMAND, run it on a terminal instead, as `ssh -t` does.
@@ -1206,18 +1231,24 @@ def shell(session_name: str, verbose: int, command: tuple[str, ...]) -> None:
     from .client.session import RunResult
 
     try:
+        display = _progress_display(quiet, json_progress)
         rows, cols = session_client.terminal_size()
         env = {"TERM": os.environ.get("TERM", "xterm-256color")}
         req = control.Exec(list(command), os.getcwd(), env, True, [], [rows, cols])
         with session_client.raw_terminal(0):
             done = trio.run(
                 lambda: session_client.run_in_session(
-                    control.check_name(session_name), req, _say, interactive=True
+                    control.check_name(session_name),
+                    req,
+                    _say,
+                    interactive=True,
+                    display=display,
                 )
             )
     except BaseException as e:  # noqa: BLE001
         sys.exit(_report(e, verbose))
-    _finish(RunResult(done.code, list(done.lost), [], dict(done.stats), list(done.refused)))
+    result = RunResult(done.code, list(done.lost), [], dict(done.stats), list(done.refused))
+    _finish(result, stats_format)
 
 
 @main.command(

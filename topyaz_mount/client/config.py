@@ -148,17 +148,18 @@ def parse_duration(text: str) -> float:
     return value * units[unit]
 
 
-def parse_bwlimit(text: str) -> tuple[int, int]:
+def parse_bwlimit(text: str, given_as: str = "--bwlimit") -> tuple[int, int]:
     """``--bwlimit``: (bytes a second the client sends, bytes a second the agent sends),
     0 for no limit. ``10M`` (both ways), ``500k``, or ``UP:DOWN`` (``1M:10M``; ``0`` or
-    nothing for no limit on that side). Suffixes count in 1024s, as sizes do."""
+    nothing for no limit on that side). Suffixes count in 1024s, as sizes do.
+    ``given_as``: where the value was written, for the error (the flag, or a profile's key)."""
     up, colon, down = text.partition(":")
     try:
         first = parse_size(up) if up.strip() else 0
         second = (parse_size(down) if down.strip() else 0) if colon else first
     except UsageError:
         raise UsageError(
-            f"--bwlimit {text!r}: expected a rate like 10M, 500k or UP:DOWN (1M:10M)"
+            f"{given_as} {text!r}: expected a rate like 10M, 500k or UP:DOWN (1M:10M)"
         ) from None
     return first, second
 
@@ -185,9 +186,18 @@ def host_settings(
         agent_args=agent_args,
         agent_log_level=agent_log_level,
         grace=parse_duration(opts.grace) if opts.grace else 0.0,
-        bwlimit=parse_bwlimit(opts.bwlimit) if opts.bwlimit else (0, 0),
+        bwlimit=parse_bwlimit(opts.bwlimit, _given_as("bwlimit", flags, remote))
+        if opts.bwlimit
+        else (0, 0),
     )
     return settings, opts
+
+
+def _given_as(key: str, flags: HostOptions, remote: Remote) -> str:
+    """Where ``key``'s value came from: its flag, or the host's profile (file and key)."""
+    if getattr(flags, key) is not None:
+        return f"--{key.replace('_', '-')}"
+    return f"{config_path()}: hosts.{remote}.{key} ="
 
 
 def _parse_profile(name: str, table: Mapping[str, Any], path: Path) -> HostOptions:

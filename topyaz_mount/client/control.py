@@ -39,7 +39,8 @@ class _Msg(msgspec.Struct, frozen=True, tag=True, array_like=True):
 
 
 class Exec(_Msg):
-    """Run a command. ``tty`` is (rows, cols) for a terminal session (``shell``)."""
+    """Run a command. ``tty`` is (rows, cols) for a terminal session (``shell``);
+    ``progress``: send the command's ``Figures`` this often (seconds; 0: never)."""
 
     argv: list[str]
     cwd: str
@@ -48,6 +49,7 @@ class Exec(_Msg):
     literal: list[str] = []
     tty: list[int] | None = None
     includes: list[str] = []  # absolute local paths the manifest adds (--include)
+    progress: float = 0.0
 
 
 class StdinData(_Msg):
@@ -89,10 +91,17 @@ class Note(_Msg):
     text: str
 
 
+class Figures(_Msg):
+    """The command's transfer so far (``progress.Progress`` as a dict); the last one,
+    phase "done", comes just before ``Finished`` and matches its stats."""
+
+    figures: dict[str, int | float | str | None]
+
+
 class Finished(_Msg):
     code: int
     lost: list[str] = []
-    stats: dict[str, float | str] = {}
+    stats: dict[str, int | float | str] = {}
     refused: list[str] = []  # the write policy's summary lines (see policy.summarize)
 
 
@@ -123,6 +132,7 @@ Message = Union[
     Unmount,
     Output,
     Note,
+    Figures,
     Finished,
     Failed,
     Info,

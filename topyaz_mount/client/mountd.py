@@ -235,25 +235,36 @@ class MountServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client is gone; the job's outputs are still committed
 
+        # The command's own figures, from just before it starts: those of --stats.
+        tracker = progress.Tracker(self.session.server)
+        tracker.phase = "running"
+
         reply: control.Message
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._relay_input, channel, job)
             try:
-                result = await self.session.run(
-                    req.argv,
-                    cwd=req.cwd,
-                    env=req.env,
-                    stdout=lambda data: send(control.Output(1, data)),
-                    stderr=lambda data: send(control.Output(2, data)),
-                    stdin_open=req.stdin,
-                    literal=req.literal,
-                    includes=req.includes,
-                    tty=(req.tty[0], req.tty[1]) if req.tty and len(req.tty) == 2 else None,
-                    job=job,
-                )
+                async with trio.open_nursery() as live:
+                    if req.progress > 0:
+                        live.start_soon(self._figures, tracker, send, req.progress)
+                    result = await self.session.run(
+                        req.argv,
+                        cwd=req.cwd,
+                        env=req.env,
+                        stdout=lambda data: send(control.Output(1, data)),
+                        stderr=lambda data: send(control.Output(2, data)),
+                        stdin_open=req.stdin,
+                        literal=req.literal,
+                        includes=req.includes,
+                        tty=(req.tty[0], req.tty[1]) if req.tty and len(req.tty) == 2 else None,
+                        job=job,
+                    )
+                    live.cancel_scope.cancel()
             except BaseException as e:  # noqa: BLE001 - becomes the client's one line
                 reply = self._failure(e)
             else:
+                if req.progress > 0:
+                    tracker.phase = "done"
+                    await send(control.Figures(tracker.snapshot().as_dict()))
                 for text in result.warnings:
                     await send(control.Note(f"warning: {text}"))
                 if self.force and self.stop_requested.is_set():
@@ -263,6 +274,15 @@ class MountServer:
                 )
             nursery.cancel_scope.cancel()
         await send(reply)
+
+    @staticmethod
+    async def _figures(tracker: progress.Tracker, send: Callable, interval: float) -> None:
+        """A command's figures every ``interval`` seconds; cancelled between two sends
+        (never inside one, which would cut a message short)."""
+        while True:
+            with trio.CancelScope(shield=True):
+                await send(control.Figures(tracker.snapshot().as_dict()))
+            await trio.sleep(interval)
 
     def _failure(self, e: BaseException) -> control.Failed:
         err = collapse(e)
@@ -344,7 +364,7 @@ async def serve(
                 finally:
                     nursery.cancel_scope.cancel()
                     if line is not None:
-                        line.clear()
+                        line.close()
         finally:
             try:
                 path.unlink()

@@ -24,6 +24,12 @@ from .session_client import writer
 from .transport import SshSettings
 
 
+def _say(text: str) -> None:
+    """A line of ours on stderr, around the progress line (as cli's ``_say``)."""
+    with progress.aside():
+        click.echo(f"topyaz-mount: {printable(text)}", err=True)
+
+
 async def _forward_signals(session: Session, abort: trio.CancelScope) -> None:
     """First Ctrl-C goes to the remote job, a second kills it, a third gives up."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -31,10 +37,10 @@ async def _forward_signals(session: Session, abort: trio.CancelScope) -> None:
         async for signum in signals:
             count += 1
             if count == 1:
-                click.echo("topyaz-mount: stopping the remote command…", err=True)
+                _say("stopping the remote command…")
                 await session.signal(signum)
             elif count == 2:
-                click.echo("topyaz-mount: killing the remote command…", err=True)
+                _say("killing the remote command…")
                 await session.signal(signal.SIGKILL)
             else:
                 abort.cancel()
@@ -83,9 +89,7 @@ async def exec_async(
                 session.on_warning = lambda text: warn(
                     f"topyaz-mount: warning: {printable(text)}\n".encode()
                 )
-                session.on_link = lambda text: click.echo(
-                    f"topyaz-mount: {printable(text)}", err=True
-                )
+                session.on_link = _say
                 try:
                     result = await session.run(
                         argv,
@@ -101,7 +105,7 @@ async def exec_async(
                     if shown is not None:
                         progress.finish(tracker, shown.show)
                     if line is not None:
-                        line.clear()
+                        line.close()
             return result
     return None
 

@@ -8,19 +8,23 @@ began; ``watch`` hands one to a callback every interval and a last one at the en
 Two ways to show it: ``TerminalLine`` keeps one line at the bottom of the terminal
 (drawn with rich) and clears it before any byte of the job's own output is written,
 redrawing only once that output ends a line, so the job's lines are never torn;
-``JsonLines`` prints one JSON object per line, for GUIs and scripts.
+``JsonLines`` prints one JSON object per line, for GUIs and scripts. Our own lines
+(``-v`` logging through ``LogHandler``, notes) go out ``aside`` the line: cleared
+before, redrawn after. trio is imported where it is used: the command line installs
+``LogHandler`` before it starts ssh, and imports trio only after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, TYPE_CHECKING, Any
-
-import trio
 
 from .config import human_size
 
@@ -68,6 +72,8 @@ class Tracker:
     """Snapshots of ``server``'s counters since the tracker was made."""
 
     def __init__(self, server: FileServer) -> None:
+        import trio
+
         self.server = server
         self.phase = "connecting"
         s = server.stats
@@ -83,6 +89,8 @@ class Tracker:
         self._samples: deque[tuple[float, int]] = deque()
 
     def snapshot(self) -> Progress:
+        import trio
+
         s = self.server.stats
         now = trio.current_time()
         got = s.bytes_read - self._base[0]
@@ -113,6 +121,8 @@ class Tracker:
 async def watch(tracker: Tracker, callback: Callback, interval: float = 1.0) -> None:
     """Call ``callback`` with a snapshot every ``interval`` seconds until cancelled;
     the caller sends the last one (``finish``) once the job is done."""
+    import trio
+
     while True:
         callback(tracker.snapshot())
         await trio.sleep(interval)
@@ -140,7 +150,11 @@ def describe(p: Progress) -> str:
 
 
 class TerminalLine:
-    """The progress as one bottom line on a terminal (stderr), out of the job's way."""
+    """The progress as one bottom line on a terminal (stderr), out of the job's way.
+
+    The newest line made is the one ``LogHandler`` steps around (a process shows one)."""
+
+    current: TerminalLine | None = None
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         from rich.console import Console
@@ -149,32 +163,60 @@ class TerminalLine:
         self._console = Console(file=self._stream, force_terminal=True, highlight=False)
         self._shown = False
         self._at_line_start = True  # the job's last output byte ended a line
+        self._last: Progress | None = None
+        # Log lines may come from worker threads (hashing): one writer at a time.
+        self._lock = threading.RLock()
+        TerminalLine.current = self
 
     def show(self, p: Progress) -> None:
-        if not self._at_line_start:
-            return  # drawing now would tear the job's unfinished line
-        from rich.text import Text
+        with self._lock:
+            self._last = p
+            if not self._at_line_start:
+                return  # drawing now would tear the job's unfinished line
+            from rich.text import Text
 
-        text = Text.assemble(("topyaz-mount ", "dim"), (p.phase, "bold"), " ", describe(p))
-        text.truncate(max(self._console.width - 1, 10), overflow="ellipsis")
-        with self._console.capture() as captured:
-            self._console.print(text, end="")
-        self._write("\r" + captured.get() + "\x1b[K")
-        self._shown = True
+            text = Text.assemble(("topyaz-mount ", "dim"), (p.phase, "bold"), " ", describe(p))
+            text.truncate(max(self._console.width - 1, 10), overflow="ellipsis")
+            with self._console.capture() as captured:
+                self._console.print(text, end="")
+            self._write("\r" + captured.get() + "\x1b[K")
+            self._shown = True
 
     def clear(self) -> None:
-        if self._shown:
-            self._write("\r\x1b[K")
-            self._shown = False
+        with self._lock:
+            if self._shown:
+                self._write("\r\x1b[K")
+                self._shown = False
+
+    def close(self) -> None:
+        """Cleared for good: nothing after this draws it again."""
+        with self._lock:
+            self.clear()
+            self._last = None
+            if TerminalLine.current is self:
+                TerminalLine.current = None
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Write whole lines of our own: the line is cleared first and redrawn after."""
+        with self._lock:
+            shown = self._shown
+            self.clear()
+            try:
+                yield
+            finally:
+                if shown and self._last is not None:
+                    self.show(self._last)
 
     def around(self, sink: Sink) -> Sink:
         """``sink`` with the line cleared before the job's bytes are written."""
 
         def write(data: bytes) -> None:
-            self.clear()
-            sink(data)
-            if data:
-                self._at_line_start = data.endswith(b"\n")
+            with self._lock:
+                self.clear()
+                sink(data)
+                if data:
+                    self._at_line_start = data.endswith(b"\n")
 
         return write
 
@@ -192,3 +234,17 @@ class JsonLines:
     def show(self, p: Progress) -> None:
         self._stream.write(json.dumps(p.as_dict(), sort_keys=True) + "\n")
         self._stream.flush()
+
+
+def aside() -> contextlib.AbstractContextManager[None]:
+    """Around writing a line of our own on stderr: the current line's ``aside``, if any."""
+    line = TerminalLine.current
+    return line.aside() if line is not None else contextlib.nullcontext()
+
+
+class LogHandler(logging.StreamHandler):
+    """Log lines on stderr that step around the progress line, so neither tears."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with aside():
+            super().emit(record)

@@ -18,10 +18,11 @@ import tty
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
 import trio
 
 from ..errors import ConnectionFailed, TopyazMountError
-from . import control
+from . import control, progress
 
 Say = Callable[[str], None]
 
@@ -100,11 +101,41 @@ def writer(stream: Any) -> Callable[[bytes], None]:
 
 
 async def run_in_session(
-    name: str, req: control.Exec, say: Say, *, interactive: bool = False
+    name: str,
+    req: control.Exec,
+    say: Say,
+    *,
+    interactive: bool = False,
+    display: str | None = None,
 ) -> control.Finished:
-    """Send one command to session ``name``; stream its output; its result."""
-    channel = await control.connect(name)
+    """Send one command to session ``name``; stream its output; its result.
+
+    ``display``: the command's live progress on stderr, as for the one-shot exec
+    (``"line"`` or ``"json"``); the session sends its figures (``control.Figures``)."""
+    line = progress.TerminalLine() if display == "line" else None
+    shown = line or (progress.JsonLines() if display == "json" else None)
+    if shown is not None:
+        req = msgspec.structs.replace(req, progress=0.5 if line else 1.0)
     out, err = writer(sys.stdout.buffer), writer(sys.stderr.buffer)
+    if line is not None:
+        out, err = line.around(out), line.around(err)
+    try:
+        return await _exchange(name, req, say, interactive, out, err, shown)
+    finally:
+        if line is not None:
+            line.close()
+
+
+async def _exchange(
+    name: str,
+    req: control.Exec,
+    say: Say,
+    interactive: bool,
+    out: Callable[[bytes], None],
+    err: Callable[[bytes], None],
+    shown: progress.TerminalLine | progress.JsonLines | None,
+) -> control.Finished:
+    channel = await control.connect(name)
     async with channel, trio.open_nursery() as nursery:
         await channel.send(req)
         if req.stdin:
@@ -118,6 +149,9 @@ async def run_in_session(
                 (out if msg.fd == 1 else err)(msg.data)
             elif isinstance(msg, control.Note):
                 say(msg.text)
+            elif isinstance(msg, control.Figures):
+                if shown is not None:
+                    shown.show(progress.Progress(**msg.figures))  # type: ignore[arg-type]
             elif isinstance(msg, control.Finished):
                 nursery.cancel_scope.cancel()
                 return msg
