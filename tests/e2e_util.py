@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import pwd
+import shlex
 import signal
 import subprocess
 import sys
@@ -350,3 +351,27 @@ def write_random(path: Path, size: int) -> str:
             h.update(block)
             left -= len(block)
     return h.hexdigest()
+
+
+def no_fusermount_python(testhost, tmp_path: Path) -> str:
+    """A remote Python whose PATH has everything but fusermount3: FUSE is not usable
+    (for this agent only; the machine's /dev/fuse stays as it is for other tests)."""
+    bin_dir = tmp_path / "bin-without-fusermount"
+    bin_dir.mkdir(parents=True)
+    for top in ("/usr/bin", "/bin"):
+        for name in os.listdir(top):
+            if name != "fusermount3" and not (bin_dir / name).exists():
+                (bin_dir / name).symlink_to(os.path.join(top, name))
+    wrapper = tmp_path / "python-without-fuse"
+    swap = f"s#^/usr/bin$#{bin_dir}#; s#^/bin$#{bin_dir}#"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"PATH=$(printf %s \"$PATH\" | tr : '\\n' | sed {shlex.quote(swap)} | paste -sd:)\n"
+        f"exec {shlex.quote(testhost.remote_python)} \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    for p in (tmp_path, *tmp_path.parents):
+        if p == Path("/"):
+            break
+        p.chmod(p.stat().st_mode | 0o005)
+    return str(wrapper)

@@ -18,16 +18,14 @@ import trio
 
 from .. import liveness, proto
 from ..pipes import widen
-from . import kept, relay
+from . import hostdirs, kept, relay
 from .backend import CHOICES
 from .session import AgentSession
 from .store import ContentStore
 
 
 def default_base_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("topyaz-mount"))
+    return Path(hostdirs.cache_dir())
 
 
 async def _serve(session: AgentSession, channel_in: int, channel_out: int) -> None:

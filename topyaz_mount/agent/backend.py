@@ -27,6 +27,7 @@ import trio
 
 from .. import proto
 from ..policy import Policy
+from .fusecheck import fuse_problem
 from .link import ClientLink
 from .readcache import ReadCache
 from .spool import Spool
@@ -96,17 +97,14 @@ class Backend(Protocol):
 
 def fuse_unusable_reason() -> str | None:
     """Why a FUSE mount cannot work here (checked before trying one), or None."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return f"FUSE mounts are supported on Linux only (this host is {sys.platform})"
+    problem = fuse_problem()
+    if problem is not None:
+        return problem
     try:
         import pyfuse3  # noqa: F401
     except ImportError:
         return "pyfuse3 is not installed"
-    from .fuse_backend import fuse_problem
-
-    return fuse_problem()
+    return None
 
 
 def open_backend(choice: str, ctx: BackendContext) -> tuple[Backend, str]:
