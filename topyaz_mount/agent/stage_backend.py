@@ -27,6 +27,7 @@ import fcntl
 import logging
 import os
 import stat
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import trio
 
 from .. import proto
 from ..inputs import _candidate
+from . import winhost
 from .backend import BackendContext
 from .filecopy import clone_or_copy
 from .spool import SpoolFile
@@ -109,6 +111,7 @@ class StageBackend:
         self._ending = False  # the session is ending (``ending`` ran)
         self._stop_watching = trio.Event()  # watchfiles' thread reads it to stop
         self.poll_every = POLL_EVERY
+        self.windows = sys.platform == "win32"  # refuse names Windows cannot hold
 
     # --- the seam -------------------------------------------------------------------
 
@@ -126,8 +129,16 @@ class StageBackend:
         self.entries.setdefault(job, []).extend(entries)
 
     async def prepare(self, job: int, run: proto.Run) -> None:
-        """Stage the directories ``run`` needs and every input of ``job``'s manifest."""
+        """Stage the directories ``run`` needs and every input of ``job``'s manifest.
+
+        On Windows, a name the tree cannot hold is refused first, in one line."""
         entries = self.entries.pop(job, [])
+        if self.windows:
+            cwd = self._relative(run.cwd, str(self.tree)) or b""
+            paths = [os.fsdecode(p) for p in (cwd, *(e.path for e in entries))]
+            problem = winhost.path_problem(paths, str(self.tree))
+            if problem:
+                raise OSError(errno.EINVAL, problem)
         await self._stage_dirs(run, {e.path for e in entries})
         slots = trio.Semaphore(STAGE_PARALLEL)
         async with trio.open_nursery() as nursery:
