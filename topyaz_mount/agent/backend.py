@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,9 @@ def open_backend(choice: str, ctx: BackendContext) -> tuple[Backend, str]:
     problem = None
     if choice != "stage":
         problem = fuse_unusable_reason()
-        if problem is None:
+        # The platform test keeps the FUSE modules out of the stage path even for the
+        # type checker (mypy --platform darwin/win32 does not follow this import).
+        if problem is None and sys.platform.startswith("linux"):
             from .fuse_backend import FuseBackend
 
             fuse = FuseBackend(ctx)
