@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ from types import SimpleNamespace
 
 import bench_batch as bb
 import bench_lib as bl
-import bench_wan
 
 START, END = "<!-- bench:stage:start -->", "<!-- bench:stage:end -->"
 STAGE = ["--backend", "stage"]
@@ -165,33 +163,9 @@ def run(env: SimpleNamespace) -> tuple[str, str, bool]:
     load_before = bl.loadavg()
     done: list[StageBench] = []
     for link in links:
-        p = bb.params(args, link)
-        env.say(
-            f"stage {link}: writing a {p['big'] >> 20} MiB file and {p['count']} x "
-            f"{p['each'] >> 20} MiB inputs"
-        )
-        root = bb.make_root(p["big"], p["count"], p["each"])
-        proxy = None
-        sb = None
-        try:
-            port = None
-            if link == "WAN":
-                proxy, port = bench_wan.start_proxy(
-                    env.host.port,
-                    args.wan_delay_ms,
-                    args.wan_rate_mbit,
-                    env.workdir / "wanproxy-stage.log",
-                )
-            sb = StageBench(env, link, root, p, port=port, proxy=proxy)
+        with bb.on_link(env, link, StageBench, "stage") as sb:
             sb.stage_rounds(n)
             done.append(sb)
-        finally:
-            if sb is not None:
-                sb.drop_objects()
-                shutil.rmtree(sb.remote_dir, ignore_errors=True)
-            if proxy is not None:
-                bench_wan.stop_proxy(proxy)
-            shutil.rmtree(root, ignore_errors=True)
     return report(env, done, n, time.perf_counter() - t0, load_before)
 
 
@@ -222,6 +196,17 @@ def report(env, sbs: list[StageBench], n: int, elapsed: float, load_before: str)
             lambda sb, job=job: bb.cell(bb.walls(sb.res[f"{job}_staging"])),
         )
         row(
+            "… stage cold: before the job / job / after it ended",
+            lambda sb, job=job: split(sb, job),
+        )
+        row(
+            "… rsync staging: up / job / back",
+            lambda sb, job=job: (
+                " / ".join(f"{bb.imed(sb, f'{job}_staging', k):.2f}" for k in ("up", "job", "down"))
+                + " s"
+            ),
+        )
+        row(
             "stage cold / rsync staging (target ≤ 1.0)",
             lambda sb, job=job: f"**{med(sb, f'{job}_stage') / med(sb, f'{job}_staging'):.2f}**",
         )
@@ -243,6 +228,13 @@ def report(env, sbs: list[StageBench], n: int, elapsed: float, load_before: str)
     )
     table = "\n".join(bl.md_table(head, rows))
     notes = [x for sb in sbs for x in sb.notes + sb.bad]
+    disturbed = sum(len(sb.bench.disturbed) for sb in sbs)
+    if disturbed:
+        notes.append(
+            f"{disturbed} run(s) had other processes using more than "
+            f"{env.args.max_foreign:g} cores beside them (a shared machine) and were kept: "
+            "compare the ratios of one run, not the seconds across runs."
+        )
     md = "\n".join(
         [
             START,
@@ -263,6 +255,12 @@ def report(env, sbs: list[StageBench], n: int, elapsed: float, load_before: str)
         ]
     )
     return md, table, ok
+
+
+def split(sb: StageBench, job: str) -> str:
+    key = f"{job}_stage"
+    start, end = bb.imed(sb, key, "job_start"), bb.imed(sb, key, "job_end")
+    return f"{start:.2f} / {end - start:.2f} / {bb.walls(sb.res[key]).median - end:.2f} s"
 
 
 def size_of(sb: StageBench, job: str) -> str:

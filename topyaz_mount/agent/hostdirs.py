@@ -43,30 +43,38 @@ def _windows_base(environ: Mapping[str, str], home: str) -> str:
     return ntpath.join(local, APP)
 
 
+# Each kind of dir: its folder under ~/Library (macOS), its XDG variable and default.
+_KINDS = {
+    "data": ("Application Support", "XDG_DATA_HOME", ".local/share"),
+    "cache": ("Caches", "XDG_CACHE_HOME", ".cache"),
+}
+
+
+def _dir(
+    kind: str, system: str | None, environ: Mapping[str, str] | None, home: str | None
+) -> str:
+    system, environ, home = _parts(system, environ, home)
+    if system == "win32":
+        return _windows_base(environ, home)
+    library, variable, default = _KINDS[kind]
+    if system == "darwin":
+        return posixpath.join(home, "Library", library, APP)
+    base = environ.get(variable, "").strip() or posixpath.join(home, default)
+    return posixpath.join(base, APP)
+
+
 def data_dir(
     system: str | None = None, environ: Mapping[str, str] | None = None, home: str | None = None
 ) -> str:
     """Where the venvs live (``setup``)."""
-    system, environ, home = _parts(system, environ, home)
-    if system == "win32":
-        return _windows_base(environ, home)
-    if system == "darwin":
-        return posixpath.join(home, "Library", "Application Support", APP)
-    data = environ.get("XDG_DATA_HOME", "").strip() or posixpath.join(home, ".local", "share")
-    return posixpath.join(data, APP)
+    return _dir("data", system, environ, home)
 
 
 def cache_dir(
     system: str | None = None, environ: Mapping[str, str] | None = None, home: str | None = None
 ) -> str:
     """Where the agent keeps its content store, kept outputs and sessions."""
-    system, environ, home = _parts(system, environ, home)
-    if system == "win32":
-        return _windows_base(environ, home)
-    if system == "darwin":
-        return posixpath.join(home, "Library", "Caches", APP)
-    cache = environ.get("XDG_CACHE_HOME", "").strip() or posixpath.join(home, ".cache")
-    return posixpath.join(cache, APP)
+    return _dir("cache", system, environ, home)
 
 
 def session_root(base: str, session_id: str, system: str | None = None) -> str:
