@@ -17,6 +17,7 @@ notes when each output first has its full size (outputs arrive by rename, whole)
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import threading
@@ -238,7 +239,8 @@ def report(env, sbs: list[StageBench], n: int, elapsed: float, load_before: str)
     md = "\n".join(
         [
             START,
-            "## The stage backend against FUSE and rsync staging",
+            "## The stage backend against FUSE and rsync staging "
+            f"({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)",
             "",
             f"`python3 tools/bench --only stage` ({n} run(s) of each, median (min–max); "
             f"{elapsed:.0f} s; load before {load_before}). The batch section's jobs "
