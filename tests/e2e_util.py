@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import pwd
+import shlex
 import signal
 import struct
 import subprocess
@@ -302,27 +303,53 @@ def describe(r: subprocess.CompletedProcess) -> str:
 # --------------------------------------------------------------------------- remote state
 
 
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_USER, _ACL_MASK = 0x02, 0x10
+_ACL_UNDEFINED = 0xFFFFFFFF
+
+
+@contextlib.contextmanager
+def _fuse_acl_entries():
+    """/dev/fuse's ACL as (tag, perm, id) entries, edited in place and written back,
+    under a lock: each pytest worker adds and removes an entry of its own user."""
+    import fcntl
+
+    with open("/tmp/topyaz-mount-tests-dev-fuse-acl.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            blob = os.getxattr("/dev/fuse", _ACL_XATTR)
+            entries = [struct.unpack_from("<HHI", blob, i) for i in range(4, len(blob), 8)]
+        except OSError:  # none yet: the one the mode bits stand for
+            mode = os.stat("/dev/fuse").st_mode
+            entries = [(0x01, (mode >> 6) & 7, _ACL_UNDEFINED), (0x04, (mode >> 3) & 7,
+                       _ACL_UNDEFINED), (0x20, mode & 7, _ACL_UNDEFINED)]
+        entries = [list(e) for e in entries]
+        yield entries
+        if not any(e[0] == _ACL_USER or e[0] == 0x08 for e in entries):
+            with contextlib.suppress(OSError):
+                os.removexattr("/dev/fuse", _ACL_XATTR)
+            return
+        if not any(e[0] == _ACL_MASK for e in entries):
+            group = next(e[1] for e in entries if e[0] == 0x04)
+            entries.append([_ACL_MASK, group, _ACL_UNDEFINED])
+        entries.sort(key=lambda e: (e[0], e[2]))
+        blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+        os.setxattr("/dev/fuse", _ACL_XATTR, blob)
+
+
 @contextlib.contextmanager
 def fuse_denied_to_remote_user():
     """/dev/fuse unusable for the test host's user alone: a POSIX ACL entry with no
     permissions for that user, so tests running beside this one keep their FUSE
     (``chmod 0600 /dev/fuse`` would take it from every user of the machine)."""
-    undefined = 0xFFFFFFFF
     uid = pwd.getpwnam(REMOTE_USER).pw_uid
-    mode = os.stat("/dev/fuse").st_mode
-
-    def bits(shift: int) -> int:
-        return (mode >> shift) & 0o7
-
-    # Linux's xattr form of an ACL: version 2, then (tag, perm, id) sorted by tag.
-    entries = [(0x01, bits(6), undefined), (0x02, 0, uid), (0x04, bits(3), undefined),
-               (0x10, bits(3), undefined), (0x20, bits(0), undefined)]
-    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
-    os.setxattr("/dev/fuse", "system.posix_acl_access", blob)
+    with _fuse_acl_entries() as entries:
+        entries.append([_ACL_USER, 0, uid])
     try:
         yield
     finally:
-        os.removexattr("/dev/fuse", "system.posix_acl_access")
+        with _fuse_acl_entries() as entries:
+            entries[:] = [e for e in entries if not (e[0] == _ACL_USER and e[2] == uid)]
 
 
 def remote_home() -> Path:
@@ -374,3 +401,27 @@ def write_random(path: Path, size: int) -> str:
             h.update(block)
             left -= len(block)
     return h.hexdigest()
+
+
+def no_fusermount_python(testhost, tmp_path: Path) -> str:
+    """A remote Python whose PATH has everything but fusermount3: FUSE is not usable
+    (for this agent only; the machine's /dev/fuse stays as it is for other tests)."""
+    bin_dir = tmp_path / "bin-without-fusermount"
+    bin_dir.mkdir(parents=True)
+    for top in ("/usr/bin", "/bin"):
+        for name in os.listdir(top):
+            if name != "fusermount3" and not (bin_dir / name).exists():
+                (bin_dir / name).symlink_to(os.path.join(top, name))
+    wrapper = tmp_path / "python-without-fuse"
+    swap = f"s#^/usr/bin$#{bin_dir}#; s#^/bin$#{bin_dir}#"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"PATH=$(printf %s \"$PATH\" | tr : '\\n' | sed {shlex.quote(swap)} | paste -sd:)\n"
+        f"exec {shlex.quote(testhost.remote_python)} \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    for p in (tmp_path, *tmp_path.parents):
+        if p == Path("/"):
+            break
+        p.chmod(p.stat().st_mode | 0o005)
+    return str(wrapper)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from topyaz_mount import __version__
 from topyaz_mount.client.hostsetup import (
     HostFacts,
     SetupFailed,
@@ -123,3 +124,65 @@ def test_a_host_that_cannot_compile_pyfuse3_is_told_the_fix(tmp_path, own_cache)
     host.raw.update(apt=False, dnf=True)
     with pytest.raises(SetupFailed, match="dnf install gcc python3-devel pkgconf fuse3-devel"):
         gather(settings, host, own_wheel(), False, tmp_path)
+
+
+def test_a_stage_host_needs_no_pyfuse3_and_no_compiler(tmp_path, own_cache):
+    """The same host that cannot compile pyfuse3, set up for the stage backend: nothing
+    to build, and pyfuse3 is not among its requirements."""
+    host = facts("linux", "3.10")
+    host.raw.update(abi="cp310", compiler=False, fuse3_headers=False, apt=True)
+    assert "pyfuse3" not in {Requirement(r).name for r in host_requirements(own_wheel(), host, "")}
+    notes = gather(SshSettings(Remote("gpu")), host, own_wheel(), True, tmp_path, "stage")
+    assert notes == [f"its own wheel {own_wheel().name}"]
+
+
+@pytest.mark.parametrize(
+    ("problem", "asked", "chosen"),
+    [
+        (None, None, ("fuse", None)),
+        (None, "auto", ("fuse", None)),
+        (None, "stage", ("stage", None)),
+        ("fusermount3 is not installed", None, ("stage", "fusermount3 is not installed")),
+        ("fusermount3 is not installed", "auto", ("stage", "fusermount3 is not installed")),
+        ("no /dev/fuse", "stage", ("stage", None)),
+    ],
+)
+def test_the_backend_setup_installs_for(problem, asked, chosen):
+    host = facts("linux", "3.11")
+    host.raw["fuse_problem"] = problem
+    assert host.backend_for(asked) == chosen
+
+
+def test_asking_for_fuse_where_it_is_unusable_is_one_line():
+    host = facts("darwin", "3.12")
+    host.raw["fuse_problem"] = "FUSE mounts are supported on Linux only (this host is darwin)"
+    with pytest.raises(SetupFailed) as info:
+        host.backend_for("fuse")
+    assert str(info.value) == (
+        "FUSE is not usable on the host: FUSE mounts are supported on Linux only "
+        "(this host is darwin)"
+    )
+
+
+def test_a_venv_made_for_stage_is_not_ready_for_fuse():
+    host = facts("linux", "3.11")
+    host.raw["ready"] = {"version": __version__, "wheel": "h", "backend": "stage"}
+    assert host.ready_for("h", "stage") and not host.ready_for("h", "fuse")
+    host.raw["ready"] = {"version": __version__, "wheel": "h"}  # made before backends
+    assert host.ready_for("h", "fuse") and not host.ready_for("h", "stage")
+
+
+def test_the_probe_runs_hostdirs_and_fusecheck():
+    """The probe (run here on this machine's Python) puts the venv where hostdirs says
+    and judges FUSE as the agent's ``auto`` does."""
+    import json
+
+    from topyaz_mount.agent import fusecheck, hostdirs
+    from topyaz_mount.client.hostsetup import _PROBE
+
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE, __version__], capture_output=True, text=True, check=True
+    )
+    found = json.loads(r.stdout)
+    assert found["venv"] == os.path.join(hostdirs.data_dir(), f"venv-{__version__}")
+    assert found["fuse_problem"] == fusecheck.fuse_problem()

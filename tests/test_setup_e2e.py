@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_util import CLI, REMOTE_USER, STANDINS_DIR, client_env, describe, remote_home
+from e2e_util import (
+    CLI,
+    REMOTE_USER,
+    STANDINS_DIR,
+    client_env,
+    describe,
+    no_fusermount_python,
+    remote_home,
+)
 
 from topyaz_mount import __version__
 from topyaz_mount.client.transport import Remote, SshSettings, explain_startup_failure
@@ -224,3 +232,26 @@ def test_setup_offline_uploads_the_wheels(
     shutil.copytree(samples_dir, local)
     assert_matches_local(client_root, local)
     assert os.path.isfile(venv_dir() / ".topyaz-mount-ready")
+
+
+def test_setup_where_fuse_is_not_usable_installs_without_pyfuse3(
+    host_setup, client_root, tmp_path, samples_dir
+):
+    """A remote Python whose PATH lacks fusermount3: setup says so in one line, makes
+    the venv without pyfuse3 and records the stage backend; exec then stages."""
+    testhost, config, _ = host_setup
+    python = no_fusermount_python(testhost, tmp_path / "host")
+    shutil.rmtree(venv_dir())
+    r = cli(config, "setup", "--remote", testhost.remote, "--remote-python", python)
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = [x for x in r.stdout.splitlines() if "without pyfuse3" in x]
+    assert len(said) == 1 and "fusermount3 is not installed" in said[0], r.stdout
+    assert 'backend = "stage"' in config.read_text()
+    assert (venv_dir() / ".topyaz-mount-ready").is_file()
+    assert not list(venv_dir().glob("lib/python3*/site-packages/pyfuse3*"))
+    r = tpai_job(testhost, config, client_root, "--stats=json")
+    assert r.returncode == 0, describe(r)
+    assert b'"backend": "stage"' in r.stderr, describe(r)
+    local = tmp_path / "local"
+    shutil.copytree(samples_dir, local)
+    assert_matches_local(client_root, local)

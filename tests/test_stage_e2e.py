@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from e2e_util import (
     client_env,
     descendants,
     describe,
+    no_fusermount_python,
     pid_alive,
     remote_home,
     run_exec,
@@ -246,32 +246,8 @@ def test_the_tree_is_removed_when_the_session_ends(testhost, client_root):
     assert sessions_dir().is_dir()
 
 
-def _no_fusermount_python(testhost, tmp_path: Path) -> str:
-    """A remote Python whose PATH has everything but fusermount3: FUSE is not usable
-    (for this agent only; the machine's /dev/fuse stays as it is for other tests)."""
-    bin_dir = tmp_path / "bin-without-fusermount"
-    bin_dir.mkdir(parents=True)
-    for top in ("/usr/bin", "/bin"):
-        for name in os.listdir(top):
-            if name != "fusermount3" and not (bin_dir / name).exists():
-                (bin_dir / name).symlink_to(os.path.join(top, name))
-    wrapper = tmp_path / "python-without-fuse"
-    swap = f"s#^/usr/bin$#{bin_dir}#; s#^/bin$#{bin_dir}#"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"PATH=$(printf %s \"$PATH\" | tr : '\\n' | sed {shlex.quote(swap)} | paste -sd:)\n"
-        f"exec {shlex.quote(testhost.remote_python)} \"$@\"\n"
-    )
-    wrapper.chmod(0o755)
-    for p in (tmp_path, *tmp_path.parents):
-        if p == Path("/"):
-            break
-        p.chmod(p.stat().st_mode | 0o005)
-    return str(wrapper)
-
-
 def test_auto_stages_where_fuse_is_not_usable(testhost, client_root, tmp_path, local_copy):
-    python = _no_fusermount_python(testhost, tmp_path / "host")
+    python = no_fusermount_python(testhost, tmp_path / "host")
     r = run_exec(testhost, client_root, "tpai", "--cli", "noise.jpg", "-o", "out",
                  remote_python=python, options=["-v", "--stats=json"])
     assert r.returncode == 0, describe(r)
@@ -351,7 +327,7 @@ def test_python_api_on_the_stage_backend(testhost, client_root, local_copy):
 
 
 def test_doctor_says_auto_stages_where_fuse_is_not_usable(testhost, tmp_path):
-    python = _no_fusermount_python(testhost, tmp_path / "host")
+    python = no_fusermount_python(testhost, tmp_path / "host")
 
     def doctor(*extra: str) -> subprocess.CompletedProcess:
         argv = [*CLI, "doctor", "--remote", testhost.remote, "-F", str(testhost.ssh_config),

@@ -34,6 +34,7 @@ job and tail; through the WAN the proxy's byte log shows when each direction was
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -527,29 +528,9 @@ def run(env: SimpleNamespace) -> tuple[str, str, bool]:
     load_before = bl.loadavg()
     done: list[LinkBench] = []
     for link in links:
-        p = params(args, link)
-        env.say(
-            f"batch {link}: writing a {p['big'] >> 20} MiB file and {p['count']} x "
-            f"{p['each'] >> 20} MiB inputs"
-        )
-        root = make_root(p["big"], p["count"], p["each"])
-        proxy = None
-        lb = None
-        try:
-            port = None
-            if link == "WAN":
-                proxy, port = bench_wan.start_proxy(
-                    env.host.port,
-                    args.wan_delay_ms,
-                    args.wan_rate_mbit,
-                    env.workdir / "wanproxy-batch.log",
-                )
-                env.say(f"batch: proxy pid {proxy.pid} on 127.0.0.1:{port}")
-            lb = LinkBench(env, link, root, p, port=port, proxy=proxy)
-            if proxy is not None:
-                lb.rtt = 2 * args.wan_delay_ms / 1000
+        with on_link(env, link, LinkBench, "batch") as lb:
             lb.rounds(n, with_sshfs)
-            if proxy is not None:
+            if lb.proxy is not None:
                 log = read_log(env.workdir / "wanproxy-batch.log")
                 rate = args.wan_rate_mbit * 1e6 / 8
                 for key in ("big_tm", "photo_tm"):
@@ -564,14 +545,43 @@ def run(env: SimpleNamespace) -> tuple[str, str, bool]:
                     if profs:
                         lb.link[key] = {k: statistics.median(x[k] for x in profs) for k in profs[0]}
             done.append(lb)
-        finally:
-            if lb is not None:
-                lb.drop_objects()
-                shutil.rmtree(lb.remote_dir, ignore_errors=True)
-            if proxy is not None:
-                bench_wan.stop_proxy(proxy)
-            shutil.rmtree(root, ignore_errors=True)
     return report(env, done, n, with_sshfs, time.perf_counter() - t0, load_before)
+
+
+@contextlib.contextmanager
+def on_link(env, link: str, cls, section: str):
+    """A ``cls`` (a LinkBench) on ``link`` ("loopback" or "WAN"), with its inputs made
+    and, for the WAN, a proxy logging to ``wanproxy-SECTION.log``; all removed after."""
+    args = env.args
+    p = params(args, link)
+    env.say(
+        f"{section} {link}: writing a {p['big'] >> 20} MiB file and {p['count']} x "
+        f"{p['each'] >> 20} MiB inputs"
+    )
+    root = make_root(p["big"], p["count"], p["each"])
+    proxy = None
+    lb = None
+    try:
+        port = None
+        if link == "WAN":
+            proxy, port = bench_wan.start_proxy(
+                env.host.port,
+                args.wan_delay_ms,
+                args.wan_rate_mbit,
+                env.workdir / f"wanproxy-{section}.log",
+            )
+            env.say(f"{section}: proxy pid {proxy.pid} on 127.0.0.1:{port}")
+        lb = cls(env, link, root, p, port=port, proxy=proxy)
+        if proxy is not None:
+            lb.rtt = 2 * args.wan_delay_ms / 1000
+        yield lb
+    finally:
+        if lb is not None:
+            lb.drop_objects()
+            shutil.rmtree(lb.remote_dir, ignore_errors=True)
+        if proxy is not None:
+            bench_wan.stop_proxy(proxy)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- report

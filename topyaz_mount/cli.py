@@ -826,6 +826,7 @@ def doctor(
 
 @main.command("setup")
 @remote_options
+@backend_option
 @click.option("--check", "check_only", is_flag=True, help="Only report; change nothing.")
 def setup(
     remote: str | None,
@@ -834,6 +835,7 @@ def setup(
     remote_python: str | None,
     cache_cap: str | None,
     verbose: int,
+    backend: str | None,
     check_only: bool,
 ) -> None:
     """Make the host ready: a venv with this version of topyaz-mount, and a profile.
@@ -841,7 +843,8 @@ def setup(
     Afterwards exec, mount, cache, doctor and the Python API need no --remote-python.
     --remote-python here names the interpreter to make the venv from (default: the
     first Python >= 3.10 found there). Works offline too: what the host cannot
-    download, this machine uploads.
+    download, this machine uploads. Where FUSE is not usable (or with --backend
+    stage) the venv is made without pyfuse3 and the profile says backend = "stage".
     """
     from .client.hostsetup import SetupRequest, setup_host
 
@@ -852,10 +855,13 @@ def setup(
 
     try:
         settings = _settings(remote, ssh_options, ssh_config, None, cache_cap, verbose)
-        result = setup_host(SetupRequest(settings, check_only, say, remote_python))
+        profile = load_profile(str(settings.remote))
+        asked = backend or (profile.backend if profile else None)
+        result = setup_host(SetupRequest(settings, check_only, say, remote_python, asked))
         if result.ready and not check_only:
             updates = HostOptions(
                 remote_python=result.venv_python,
+                backend="stage" if result.backend == "stage" else backend,
                 ssh_options=tuple(ssh_options) or None,
                 ssh_config=os.path.abspath(ssh_config) if ssh_config else None,
                 cache_cap=cache_cap,

@@ -7,12 +7,16 @@ move a whole chunk per system call. Failure is harmless: the pipe just stays sma
 
 from __future__ import annotations
 
-import fcntl
+import sys
 
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python >= 3.10 names it; Linux only)
 
 
 def widen(fd: int, size: int = 1 << 20) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import fcntl
+
     try:
         fcntl.fcntl(fd, F_SETPIPE_SZ, size)
     except OSError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import trio
 
 from ..policy import Policy
 from ..wire import proto
+from .fusecheck import fuse_problem
 from .link import ClientLink
 from .readcache import ReadCache
 from .spool import Spool
@@ -96,17 +98,14 @@ class Backend(Protocol):
 
 def fuse_unusable_reason() -> str | None:
     """Why a FUSE mount cannot work here (checked before trying one), or None."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return f"FUSE mounts are supported on Linux only (this host is {sys.platform})"
+    problem = fuse_problem()
+    if problem is not None:
+        return problem
     try:
         import pyfuse3  # noqa: F401
     except ImportError:
         return "pyfuse3 is not installed"
-    from .fuse_backend import fuse_problem
-
-    return fuse_problem()
+    return None
 
 
 def open_backend(choice: str, ctx: BackendContext) -> tuple[Backend, str]:
@@ -122,7 +121,9 @@ def open_backend(choice: str, ctx: BackendContext) -> tuple[Backend, str]:
     problem = None
     if choice != "stage":
         problem = fuse_unusable_reason()
-        if problem is None:
+        # The platform test keeps the FUSE modules out of the stage path even for the
+        # type checker (mypy --platform darwin/win32 does not follow this import).
+        if problem is None and sys.platform.startswith("linux"):
             from .fuse_backend import FuseBackend
 
             fuse = FuseBackend(ctx)

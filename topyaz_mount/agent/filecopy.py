@@ -13,6 +13,7 @@ import os
 import sys
 
 from ..wire import proto
+from . import hostos
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
@@ -39,8 +40,8 @@ def clone_or_copy(src_fd: int, dst_fd: int, size: int) -> None:
                 if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
         if n == 0:
-            data = os.pread(src_fd, min(proto.CHUNK_SIZE, size - offset), offset)
+            data = hostos.pread(src_fd, min(proto.CHUNK_SIZE, size - offset), offset)
             if not data:
                 raise OSError(errno.EIO, "the source ended early")
-            n = os.pwrite(dst_fd, data, offset)
+            n = hostos.pwrite(dst_fd, data, offset)
         offset += n

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -22,29 +20,6 @@ from ..wire import proto
 from .backend import BackendContext
 
 log = logging.getLogger(__name__)
-
-
-def fuse_problem() -> str | None:
-    """Why this host cannot mount a FUSE filesystem as this user, or None."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist (load the fuse module or allow the device)"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return (
-            f"/dev/fuse is not readable and writable by user {_user()} "
-            f"(fix with: chmod 0666 /dev/fuse)"
-        )
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (install the fuse3 package)"
-    return None
-
-
-def _user() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (KeyError, ImportError):
-        return str(os.getuid())
 
 
 # pyfuse3 waits until /dev/fuse is readable, then reads it with a *blocking* read on

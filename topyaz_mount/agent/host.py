@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -115,6 +116,8 @@ class SessionHost:
 
     async def _listen(self) -> None:
         """Accept re-attaches on ``host.sock`` once the session directory exists."""
+        if sys.platform == "win32":
+            return  # no AF_UNIX in Python on Windows: re-attach is not built there
         while self.session.dir is None:
             await trio.sleep(0.05)
         listener = trio.socket.socket(socket.AF_UNIX)

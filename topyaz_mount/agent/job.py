@@ -8,22 +8,25 @@ because an output is only complete once every process that could write it is gon
 A job may instead run on a pseudo-terminal (``topyaz-mount shell``): then it leads a
 session of its own with the terminal as its controlling tty, so job control, Ctrl-C
 typed into the terminal and window-size changes behave as over ``ssh -t``.
+
+On Windows (stage backend only; not run here) the argv becomes one command line
+(``winhost.command_line``), the job gets a process group and a job object of its own,
+and signals map as ``winhost`` says; there is no pseudo-terminal.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
-import pty
-import signal
 import struct
 import subprocess
-import termios
+import sys
 from collections.abc import Awaitable, Callable
 
 import trio
+
+from . import hostos, winhost
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,10 @@ class Job:
         self.want_stdin = stdin
         self.tty = tty
         self.plain_cwd = plain_cwd  # cwd is not on a FUSE mount: chdir while forking
-        self.master: trio.lowlevel.FdStream | None = None
+        self.master: trio.abc.Stream | None = None  # the pty's master side
+        self.master_fd = -1
         self.process: trio.Process | None = None
+        self.job_object: winhost.JobObject | None = None  # Windows
 
     @property
     def pid(self) -> int:
@@ -75,6 +80,8 @@ class Job:
         # (collect_dead_sessions reads the session's ``jobs`` file).
         # Off a mount (the stage backend) that hazard does not exist, and the fork does
         # the chdir itself: `env -C` is GNU's, and macOS has not got it.
+        if sys.platform == "win32":
+            return await self._start_on_windows()
         direct = self.plain_cwd and self.tty is None
         argv = self.argv if direct else ["env", "-C", self.cwd, "--", *self.argv]
         if self.tty is not None:
@@ -95,10 +102,36 @@ class Job:
             raise OSError(errno.ENOENT, f"{self.argv[0]}: command not found") from None
         return self.process.pid
 
+    async def _start_on_windows(self) -> int:
+        """The argv as one command line (no shell), in a new process group and a job
+        object (stage backend: the cwd is a plain directory)."""
+        if sys.platform != "win32":
+            raise OSError(errno.EINVAL, "Windows job start on a host that is not Windows")
+        if self.tty is not None:
+            raise OSError(errno.EINVAL, "terminal jobs are not built for Windows hosts")
+        try:
+            self.process = await trio.lowlevel.open_process(
+                winhost.command_line(self.argv),
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.PIPE if self.want_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                creationflags=winhost.creation_flags(),
+            )
+        except FileNotFoundError:
+            raise OSError(errno.ENOENT, f"{self.argv[0]}: command not found") from None
+        self.job_object = winhost.JobObject(self.process.pid)
+        return self.process.pid
+
     async def _start_on_pty(self, argv: list[str], rows: int, cols: int) -> int:
         # `setsid -c` (util-linux) makes the child a session leader with the terminal
         # on its stdin as controlling tty, then execs: the pid stays the job's pid and
         # process-group id, as for a piped job, and no Python runs in the child.
+        if sys.platform == "win32":
+            raise OSError(errno.EINVAL, "terminal jobs are not built for Windows hosts")
+        import pty
+
         master, slave = pty.openpty()
         try:
             set_window_size(slave, rows, cols)
@@ -111,11 +144,12 @@ class Job:
         finally:
             os.close(slave)
         self.master = trio.lowlevel.FdStream(master)
+        self.master_fd = master
         return self.process.pid
 
     def resize(self, rows: int, cols: int) -> None:
         if self.master is not None:
-            set_window_size(self.master.fileno(), rows, cols)
+            set_window_size(self.master_fd, rows, cols)
 
     async def run(self, sink: OutputSink) -> int:
         """Forward output until the process ends; returns its shell-style status."""
@@ -164,18 +198,24 @@ class Job:
                     sink = _discard
 
     async def _end_stragglers(self, pgid: int) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not _group_alive(pgid):
+        for sig in (hostos.SIGTERM, hostos.SIGKILL):
+            if not hostos.group_alive(pgid):
                 return
-            log.info("stopping processes left in the job's group with %s", sig.name)
-            _killpg(pgid, sig)
+            log.info("stopping processes left in the job's group with signal %d", sig)
+            self._signal_group(pgid, sig)
             with trio.move_on_after(STRAGGLER_GRACE):
-                while _group_alive(pgid):
+                while hostos.group_alive(pgid):
                     await trio.sleep(0.05)
+
+    def _signal_group(self, pgid: int, sig: int) -> None:
+        if self.job_object is not None:
+            self.job_object.signal(sig)
+        else:
+            hostos.kill_group(pgid, sig)
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.returncode is None:
-            _killpg(self.process.pid, signum)
+            self._signal_group(self.process.pid, signum)
 
     async def write_stdin(self, data: bytes) -> None:
         stream: trio.abc.SendStream | None = self.master
@@ -199,35 +239,22 @@ class Job:
         if self.process is None:
             return
         pid = self.process.pid
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self.process.returncode is not None and not _group_alive(pid):
+        for sig in (hostos.SIGTERM, hostos.SIGKILL):
+            if self.process.returncode is not None and not hostos.group_alive(pid):
                 return
-            _killpg(pid, sig)
+            self._signal_group(pid, sig)
             with trio.move_on_after(STRAGGLER_GRACE):
                 await self.process.wait()
-                while _group_alive(pid):
+                while hostos.group_alive(pid):
                     await trio.sleep(0.05)
 
 
 def set_window_size(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    if sys.platform != "win32":
+        import fcntl
+        import termios
 
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 async def _discard(fd: int, data: bytes) -> None:

@@ -28,6 +28,7 @@ import blake3
 
 from ..wire import proto
 from ..wire.hashing import hash_fd
+from . import hostos
 
 if TYPE_CHECKING:
     from .spool import Spool
@@ -68,11 +69,11 @@ class KeptSession:
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         hasher = blake3.blake3()
         size = os.fstat(fd).st_size
-        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | hostos.CLOEXEC, 0o600)
         try:
             offset = 0
             while offset < size:
-                data = os.pread(fd, min(proto.CHUNK_SIZE, size - offset), offset)
+                data = hostos.pread(fd, min(proto.CHUNK_SIZE, size - offset), offset)
                 if not data:
                     break
                 hasher.update(data)
@@ -227,7 +228,7 @@ async def recover(base_dir: Path, root: str, spool: Spool, this_session: str) ->
             name = entry["path"]
             where = kept_root(base_dir) / info.session / "files" / name
             try:
-                fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(where, os.O_RDONLY | hostos.CLOEXEC)
             except OSError as e:
                 failed.append(f"{name}: {e.strerror}")
                 continue
@@ -278,7 +279,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = hostos.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
 

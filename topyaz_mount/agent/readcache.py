@@ -26,6 +26,7 @@ from typing import Protocol
 import trio
 
 from ..wire import proto
+from . import hostos
 from .bulkwindow import BulkWindow
 from .store import ContentStore
 
@@ -108,7 +109,7 @@ class CachedFile:
             return b""
         for i in range(offset // self.chunk, (end - 1) // self.chunk + 1):
             await self._wait_chunk(i)
-        return os.pread(self.fd, end - offset, offset)
+        return hostos.pread(self.fd, end - offset, offset)
 
     async def wait_complete(self) -> None:
         await self.done.wait()
@@ -170,7 +171,7 @@ class CachedFile:
             return False  # the store had this content after all; see switch_to
         if len(data) != length:
             raise OSError(errno.EIO, f"{self.path!r} changed on the client while being read")
-        os.pwrite(self.fd, data, offset)
+        hostos.pwrite(self.fd, data, offset)
         self.fetched += length
         self.cache.bytes_fetched += length
         self.have[i] = 1

@@ -9,7 +9,6 @@ handed one end of a socket pair; a re-attach connects to the host's socket in th
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ import threading
 from pathlib import Path
 
 from ..wire import resume
+from . import hostos
 
 HOST_SOCKET = "host.sock"
 HOST_STATE = "host.json"  # written by the host: attached or since when detached
@@ -72,8 +72,8 @@ def start_host(host_args: list[str]) -> socket.socket:
 
 def connect_host(sessions_dir: Path, session_id: str) -> socket.socket | None:
     """The running host of ``session_id``, or None (ended, or never here)."""
-    if not resume.SESSION_ID.match(session_id):
-        return None
+    if not resume.SESSION_ID.match(session_id) or sys.platform == "win32":
+        return None  # Windows: no re-attach to a running session (not built)
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.connect(str(sessions_dir / session_id / HOST_SOCKET))
@@ -91,11 +91,11 @@ def list_hosts(sessions_dir: Path) -> list[dict]:
     for entry in sorted(sessions_dir.iterdir()):
         try:
             state = json.loads((entry / HOST_STATE).read_text())
-            fd = os.open(entry / "agent.lock", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(entry / "agent.lock", os.O_RDONLY | hostos.CLOEXEC)
         except (OSError, ValueError):
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            hostos.lock(fd, exclusive=False, wait=False)
             continue  # nobody holds it: the host is gone
         except BlockingIOError:
             if isinstance(state, dict):

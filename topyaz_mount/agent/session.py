@@ -12,12 +12,10 @@ cancellation, so no mount or session dir is left behind.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import time
@@ -29,7 +27,7 @@ import trio
 from ..policy import Policy
 from ..wire import liveness, pacing, proto
 from ..wire.rpc import Peer
-from . import kept
+from . import hostos, kept
 from .backend import Backend, BackendContext, open_backend
 from .job import Job
 from .kept import KeptSession
@@ -80,7 +78,7 @@ def collect_dead_sessions(sessions_dir: Path) -> list[str]:
     for entry in sessions_dir.iterdir():
         lock_path = entry / "agent.lock"
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(lock_path, os.O_RDWR | hostos.CLOEXEC)
         except FileNotFoundError:
             # No lock: half created (young) or half removed (old). Only the old go.
             try:
@@ -94,7 +92,7 @@ def collect_dead_sessions(sessions_dir: Path) -> list[str]:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            hostos.lock(fd, exclusive=True, wait=False)
         except BlockingIOError:
             os.close(fd)
             continue
@@ -119,16 +117,6 @@ def _young(path: Path) -> bool:
         return True  # gone meanwhile: nothing to collect
 
 
-def _login_shell() -> str:
-    try:
-        import pwd
-
-        shell = pwd.getpwuid(os.getuid()).pw_shell
-    except (KeyError, ImportError):
-        shell = ""
-    return shell if shell and os.access(shell, os.X_OK) else "/bin/sh"
-
-
 def _parent_pid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -145,8 +133,8 @@ def _kill_orphaned_jobs(jobs_file: Path) -> None:
         return
     for pgid in pgids:
         try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            hostos.kill_group(pgid, hostos.SIGKILL)
+        except PermissionError:
             pass
 
 
@@ -296,8 +284,8 @@ class AgentSession:
         except FileExistsError:
             raise OSError(errno.EEXIST, f"session {session_id} exists already") from None
         self.dir = path
-        self.lock_fd = os.open(path / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        self.lock_fd = os.open(path / "agent.lock", os.O_RDWR | os.O_CREAT | hostos.CLOEXEC, 0o600)
+        hostos.lock(self.lock_fd, exclusive=True)
         os.write(self.lock_fd, f"{os.getpid()}\n".encode())
         for sub in ("root", "spool"):
             (path / sub).mkdir(mode=0o700)
@@ -402,7 +390,7 @@ class AgentSession:
         tty = (req.tty[0], req.tty[1]) if req.tty is not None and len(req.tty) == 2 else None
         argv = list(req.argv)
         if tty is not None and not argv:  # `topyaz-mount shell`: the user's login shell
-            argv = [_login_shell(), "-l"]
+            argv = [hostos.login_shell(), "-l"]
         job = Job(
             argv, req.cwd, dict(req.env), req.stdin, tty, plain_cwd=self.backend.plain_directory
         )

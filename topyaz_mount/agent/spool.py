@@ -49,6 +49,7 @@ import blake3
 import trio
 
 from ..wire import proto
+from . import hostos
 from .filecopy import clone_or_copy
 from .kept import KeptSession
 from .link import ClientLink
@@ -144,7 +145,7 @@ class Spool:
 
     def _new_fd(self) -> int:
         name = self.directory / str(next(self._ids))
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | hostos.CLOEXEC, 0o600)
         os.unlink(name)  # lives as long as the fd; see keep() for failed commits
         return fd
 
@@ -255,7 +256,7 @@ class Spool:
         done = 0
         try:
             while done < len(data):
-                done += os.pwrite(sf.fd, data[done:], offset + done)
+                done += hostos.pwrite(sf.fd, data[done:], offset + done)
         except OSError as e:
             self.failed(sf, e)
             raise
@@ -322,7 +323,7 @@ class Spool:
     async def _send_available(self, sf: SpoolFile, up: Upload) -> None:
         size = os.fstat(sf.fd).st_size
         while up.sent < size and not up.broken:
-            data = os.pread(sf.fd, min(proto.CHUNK_SIZE, size - up.sent), up.sent)
+            data = hostos.pread(sf.fd, min(proto.CHUNK_SIZE, size - up.sent), up.sent)
             if not data:
                 break
             offset = up.sent

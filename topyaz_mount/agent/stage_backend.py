@@ -23,10 +23,10 @@ deleted or renamed are not deleted on the client: only new and changed files tra
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import trio
 
 from ..client.inputs import _candidate
 from ..wire import proto
+from . import hostos, winhost
 from .backend import BackendContext
 from .filecopy import clone_or_copy
 from .spool import SpoolFile
@@ -64,11 +65,13 @@ def open_for_writing_elsewhere(path: Path) -> bool | None:
     """Whether some process has ``path`` open for writing; None where we cannot tell.
 
     On Linux a read lease is refused (EAGAIN) exactly when a writer has the file open."""
-    setlease = getattr(fcntl, "F_SETLEASE", None)
-    if setlease is None:
+    if not sys.platform.startswith("linux"):
         return None
+    import fcntl
+
+    setlease = fcntl.F_SETLEASE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | hostos.CLOEXEC | hostos.NOFOLLOW | hostos.NONBLOCK)
     except OSError:
         return None
     try:
@@ -109,6 +112,7 @@ class StageBackend:
         self._ending = False  # the session is ending (``ending`` ran)
         self._stop_watching = trio.Event()  # watchfiles' thread reads it to stop
         self.poll_every = POLL_EVERY
+        self.windows = sys.platform == "win32"  # refuse names Windows cannot hold
 
     # --- the seam -------------------------------------------------------------------
 
@@ -126,8 +130,16 @@ class StageBackend:
         self.entries.setdefault(job, []).extend(entries)
 
     async def prepare(self, job: int, run: proto.Run) -> None:
-        """Stage the directories ``run`` needs and every input of ``job``'s manifest."""
+        """Stage the directories ``run`` needs and every input of ``job``'s manifest.
+
+        On Windows, a name the tree cannot hold is refused first, in one line."""
         entries = self.entries.pop(job, [])
+        if self.windows:
+            cwd = self._relative(run.cwd, str(self.tree)) or b""
+            paths = [os.fsdecode(p) for p in (cwd, *(e.path for e in entries))]
+            problem = winhost.path_problem(paths, str(self.tree))
+            if problem:
+                raise OSError(errno.EINVAL, problem)
         await self._stage_dirs(run, {e.path for e in entries})
         slots = trio.Semaphore(STAGE_PARALLEL)
         async with trio.open_nursery() as nursery:
@@ -295,7 +307,7 @@ class StageBackend:
         for n in range(1000):
             temp = self.temp_dir / f"{os.getpid()}-{n}"
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | hostos.CLOEXEC, mode)
                 break
             except FileExistsError:
                 continue
@@ -303,7 +315,7 @@ class StageBackend:
             raise OSError(errno.EEXIST, "no free staging name")
         try:
             clone_or_copy(src_fd, fd, size)
-            os.fchmod(fd, mode)
+            hostos.fchmod(fd, temp, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         except OSError:
             os.close(fd)
@@ -464,7 +476,7 @@ class StageBackend:
 
 def _snapshot(source: Path, dst_fd: int) -> os.stat_result | None:
     """Copy ``source`` into ``dst_fd``; None if it changed meanwhile."""
-    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = os.open(source, os.O_RDONLY | hostos.CLOEXEC | hostos.NOFOLLOW)
     try:
         before = os.fstat(fd)
         clone_or_copy(fd, dst_fd, before.st_size)

@@ -11,7 +11,6 @@ used first, by mtime, which ``use`` refreshes) skips objects someone holds.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..wire.hashing import hash_fd
-from . import kept
+from . import hostos, kept
 from .filecopy import clone_or_copy
 
 log = logging.getLogger(__name__)
@@ -94,11 +93,11 @@ class ContentStore:
         """A read fd (holding a shared lock) of a good object, or None if we lack it."""
         path = self.path(digest)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | hostos.CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            hostos.lock(fd, exclusive=False)
             if os.fstat(fd).st_size != size or not self._verify(fd, digest):
                 log.warning("cache object %s is damaged; fetching it again", path.name)
                 os.close(fd)
@@ -120,7 +119,7 @@ class ContentStore:
 
     def new_temp(self, size: int) -> tuple[int, Path]:
         name = self.tmp / f"{os.getpid()}-{time.monotonic_ns()}"
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | hostos.CLOEXEC, 0o600)
         os.ftruncate(fd, size)
         return fd, name
 
@@ -136,7 +135,7 @@ class ContentStore:
                 raise OSError(errno.EIO, "received content does not match the client's hash")
             final = self.path(digest)
             final.parent.mkdir(exist_ok=True, mode=0o700)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # ours before anyone can see it: not evictable
+            hostos.lock(fd, exclusive=False)  # ours before anyone can see it: not evictable
             existed = final.exists()
             os.rename(temp, final)  # atomic; a concurrent identical object just replaces
         except BaseException:
@@ -206,11 +205,11 @@ class ContentStore:
             if total + kept_bytes <= cap:
                 break
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | hostos.CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                hostos.lock(fd, exclusive=True, wait=False)
             except BlockingIOError:
                 os.close(fd)
                 continue  # a session is reading it
@@ -250,9 +249,9 @@ class ContentStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self.root / "counters.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.root / "counters.lock", os.O_RDWR | os.O_CREAT | hostos.CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            hostos.lock(fd, exclusive=True)
             yield
         finally:
             os.close(fd)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..agent import fusecheck, hostdirs
 from ..errors import AgentUnavailable
 from ..safetext import printable
 from .config import human_size
@@ -65,12 +66,21 @@ done
 echo '{"python": null}'
 """
 
-# What the host has, as one JSON line. Runs on the host's own Python: standard library only.
-_PROBE = r"""
+
+def _module_source(module: Any) -> str:
+    """A self-contained module's source, to run ahead of a script (no __future__ line:
+    that must come first, and Python >= 3.10 needs none for these annotations)."""
+    lines = Path(module.__file__).read_text().splitlines()
+    return "\n".join(x for x in lines if not x.startswith("from __future__")) + "\n"
+
+
+# What the host has, as one JSON line. Runs on the host's own Python: standard library
+# only. It starts with agent/hostdirs.py and agent/fusecheck.py, so it puts the venv
+# where the agent looks and judges FUSE as the agent's ``auto`` does.
+_PROBE = _module_source(hostdirs) + _module_source(fusecheck) + r"""
 import ctypes.util, importlib.util, json, os, platform, shutil, subprocess, sys, sysconfig
 version = sys.argv[1]
-data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-base = os.path.join(data, "topyaz-mount")
+base = data_dir()
 venv = os.path.join(base, "venv-" + version)
 ready = None
 try:
@@ -122,6 +132,7 @@ print(json.dumps({
     "pkg_config": bool(shutil.which("pkg-config")),
     "fuse3_headers": pkg_config("fuse3"),
     "libfuse3": bool(ctypes.util.find_library("fuse3")),
+    "fuse_problem": fuse_problem(),
     "apt": bool(shutil.which("apt-get")),
     "dnf": bool(shutil.which("dnf")),
 }))
@@ -147,7 +158,7 @@ print(json.dumps({"ok": True, "online": reach.returncode == 0, "why": lines[-1] 
 """
 
 # Runs in the new venv: unpack the wheels from stdin, pip install, write the marker.
-# argv: online (1/0), the own wheel's file name, the marker's JSON.
+# argv: online (1/0), the own wheel's file name with its extras, the marker's JSON.
 _INSTALL = r"""
 import json, os, re, shutil, subprocess, sys, tarfile, tempfile
 online, own, marker = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
@@ -162,7 +173,7 @@ try:
            "--find-links", house]
     if not online:
         cmd.append("--no-index")
-    cmd.append(os.path.join(house, own) + "[remote]")
+    cmd.append(os.path.join(house, own))
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     errors = [x for x in done.stderr.splitlines() if x.startswith("ERROR")]
     if done.returncode == 0:
@@ -206,12 +217,27 @@ class HostFacts:
     def short_version(self) -> str:
         return str(self.raw["markers"]["python_version"])
 
-    def ready_for(self, wheel_hash: str | None) -> bool:
-        """Set up for this client: the version, and (when known) this very wheel."""
+    def ready_for(self, wheel_hash: str | None, backend: str | None = None) -> bool:
+        """Set up for this client: the version, and (when known) this very wheel and
+        backend (a venv made without pyfuse3 is not ready for FUSE)."""
         ready = self.raw.get("ready") or {}
         if ready.get("version") != __version__:
             return False
+        if backend is not None and ready.get("backend", "fuse") != backend:
+            return False
         return wheel_hash is None or ready.get("wheel") == wheel_hash
+
+    def backend_for(self, asked: str | None) -> tuple[str, str | None]:
+        """The backend to install for (``fuse`` or ``stage``) given what was asked
+        (flag or profile), and why FUSE is out when it is.
+
+        Raises SetupFailed when FUSE is asked for and the host cannot mount it."""
+        problem = self.raw.get("fuse_problem")
+        if asked == "stage":
+            return "stage", None
+        if problem and asked == "fuse":
+            raise SetupFailed(printable(f"FUSE is not usable on the host: {problem}"))
+        return ("stage", str(problem)) if problem else ("fuse", None)
 
     def same_platform_as_here(self) -> bool:
         """Can a wheel built on this machine run there?"""
@@ -292,12 +318,14 @@ class SetupRequest:
     check_only: bool = False
     say: Callable[[str], None] = print
     python: str | None = None  # make the venv from this interpreter instead of probing
+    backend: str | None = None  # as asked (flag or profile): auto, fuse or stage
 
 
 @dataclass(frozen=True)
 class SetupResult:
     ready: bool
     venv_python: str | None  # what the profile's remote_python becomes
+    backend: str | None = None  # what the venv was made for: fuse, or stage (no pyfuse3)
 
 
 def probe(settings: SshSettings, python: str | None = None) -> HostFacts:
@@ -457,14 +485,15 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def host_requirements(wheel: Path, facts: HostFacts) -> list[str]:
-    """The own wheel's ``[remote]`` requirements that apply on the host (its markers)."""
+def host_requirements(wheel: Path, facts: HostFacts, extra: str = "remote") -> list[str]:
+    """The own wheel's requirements (with ``extra``: the ``[remote]`` ones, pyfuse3)
+    that apply on the host (its markers)."""
     from packaging.requirements import Requirement
 
     with zipfile.ZipFile(wheel) as zf:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         message = email.parser.Parser().parsestr(zf.read(meta).decode())
-    env = {**facts.raw["markers"], "extra": "remote"}
+    env = {**facts.raw["markers"], "extra": extra}
     wanted = []
     for line in message.get_all("Requires-Dist") or []:
         req = Requirement(line)
@@ -516,12 +545,17 @@ def _host_cannot_build(settings: SshSettings, facts: HostFacts, name: str, why: 
 
 
 def gather(
-    settings: SshSettings, facts: HostFacts, wheel: Path, online: bool, house: Path
+    settings: SshSettings,
+    facts: HostFacts,
+    wheel: Path,
+    online: bool,
+    house: Path,
+    backend: str = "fuse",
 ) -> list[str]:
     """Put into ``house`` what the host cannot get itself; the notes on what was done."""
     shutil.copy2(wheel, house / wheel.name)
     notes = [f"its own wheel {wheel.name}"]
-    reqs = host_requirements(wheel, facts)
+    reqs = host_requirements(wheel, facts, "remote" if backend == "fuse" else "")
     from_source = [r for r in reqs if _name(r) in BUILT_FROM_SOURCE]
     host_builds = not facts.build_problems()
     for req in from_source:
@@ -622,26 +656,25 @@ def setup_host(req: SetupRequest) -> SetupResult:
                 f"run `topyaz-mount setup --remote {host}`"
             )
         return SetupResult(ready, facts.venv_python if ready else None)
+    backend, no_fuse = facts.backend_for(req.backend)
     wheel = own_wheel()
     wheel_hash = _sha256(wheel)
-    if facts.ready_for(wheel_hash):
+    if facts.ready_for(wheel_hash, backend):
         elapsed = time.monotonic() - started
         say(
             f"{host}: topyaz-mount {__version__} is set up already in {facts.venv}; nothing "
             f"to do (checked in {elapsed:.1f} s)"
         )
-        return SetupResult(True, facts.venv_python)
+        return SetupResult(True, facts.venv_python, backend)
     if not facts.raw.get("has_venv"):
         fix = facts.install_command("python3-venv")
         raise SetupFailed(
             printable(f"{facts.python} on {host} cannot make a venv: run `{fix}` there")
         )
-    system = str(facts.raw["markers"].get("sys_platform"))
-    if system != "linux":
-        raise SetupFailed(
-            printable(f"{host} runs {system}: the agent's only backend is FUSE 3 on Linux")
-        )
-    if not facts.raw.get("libfuse3"):
+    if backend == "stage":
+        why = f"FUSE is not usable there ({no_fuse})" if no_fuse else "--backend stage"
+        say(f"{host}: {why}: installing without pyfuse3; jobs stage their files")
+    elif not facts.raw.get("libfuse3"):
         raise SetupFailed(f"{host} lacks libfuse3: run `{facts.install_command('fuse3')}` there")
     made = run_remote_json(
         settings,
@@ -663,14 +696,17 @@ def setup_host(req: SetupRequest) -> SetupResult:
             f"uploading the dependencies from here"
         )
     )
-    marker = json.dumps({"version": __version__, "wheel": wheel_hash, "mode": mode})
+    marker = json.dumps(
+        {"version": __version__, "wheel": wheel_hash, "mode": mode, "backend": backend}
+    )
+    own = wheel.name + ("[remote]" if backend == "fuse" else "")
     command = " ".join(
         shlex.quote(w)
-        for w in (facts.venv_python, "-c", _INSTALL, "1" if online else "0", wheel.name, marker)
+        for w in (facts.venv_python, "-c", _INSTALL, "1" if online else "0", own, marker)
     )
     with tempfile.TemporaryDirectory(prefix="topyaz-mount-setup-") as tmp:
         house = Path(tmp)
-        notes = gather(settings, facts, wheel, online, house)
+        notes = gather(settings, facts, wheel, online, house, backend)
         for attempt in range(1, 5):
             payload = _tar(house)
             say(f"{host}: uploading {human_size(len(payload))}: {'; '.join(notes)}")
@@ -685,4 +721,4 @@ def setup_host(req: SetupRequest) -> SetupResult:
             notes = [f"{count} more wheels its pip asked for ({', '.join(missing)})"]
     elapsed = time.monotonic() - started
     say(f"{host}: installed topyaz-mount {__version__} ({mode}) in {elapsed:.1f} s")
-    return SetupResult(True, facts.venv_python)
+    return SetupResult(True, facts.venv_python, backend)

@@ -23,7 +23,7 @@ def hash_fd(fd: int) -> bytes:
     offset = 0
     while offset < size:
         length = min(WINDOW, size - offset)
-        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=offset) as window:
+        with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset) as window:
             hasher.update(window)
         offset += length
     return hasher.digest()
