@@ -77,10 +77,12 @@ def job_root(client_root):
 
 
 def _start(
-    testhost, root, remote=None, grace: str = "60", write_at: int = READ_AT
+    testhost, root, remote=None, grace: str = "60", write_at: int = READ_AT, runtime=None
 ) -> ExecProcess:
     env = client_env()
     env["TOPYAZ_MOUNT_KEEPALIVE"] = KEEPALIVE
+    if runtime is not None:
+        env["TOPYAZ_MOUNT_RUNTIME_DIR"] = str(runtime)
     argv = exec_argv(
         testhost,
         root,
@@ -303,3 +305,50 @@ def test_mount_session_reconnects_and_its_job_goes_on(testhost, job_root, tmp_pa
         assert s.unmount().returncode == 0
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- attach
+
+
+def _attach(testhost, session: str, env, remote=None) -> subprocess.CompletedProcess:
+    argv = [*CLI, "attach", "--remote", remote or testhost.remote,
+            "-F", str(testhost.ssh_config), "--remote-python", testhost.remote_python, session]
+    return subprocess.run(argv, env=env, capture_output=True, timeout=120)
+
+
+def test_client_killed_then_attach_from_a_new_process(testhost, job_root, tmp_path):
+    """The exec client itself is killed (-9) mid-job; `attach` from a new process gets
+    the rest of stdout and stderr (nothing twice), the exit status, and the output,
+    committed once; the job reads its input while no client is there. A second
+    attach is refused: the session has ended (and an unknown id is named)."""
+    root, input_hash = job_root
+    runtime = tmp_path / "rt"
+    with _start(testhost, root, write_at=READ_AT + 1, runtime=runtime) as p:
+        assert p.wait_for_stdout(b"line 002", 60), p.stderr
+        started = time.monotonic()
+        records = list((runtime / "detached").glob("*.json"))
+        assert len(records) == 1 and records[0].stat().st_mode & 0o777 == 0o600
+        session = records[0].stem
+        # Between lines: a client killed between writing a piece out and recording it
+        # would print that piece again (detached.py).
+        time.sleep(0.3)
+        os.kill(p.pid, signal.SIGKILL)
+        p.proc.wait(10)
+        assert wait_until(lambda: _detached(testhost, str(root)) == session, 15)
+        env = {**client_env(), "TOPYAZ_MOUNT_RUNTIME_DIR": str(runtime)}
+        # The job reads its input (line 6) and writes its output (line 7) meanwhile.
+        time.sleep(max(0.0, started + READ_AT - time.monotonic()))
+        r = _attach(testhost, session, env)
+        before_out, before_err = p.stdout, p.stderr
+    err = before_err.decode() + r.stderr.decode()
+    assert r.returncode == 7, describe(r)
+    assert before_out + r.stdout == _expected_stdout(input_hash), (before_out, describe(r))
+    assert re.findall(r"err \d+", err) == [f"err {i:03d}" for i in range(LINES)], err
+    assert "Traceback" not in err
+    out = root / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["result.bin"]  # no conflict copy
+    assert (out / "result.bin").read_bytes() == random.Random(3).randbytes(3 << 20)
+    assert temp_files(root) == []
+    assert not list((runtime / "detached").glob("*.json"))  # the record went with it
+    again = _attach(testhost, session, env)
+    assert again.returncode != 0 and f"unknown session {session}" in again.stderr.decode()

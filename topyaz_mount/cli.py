@@ -26,6 +26,7 @@ import click
 from . import __version__
 from .config import (
     BACKENDS,
+    DEFAULT_GRACE,
     HostOptions,
     config_path,
     host_settings,
@@ -35,7 +36,14 @@ from .config import (
     resolve,
     save_profile,
 )
-from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse, exit_status
+from .errors import (
+    EXIT_FAILURE,
+    AgentUnavailable,
+    TopyazMountError,
+    UsageError,
+    collapse,
+    exit_status,
+)
 from .jail import checked_root
 from .policy import Policy, PolicyOptions
 from .safetext import printable
@@ -1155,6 +1163,73 @@ def status(
         figures = from_flat(s)
         if figures is not None:  # the figures a foreground `mount` shows live
             click.echo(f"  {printable(describe(figures))}")
+
+
+@main.command("attach")
+@remote_options
+@click.option(
+    "--stats",
+    "stats_format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="After the command, print its transfer figures (text or JSON) on stderr.",
+)
+@click.argument("session")
+def attach(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str | None,
+    cache_cap: str | None,
+    verbose: int,
+    stats_format: str | None,
+    session: str,
+) -> None:
+    """Take over the detached SESSION (its client died, or runs elsewhere): print the
+    rest of its command's output, commit its outputs, exit with its status.
+
+    \b
+    topyaz-mount status --remote gpu-box      # lists the detached sessions
+    topyaz-mount attach --remote gpu-box 3f2a9c0d1e4b5a6f
+    """
+    _setup_logging(verbose)
+    from . import detached
+    from .reconnect import AttachRefused
+
+    try:
+        record = detached.load(session)
+        if detached.client_alive(record):
+            raise UsageError(
+                f"session {session} is attached to a live client (pid {record.pid})"
+            )
+        settings = _settings(
+            remote or record.remote, ssh_options, ssh_config, remote_python, cache_cap, verbose
+        )
+        settings = replace(settings, grace=settings.grace or DEFAULT_GRACE or 900.0)
+        import trio
+
+        from .attach import attach_async
+
+        try:
+            result = trio.run(attach_async, settings, record)
+        except AttachRefused as e:
+            raise _refused(session, settings, e) from None
+    except BaseException as e:  # noqa: BLE001 - errors become one line and a status
+        sys.exit(_report(e, verbose))
+    _finish(result, stats_format)
+
+
+def _refused(session: str, settings: SshSettings, e: Exception) -> Exception:
+    """The host's refusal of an attach, as the one line the user reads."""
+    from . import detached
+
+    text = str(e)
+    if "no such session" in text or "has ended" in text:
+        detached.path_of(session).unlink(missing_ok=True)  # nothing left to attach to
+        return AgentUnavailable(f"session {session} has ended on {settings.remote}")
+    if "live client" in text:
+        return AgentUnavailable(f"session {session} is attached to a live client")
+    return AgentUnavailable(f"session {session}: {text}")
 
 
 def _print_detachable(sessions: list, as_json: bool) -> None:
