@@ -1199,13 +1199,11 @@ def attach(
     try:
         record = detached.load(session)
         if detached.client_alive(record):
-            raise UsageError(
-                f"session {session} is attached to a live client (pid {record.pid})"
-            )
+            raise UsageError(f"session {session} is attached to a live client (pid {record.pid})")
         settings = _settings(
             remote or record.remote, ssh_options, ssh_config, remote_python, cache_cap, verbose
         )
-        settings = replace(settings, grace=settings.grace or DEFAULT_GRACE or 900.0)
+        settings = replace(settings, grace=settings.grace or DEFAULT_GRACE)
         import trio
 
         from .attach import attach_async
@@ -1245,10 +1243,17 @@ def _print_detachable(sessions: list, as_json: bool) -> None:
         if not isinstance(since, (int, float)):
             state = "attached"
         elif isinstance(grace, (int, float)):
-            state = f"detached for {_duration(time.time() - since)} (grace {_duration(grace)})"
+            away = time.time() - since
+            left = _duration(max(0, grace - away))
+            state = f"detached for {_duration(away)}, {left} of grace left"
         else:
             state = "detached"
-        line = f"{s.get('session')}: {s.get('root')}, {s.get('jobs')} job(s), {state}"
+        started = s.get("since")
+        if isinstance(started, (int, float)):
+            state = f"up since {time.strftime('%H:%M:%S', time.localtime(started))}, {state}"
+        commands = s.get("command")
+        what = "; ".join(map(str, commands)) if isinstance(commands, list) and commands else "-"
+        line = f"{s.get('session')}: {what} (in {s.get('root')}), {state}"
         click.echo(printable(line))
 
 

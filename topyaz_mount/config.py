@@ -136,7 +136,7 @@ def human_size(n: float) -> str:
 
 # How long a remote session outlives a lost link by default (issue 14): a laptop that
 # sleeps through a coffee break, or changes networks, finds its job still running.
-DEFAULT_GRACE = 0.0
+DEFAULT_GRACE = 15 * 60.0
 
 
 def parse_duration(text: str) -> float:
