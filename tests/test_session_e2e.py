@@ -423,16 +423,23 @@ def test_ctrl_c_on_a_foreground_mount_unmounts_cleanly(testhost, client_root, ru
     assert not (runtime / "fg.sock").exists()
 
 
-def test_lost_connection_ends_the_session_clearly(testhost, session):
-    agent = session.status()["agent_pid"]
-    os.kill(agent, signal.SIGKILL)
-    assert wait_until(lambda: not session.alive(), 30)
-    log = (session.runtime / "work.log").read_text()
-    assert "the agent on" in log and "died (killed)" in log, log
-    assert "nothing is kept there" in log and "session work ended" in log, log
-    assert not (session.runtime / "work.sock").exists()
-    r = session.exec("true")
-    assert r.returncode == 2 and b"no session named work" in r.stderr, describe(r)
+def test_lost_connection_ends_the_session_clearly(testhost, client_root, runtime):
+    # A session that ends with its agent (a detachable one: test_reconnect_e2e).
+    session = MountedSession(testhost, client_root, runtime, "work")
+    session.env["TOPYAZ_MOUNT_GRACE"] = "0"
+    try:
+        session.start()
+        agent = session.status()["agent_pid"]
+        os.kill(agent, signal.SIGKILL)
+        assert wait_until(lambda: not session.alive(), 30)
+        log = (session.runtime / "work.log").read_text()
+        assert "the agent on" in log and "died (killed)" in log, log
+        assert "nothing is kept there" in log and "session work ended" in log, log
+        assert not (session.runtime / "work.sock").exists()
+        r = session.exec("true")
+        assert r.returncode == 2 and b"no session named work" in r.stderr, describe(r)
+    finally:
+        session.close()
     # The next agent on the host clears what the killed one left.
     other = MountedSession(testhost, session.root, session.runtime, "after")
     try:

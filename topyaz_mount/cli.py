@@ -248,6 +248,19 @@ def backend_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def stats_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--stats``: the command's transfer summary on stderr (exec, attach)."""
+    return click.option(
+        "--stats",
+        "stats_format",
+        is_flag=False,
+        flag_value="text",
+        default=None,
+        type=click.Choice(["text", "json"]),
+        help="Print a transfer summary on stderr (--stats, or --stats=json).",
+    )(fn)
+
+
 def grace_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--grace``: how long the remote session outlives a lost link (reconnect.py)."""
     return click.option(
@@ -399,15 +412,7 @@ def main() -> None:
     metavar="ARG",
     help="Pass this argument through untranslated (repeatable).",
 )
-@click.option(
-    "--stats",
-    "stats_format",
-    is_flag=False,
-    flag_value="text",
-    default=None,
-    type=click.Choice(["text", "json"]),
-    help="Print a transfer summary on stderr (--stats, or --stats=json).",
-)
+@stats_option
 @click.option(
     "--quiet",
     "-q",
@@ -1167,13 +1172,7 @@ def status(
 
 @main.command("attach")
 @remote_options
-@click.option(
-    "--stats",
-    "stats_format",
-    type=click.Choice(["text", "json"]),
-    default=None,
-    help="After the command, print its transfer figures (text or JSON) on stderr.",
-)
+@stats_option
 @click.argument("session")
 def attach(
     remote: str | None,

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 from .. import proto
 
-LIMIT = 4 << 20  # bytes kept of each job's stdout and of its stderr
-MAX_ENDED = 64  # ended jobs whose output and status are kept
+LIMIT = 1 << 20  # bytes kept of each job's stdout and of its stderr
+MAX_ENDED = 8  # ended jobs whose output and status are kept (a long-lived session)
 
 
 class OutputLog:
