@@ -364,3 +364,14 @@ def test_client_killed_then_attach_from_a_new_process(testhost, job_root, tmp_pa
     assert not list((runtime / "detached").glob("*.json"))  # the record went with it
     again = _attach(testhost, session, env)
     assert again.returncode != 0 and f"unknown session {session}" in again.stderr.decode()
+    # A record whose session is no longer on the host: ended (and the record goes).
+    record = runtime / "detached" / f"{session}.json"
+    record.write_text(json.dumps({"session": session, "secret": "0" * 32,
+                                  "remote": testhost.remote, "root": str(root),
+                                  "protect": [], "hide": [], "read_only": False}))
+    ended = _attach(testhost, session, env)
+    assert ended.returncode == 255, describe(ended)
+    assert ended.stderr.decode() == (
+        f"topyaz-mount: session {session} has ended on {testhost.remote}\n"
+    ), describe(ended)
+    assert not record.exists()

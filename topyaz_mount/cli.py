@@ -1209,8 +1209,11 @@ def attach(
 
         try:
             result = trio.run(attach_async, settings, record)
-        except AttachRefused as e:
-            raise _refused(session, settings, e) from None
+        except BaseException as e:
+            refused = collapse(e)
+            if isinstance(refused, AttachRefused):
+                raise _refused(session, settings, refused) from None
+            raise
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
     _finish(result, stats_format)
