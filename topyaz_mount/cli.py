@@ -270,7 +270,7 @@ def grace_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         metavar="DURATION",
         help="Keep the remote session (job, mount, outputs) this long after the link is "
         "lost, and reconnect to it (e.g. 15m; 0: end with the link; default: the host's "
-        "profile, else 0).",
+        "profile, else 15m).",
     )(fn)
 
 
