@@ -494,10 +494,10 @@ def test_executor_relative_paths_and_separate_root(testhost, client_root):
 def test_executor_recovers_after_the_connection_is_lost(make_executor, testhost):
     ex = make_executor()
     assert ex.execute(["true"])[0] == 0
-    mountpoint = ex.get_info()["mountpoint"]
     (ssh,) = ssh_children()
     os.kill(ssh, signal.SIGKILL)  # the network goes away (our own ssh child, by pid)
-    assert wait_until(lambda: mountpoint not in testhost.remote_mounts(), 5)
+    # A detachable session (the default grace) reconnects to the same mount; one that
+    # ended with its link would be gone: either way the next command runs.
     available = ex.is_available()
     try:
         result = ex.execute(["echo", "back"])

@@ -346,7 +346,8 @@ def test_second_ctrl_c_kills_a_job_that_ignores_the_first(testhost, client_root)
 def test_killed_client_remote_cleans_up(testhost, client_root):
     before = session_dirs()
     script = 'echo "pid=$$"; echo ready; sleep 60'
-    with start_exec(testhost, client_root, "sh", "-c", script) as p:
+    # A session that ends with its client (a detachable one waits: test_reconnect_e2e).
+    with start_exec(testhost, client_root, "sh", "-c", script, options=["--grace", "0"]) as p:
         assert p.wait_for_stdout(b"ready\n", 30), (p.stdout, p.stderr)
         job_pid = int(p.stdout.split(b"pid=")[1].split(b"\n")[0])
         assert pid_alive(job_pid)
@@ -387,7 +388,8 @@ def test_killed_client_during_a_commit_leaves_no_temp_file(testhost, client_root
     script = f'head -c {size} /dev/zero > big.bin; echo ready; sleep 60'
     session = None
     try:
-        with start_exec(testhost, client_root, "sh", "-c", script) as p:
+        with start_exec(testhost, client_root, "sh", "-c", script,
+                        options=["--grace", "0"]) as p:
             def commit_in_flight() -> bool:
                 # a named temp file, or an unnamed (O_TMPFILE) one held open by the client
                 return bool(temp_files(client_root)) or any(

@@ -36,7 +36,8 @@ def _agents(testhost) -> list[int]:
 
 def test_killed_agent(testhost, client_root):
     before = set(_agents(testhost))
-    with start_exec(testhost, client_root, "python3", "-c", JOB) as p:
+    # A session that ends with its agent (a detachable one's host: test_reconnect_e2e).
+    with start_exec(testhost, client_root, "python3", "-c", JOB, options=["--grace", "0"]) as p:
         assert p.wait_for_stdout(b"ready", 30), p.stderr
         agents = [a for a in _agents(testhost) if a not in before]
         assert len(agents) == 1

@@ -29,8 +29,12 @@ def test_durations():
             parse_duration(bad)
 
 
-def test_flag_over_profile_over_off(config):
+def test_flag_over_profile_over_default(config):
+    assert _settings("gpu", (), None, None, None, 0).grace == 900  # 15 min by default
+    assert RemoteHost.parse("gpu").settings().grace == 900
+    save_profile("gpu", HostOptions(grace="0"))
     assert _settings("gpu", (), None, None, None, 0).grace == 0
+    assert RemoteHost.parse("gpu").settings().grace == 0
     save_profile("gpu", HostOptions(grace="15m"))
     assert _settings("gpu", (), None, None, None, 0).grace == 900
     assert _settings("gpu", (), None, None, None, 0, grace="30s").grace == 30
@@ -44,7 +48,7 @@ def test_the_agent_is_told_the_grace_but_not_on_attach(config):
     assert "--grace 900" in settings.remote_command()
     again = dataclasses.replace(settings, agent_args=("--attach", "abc"))
     assert "--grace" not in again.remote_command() and "--attach abc" in again.remote_command()
-    assert "--grace" not in _settings("gpu", (), None, None, None, 0).remote_command()
+    assert "--grace" not in _settings("gpu", (), None, None, None, 0, grace="0").remote_command()
 
 
 def test_grace_on_a_session_command_is_refused(tmp_path):

@@ -594,7 +594,10 @@ def _cli_with_hostile_ssh(tmp_path: Path, cwd: Path, *args: str, cli=CLI, **env:
     fake_ssh.write_text(f'#!/bin/sh\nexec {sys.executable} {agent} "$@"\n')
     fake_ssh.chmod(0o755)
     path = f"{bin_dir}:{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "TOPYAZ_MOUNT_REMOTE": "gpu", **env}
+    # The hostile agent speaks the session protocol straight on the channel: no
+    # detachable session (its attach line), so no grace.
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "TOPYAZ_MOUNT_REMOTE": "gpu",
+           "TOPYAZ_MOUNT_GRACE": "0", **env}
     return subprocess.run(
         [*cli, *args],
         cwd=cwd,

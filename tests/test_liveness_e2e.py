@@ -79,7 +79,8 @@ def _start(testhost, root, *command, wait_s: str = "0", keepalive: str | None = 
     env = client_env()
     if keepalive is not None:
         env["TOPYAZ_MOUNT_KEEPALIVE"] = keepalive
-    argv = exec_argv(testhost, root, command)
+    # A session that ends with its link (not the detachable default: test_reconnect_e2e).
+    argv = exec_argv(testhost, root, command, options=["--grace", "0"])
     return ExecProcess(argv, cwd=root, env=env)
 
 

@@ -364,7 +364,7 @@ time.sleep(60)
 def test_a_lost_client_leaves_staged_outputs_kept_and_marked(testhost, client_root):
     before = session_dirs()
     with start_exec(testhost, client_root, "python3", "-c", STILL_WRITING,
-                    options=["--backend", "stage"]) as p:
+                    options=["--backend", "stage", "--grace", "0"]) as p:
         assert p.wait_for_stdout(b"ready\n", 30), (p.stdout, p.stderr)
         assert wait_until(lambda: (client_root / "done.txt").exists(), 30)
         (session,) = [s for s in session_dirs() - before

@@ -10,6 +10,9 @@
 * **Idle keepalive traffic**: an idle session (``sleep``) with the default keepalive
   timing, bytes per minute on each direction of the link (the proxy's own counters,
   so ssh's and TCP's overhead are in), for a detachable and an ordinary session.
+* **Start-up cost of the detachable default**: ``exec -- true`` through the link,
+  ``--grace 15m`` (the default: a relay and a session host start on the remote)
+  against ``--grace 0``, alternating, the median of each (``--only startup``).
 """
 
 from __future__ import annotations
@@ -145,16 +148,40 @@ def idle_traffic(host, work: Path, grace: str, seconds: float) -> tuple[float, f
     return (b[1] - a[1]) / minutes, (b[2] - a[2]) / minutes
 
 
+def startup_times(host, work: Path, runs: int) -> dict[str, float]:
+    """Median wall time of ``exec -- true`` by grace, the two alternating."""
+    proxy, port = start_proxy(host.port, 10, 200, work / "startup.log")
+    times: dict[str, list[float]] = {"15m": [], "0": []}
+    try:
+        for _ in range(runs):
+            for grace in times:
+                t0 = time.monotonic()
+                subprocess.run(_exec_argv(host, port, work, grace, "true"), cwd=work,
+                               env=_env(), check=True, capture_output=True)  # fmt: skip
+                times[grace].append(time.monotonic() - t0)
+    finally:
+        _kill(proxy)
+    return {grace: statistics.median(t) for grace, t in times.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cuts", type=int, default=5)
     ap.add_argument("--idle-seconds", type=float, default=120)
+    ap.add_argument("--startup-runs", type=int, default=7)
+    ap.add_argument("--only", choices=["startup"], default=None)
     args = ap.parse_args()
     host = start_testhost(log=lambda m: print(m, file=sys.stderr))
     try:
         with tempfile.TemporaryDirectory(prefix="bench-reconnect-") as tmp:
             work = Path(tmp)
             os.chmod(work, 0o700)
+            medians = startup_times(host, work, args.startup_runs)
+            print(f"exec -- true (median of {args.startup_runs}): "
+                  f"--grace 15m {medians['15m'] * 1000:.0f} ms, "
+                  f"--grace 0 {medians['0'] * 1000:.0f} ms")  # fmt: skip
+            if args.only == "startup":
+                return 0
             times, connect = resume_times(host, work, args.cuts)
             print(f"ssh connect through the link (median of 3): {connect * 1000:.0f} ms")
             print("link back -> data flowing: " + ", ".join(f"{t * 1000:.0f}" for t in times)

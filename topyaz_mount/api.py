@@ -47,7 +47,7 @@ class RemoteHost:
     # else auto: FUSE where a mount works, else the inputs are staged).
     backend: str | None = None
     # How long the remote session outlives a lost connection while the client
-    # reconnects ("15m"; "0": off); None: the host's profile, else off.
+    # reconnects ("15m"; "0": off); None: the host's profile, else 15 minutes.
     grace: str | None = None
 
     @classmethod

@@ -26,6 +26,7 @@ import click
 from . import __version__
 from .client.config import (
     BACKENDS,
+    DEFAULT_GRACE,
     HostOptions,
     config_path,
     host_settings,
@@ -47,7 +48,14 @@ from .client.translate import (
     translate_env,
 )
 from .client.transport import Remote, SshSettings, run_remote_json, spawn_ssh
-from .errors import EXIT_FAILURE, TopyazMountError, UsageError, collapse, exit_status
+from .errors import (
+    EXIT_FAILURE,
+    AgentUnavailable,
+    TopyazMountError,
+    UsageError,
+    collapse,
+    exit_status,
+)
 from .policy import Policy, PolicyOptions
 from .safetext import printable
 
@@ -271,6 +279,19 @@ def backend_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def stats_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--stats``: the command's transfer summary on stderr (exec, attach)."""
+    return click.option(
+        "--stats",
+        "stats_format",
+        is_flag=False,
+        flag_value="text",
+        default=None,
+        type=click.Choice(["text", "json"]),
+        help="Print a transfer summary on stderr (--stats, or --stats=json).",
+    )(fn)
+
+
 def grace_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--grace``: how long the remote session outlives a lost link (reconnect.py)."""
     return click.option(
@@ -280,7 +301,7 @@ def grace_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         metavar="DURATION",
         help="Keep the remote session (job, mount, outputs) this long after the link is "
         "lost, and reconnect to it (e.g. 15m; 0: end with the link; default: the host's "
-        "profile, else 0).",
+        "profile, else 15m).",
     )(fn)
 
 
@@ -1180,6 +1201,68 @@ def status(
             click.echo(f"  {printable(describe(figures))}")
 
 
+@main.command("attach")
+@remote_options
+@stats_option
+@click.argument("session")
+def attach(
+    remote: str | None,
+    ssh_options: tuple[str, ...],
+    ssh_config: str | None,
+    remote_python: str | None,
+    cache_cap: str | None,
+    verbose: int,
+    stats_format: str | None,
+    session: str,
+) -> None:
+    """Take over the detached SESSION (its client died, or runs elsewhere): print the
+    rest of its command's output, commit its outputs, exit with its status.
+
+    \b
+    topyaz-mount status --remote gpu-box      # lists the detached sessions
+    topyaz-mount attach --remote gpu-box 3f2a9c0d1e4b5a6f
+    """
+    _setup_logging(verbose)
+    from .client import detached
+    from .client.reconnect import AttachRefused
+
+    try:
+        record = detached.load(session)
+        if detached.client_alive(record):
+            raise UsageError(f"session {session} is attached to a live client (pid {record.pid})")
+        settings = _settings(
+            remote or record.remote, ssh_options, ssh_config, remote_python, cache_cap, verbose
+        )
+        settings = replace(settings, grace=settings.grace or DEFAULT_GRACE)
+        import trio
+
+        from .client.attach import attach_async
+
+        try:
+            result = trio.run(attach_async, settings, record)
+        except BaseException as e:
+            refused = collapse(e)
+            if isinstance(refused, AttachRefused):
+                raise _refused(session, settings, refused) from None
+            raise
+    except BaseException as e:  # noqa: BLE001 - errors become one line and a status
+        sys.exit(_report(e, verbose))
+    _finish(result, stats_format)
+
+
+def _refused(session: str, settings: SshSettings, e: Exception) -> Exception:
+    """The host's refusal of an attach, as the one line the user reads."""
+    from .client import detached
+
+    text = str(e)
+    if "no such session" in text or "has ended" in text:
+        detached.path_of(session).unlink(missing_ok=True)  # nothing left to attach to
+        return AgentUnavailable(f"session {session} has ended on {settings.remote}")
+    if "live client" in text:
+        return AgentUnavailable(f"session {session} is attached to a live client")
+    return AgentUnavailable(f"session {session}: {text}")
+
+
 def _print_detachable(sessions: list, as_json: bool) -> None:
     """The remote's detachable sessions; what the (untrusted) host says is made printable."""
     if as_json:
@@ -1193,10 +1276,17 @@ def _print_detachable(sessions: list, as_json: bool) -> None:
         if not isinstance(since, (int, float)):
             state = "attached"
         elif isinstance(grace, (int, float)):
-            state = f"detached for {_duration(time.time() - since)} (grace {_duration(grace)})"
+            away = time.time() - since
+            left = _duration(max(0, grace - away))
+            state = f"detached for {_duration(away)}, {left} of grace left"
         else:
             state = "detached"
-        line = f"{s.get('session')}: {s.get('root')}, {s.get('jobs')} job(s), {state}"
+        started = s.get("since")
+        if isinstance(started, (int, float)):
+            state = f"up since {time.strftime('%H:%M:%S', time.localtime(started))}, {state}"
+        commands = s.get("command")
+        what = "; ".join(map(str, commands)) if isinstance(commands, list) and commands else "-"
+        line = f"{s.get('session')}: {what} (in {s.get('root')}), {state}"
         click.echo(printable(line))
 
 

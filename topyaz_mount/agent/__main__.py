@@ -228,6 +228,9 @@ def _host(base_dir: Path, args: argparse.Namespace) -> int:
 
     from .host import SessionHost
 
+    # Not inherited by what the host starts (fusermount3 stays for the mount's life):
+    # a copy there would keep the relay's end open after the host let it go.
+    os.set_inheritable(args.host_fd, False)
     first = socket.socket(fileno=args.host_fd)
     logs = base_dir / "hosts"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)

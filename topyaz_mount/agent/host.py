@@ -13,6 +13,12 @@ EIO), outputs keep going into the spool, reads the cache can answer are answered
 client that comes back resumes where the stream stopped; past the grace the stream
 ends, and the session tears down as it does on a lost connection today (the job's
 group ended, outputs kept as ``kept/`` defines).
+
+A *new* client process (``topyaz-mount attach``, after the client died) cannot resume
+the stream: it has neither the bytes its predecessor received nor its requests in
+flight. Its attach line says so (``fresh``): the session then goes on over a new
+stream with a new Peer (``AgentSession.switch``), and the new client asks for what it
+lacks (``Reattach``, replay.py). Only a detached session is taken over this way.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import sys
 import time
@@ -43,7 +50,9 @@ ATTACH_TIMEOUT = 10.0
 class SessionHost:
     def __init__(self, session: AgentSession, timing: Timing, grace: float) -> None:
         self.session = session
+        session.detachable = True
         self.grace = grace
+        self.timing = timing
         self.stream = resume.ResumableStream(timing)
         self.attach: resume.Attach | None = None
         self._carrying: trio.CancelScope | None = None
@@ -51,6 +60,7 @@ class SessionHost:
         self._carried.set()
         self._switch = trio.Lock()  # one connection takes over at a time
         self.lost_at: float | None = None
+        self.started = time.time()
 
     async def serve(self, first: socket.socket) -> None:
         conn = trio.SocketStream(trio.socket.from_stdlib_socket(first))
@@ -61,6 +71,9 @@ class SessionHost:
                 log.error("no attach line from the client: %s", e)
         if self.attach is None or self.attach.version != resume.VERSION:
             await _refuse(conn, f"expected attach version {resume.VERSION}")
+            return
+        if self.attach.fresh:  # a session to take over, and it is not here
+            await _refuse(conn, "no such session on this host")
             return
         if not await self._take_over(conn):
             return
@@ -149,12 +162,19 @@ class SessionHost:
             log.warning("refused an attach without this session's id and secret")
             await _refuse(conn, "not this session's id and secret")
             return
-        if self.stream.ended:
+        if self.stream.ended or self.session.torn_down:
             await _refuse(conn, "the session has ended")
+            return
+        if attach.fresh and self.stream.connected:
+            await _refuse(conn, "the session is attached to a live client")
             return
         away = 0.0 if self.lost_at is None else trio.current_time() - self.lost_at
         if not await self._take_over(conn):
             return
+        if attach.fresh:
+            old, self.stream = self.stream, resume.ResumableStream(self.timing)
+            self.session.switch(self.stream)
+            old.end()
         log.warning("client re-attached after %.1f s", away)
         self.lost_at = None
         self._record()
@@ -172,6 +192,8 @@ class SessionHost:
             "grace_seconds": self.grace,
             "detached_since": time.time() if detached else None,
             "jobs": len(self.session.jobs),
+            "command": [shlex.join(job.argv) for job in self.session.jobs.values()],
+            "since": self.started,
         }
         tmp = self.session.dir / f".{HOST_STATE}.tmp"
         try:

@@ -33,6 +33,7 @@ from .job import Job
 from .kept import KeptSession
 from .link import ClientLink
 from .readcache import ReadCache
+from .replay import Replay
 from .spool import Spool
 from .store import ContentStore
 
@@ -166,6 +167,13 @@ class AgentSession:
         self.torn_down = False
         self.connection_lost = False
         self.kept = (0, 0)  # outputs (files, bytes) the teardown could not commit
+        # A detachable session (host.py): a new client may take it over (``switch``),
+        # so each job's output and status are kept for it (replay.py).
+        self.detachable = False
+        self.replay = Replay()
+        self._told = trio.Lock()  # a job's output goes out in order, a replay between
+        self._next_stream: trio.abc.Stream | None = None
+        self._replayed = 0  # the client (link.epoch) that has had its replay
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         try:
@@ -183,11 +191,28 @@ class AgentSession:
             with trio.CancelScope(shield=True):
                 await self.teardown()
 
+    def switch(self, stream: trio.abc.Stream) -> None:
+        """A new client process takes the session over on ``stream`` (host.py): the
+        current Peer's stream is ended by the caller, and ``_run_peer`` goes on with a
+        Peer on this one."""
+        self._next_stream = stream
+        self.link.begin_switch()
+
     async def _run_peer(self) -> None:
         try:
-            await self.peer.run()
-        except proto.ProtocolError as e:
-            log.error("protocol error from the client: %s", e)  # then as a lost connection
+            while True:
+                try:
+                    await self.peer.run()
+                except proto.ProtocolError as e:
+                    log.error("protocol error from the client: %s", e)  # as a lost connection
+                if self._next_stream is None or self.torn_down:
+                    break
+                pacer = self.peer.pacer
+                self.stream, self._next_stream = self._next_stream, None
+                self.peer = Peer(self.stream, self.on_call, self.on_notice)
+                self.peer.pacer = pacer
+                self.link.switch(self.peer)
+                log.warning("a new client took the session over")
         finally:
             if not self.torn_down:
                 self.connection_lost = True
@@ -216,6 +241,8 @@ class AgentSession:
             if self.spool is None or self.dir is None:
                 raise OSError(errno.ENOTCONN, "no mount: send Hello first")
             return await kept.recover(self.base_dir, self.client_root, self.spool, self.dir.name)
+        if isinstance(req, proto.Reattach):
+            return await self._reattach(req)
         if isinstance(req, proto.Bye):
             await self.teardown(force=req.force)
             kept_dir = "" if self.spool is None else str(self.spool.kept.dir)
@@ -224,7 +251,9 @@ class AgentSession:
 
     async def on_notice(self, msg: Any) -> None:
         if isinstance(msg, proto.Hashed) and self.cache is not None:
-            self.nursery.start_soon(self.cache.on_hashed, msg.handle, msg.blake3)
+            handle = self.link.handle_of(msg.handle)
+            if handle is not None:
+                self.nursery.start_soon(self.cache.on_hashed, handle, msg.blake3)
             return
         if isinstance(msg, proto.Invalidate) and self.backend is not None:
             self.nursery.start_soon(self.backend.invalidate, msg.paths)
@@ -275,6 +304,37 @@ class AgentSession:
             self.backend.name if self.backend else "",
             self.backend_note,
         )
+
+    async def _reattach(self, req: proto.Reattach) -> proto.Reattached:
+        """A new client took the session over: what its predecessor had not written
+        out is sent again (replay.py). The jobs' stdin ended with the old client."""
+        if self.mountpoint is None or not self.detachable or self.link.epoch == 0:
+            raise OSError(errno.EINVAL, "Reattach is for a client taking a session over")
+        async with self._told:
+            for msg in self.replay.messages(req.offsets):
+                await self.link.notify(msg)
+            self._replayed = self.link.epoch
+        for job in list(self.jobs.values()):
+            if job.want_stdin:
+                await job.close_stdin()
+        jobs = sorted(set(self.jobs) | set(self.replay.exits))
+        return proto.Reattached(jobs, str(self.mountpoint))
+
+    async def _tell(self, msg: Any) -> None:
+        """A job's output or status for the client. In a detachable session it is
+        kept (replay.py) and a client gone meanwhile is no error: the next one gets it."""
+        async with self._told:
+            if self.detachable and isinstance(msg, proto.Output):
+                self.replay.output(msg.job, msg.fd, msg.data)
+            elif self.detachable and isinstance(msg, proto.Exited):
+                self.replay.exited(msg)
+            if self.link.epoch != self._replayed:
+                return  # a new client not yet told the rest: its replay has this
+            try:
+                await self.link.notify(msg)
+            except OSError:
+                if not self.detachable:
+                    raise
 
     def _make_session_dir(self, session_id: str) -> None:
         self.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -414,7 +474,7 @@ class AgentSession:
         """
 
         async def sink(fd: int, data: bytes) -> None:
-            await self.link.notify(proto.Output(jid, fd, data))
+            await self._tell(proto.Output(jid, fd, data))
 
         try:
             code = await job.run(sink)
@@ -423,12 +483,12 @@ class AgentSession:
             await self.backend.settle(jid, alone)
             lost, notes = self.spool.take_reports(jid, everyone=alone)
             for note in notes:
-                await self.link.notify(proto.Log("warning", note, jid))
+                await self._tell(proto.Log("warning", note, jid))
             after = self.transfer_stats()
             stats = {k: v - before.get(k, 0) for k, v in after.items()}
             self.jobs.pop(jid, None)
             refused = self.backend.take_refused(jid, everyone=alone)
-            await self.link.notify(proto.Exited(jid, code, lost, stats, refused))
+            await self._tell(proto.Exited(jid, code, lost, stats, refused))
         except OSError as e:
             log.warning("could not report the end of job %d: %s", jid, e)
         finally:

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 
 STREAM_AFTER = 8 << 20
+MAX_RESENDS = 4  # a commit cut off by clients taking the session over, sent again
 
 
 class Upload:
@@ -394,10 +395,7 @@ class Spool:
                 elif sf.dirty and sf.error is not None:
                     await self._refuse(sf)
                 elif sf.dirty:
-                    try:
-                        await self._commit(sf)
-                    except OSError as e:
-                        self._keep(sf, e)
+                    await self._commit_or_keep(sf)
             self.retire_if_idle(sf)
         finally:
             self._pending[owner] -= 1
@@ -405,6 +403,22 @@ class Spool:
                 del self._pending[owner]
             self._changed.set()
             self._changed = trio.Event()
+
+    async def _commit_or_keep(self, sf: SpoolFile) -> None:
+        """Commit; a new client taking the session over meanwhile (``attach``) gets the
+        whole file again under a new id (the old client's half is gone with it, and a
+        copy it finished is recognized by its content: fileserver._destination)."""
+        for _ in range(MAX_RESENDS):
+            epoch = self.link.epoch
+            try:
+                await self._commit(sf)
+                return
+            except OSError as e:
+                if not await self.link.superseded_since(epoch):
+                    self._keep(sf, e)
+                    return
+                log.info("commit of %r cut off by a new client: sending it again", sf.path)
+        self._keep(sf, OSError(errno.EIO, "the session was taken over again and again"))
 
     async def _commit(self, sf: SpoolFile) -> None:
         """Send the file home; it lands where it is when the commit ends (see renames)."""

@@ -134,6 +134,11 @@ def human_size(n: float) -> str:
     return str(n)
 
 
+# How long a remote session outlives a lost link by default (issue 14): a laptop that
+# sleeps through a coffee break, or changes networks, finds its job still running.
+DEFAULT_GRACE = 15 * 60.0
+
+
 def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``15m`` or ``1h``, in seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -185,7 +190,7 @@ def host_settings(
         opts.remote_python or "python3",
         agent_args=agent_args,
         agent_log_level=agent_log_level,
-        grace=parse_duration(opts.grace) if opts.grace else 0.0,
+        grace=parse_duration(opts.grace) if opts.grace else DEFAULT_GRACE,
         bwlimit=parse_bwlimit(opts.bwlimit, _given_as("bwlimit", flags, remote))
         if opts.bwlimit
         else (0, 0),

@@ -540,6 +540,10 @@ class FileServer:
                 c.temp_name = c.name_when_done
             os.close(c.fd)
             c.fd = -1
+            if self._landed_already(c, req.blake3):
+                self._abort(req.commit)
+                st = self.jail.lstat(c.path)
+                return proto.Committed(c.path, attr_of(st))
             dest = self._destination(c)
             self._writable(dest, "write")  # its conflict name, too
             with self.jail.parent(dest) as (dfd, dname):
@@ -558,6 +562,31 @@ class FileServer:
         st = self.jail.lstat(dest)
         self.index.remember(st, req.blake3)  # verified above: a later run need not hash it
         return proto.Committed(dest, attr_of(st))
+
+    def _landed_already(self, c: _Commit, digest: bytes) -> bool:
+        """The destination already holds exactly these bytes, though not the file the
+        agent expected: a client that died took this very commit home before a new one
+        took the session over (``attach``), which sends it again. Landing it once more
+        would make a conflict copy of itself."""
+        if not c.check:
+            return False
+        try:
+            st = self.jail.lstat(c.path)
+        except OSError:
+            return False
+        expect = c.expect
+        if not stat.S_ISREG(st.st_mode) or st.st_size != c.written or (
+            expect is not None and (st.st_size, st.st_mtime_ns) == (expect.size, expect.mtime_ns)
+        ):
+            return False
+        try:
+            fd = self.jail.open_read(c.path)
+        except OSError:
+            return False
+        try:
+            return self.index.hash_of(fd) == digest
+        finally:
+            os.close(fd)
 
     def _destination(self, c: _Commit) -> bytes:
         """The commit's path, or a sibling if the local file changed behind our back."""

@@ -54,14 +54,17 @@ class Reconnector:
         self.stream = resume.ResumableStream(session.settings.keepalive)
         self.on_line = on_line
         self.outages = 0
+        self.fresh = False  # the first attach takes the session over (attach.py)
 
     def attach_line(self) -> bytes:
-        return resume.Attach(resume.VERSION, self.session.session_id, self.session.secret).line()
+        sid, secret = self.session.session_id, self.session.secret
+        return resume.Attach(resume.VERSION, sid, secret, self.fresh).line()
 
     async def start(self, timeout: float) -> resume.ResumableStream:
         """Attach over the session's first ssh; start carrying the stream."""
         with trio.fail_after(timeout):
             await self._attach(self.session.ssh)
+        self.fresh = False  # a later reconnect resumes this process's stream
         self.session.nursery.start_soon(self._carry)
         return self.stream
 

@@ -48,6 +48,8 @@ from .translate import PathMap, translate_argv, translate_cwd, translate_env
 from .transport import SshProcess, SshSettings, attach_ssh, explain_startup_failure, start_ssh
 
 if TYPE_CHECKING:
+    from .detached import Record as DetachedRecord
+    from .detached import Writer
     from .reconnect import Reconnector
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,10 @@ class Session:
         self.session_id = secrets.token_hex(8)
         self.secret = secrets.token_hex(16)  # a detachable session's: only we know it
         self.reconnector: Reconnector | None = None
+        # A detachable session's record, for `attach` from a new process (detached.py).
+        self.record: Writer | None = None
+        # Output of a job this process did not start (a session taken over: attach.py).
+        self.adopt: Callable[[int], Job | None] | None = None
         # One line per outage of a detachable session ("link lost at …, reconnected …").
         self.on_link: Callable[[str], None] = lambda text: log.warning("%s", text)
         self.pathmap: PathMap | None = None
@@ -157,9 +163,11 @@ class Session:
 
     # --- connection -----------------------------------------------------------------
 
-    async def _handshake(self, timeout: float) -> None:
-        if self.settings.grace > 0:
-            await self._attach_detachable(timeout)
+    async def _handshake(self, timeout: float, take_over: bool = False) -> None:
+        """``take_over``: attach to a running detachable session (attach.py asks for
+        the rest) instead of starting one."""
+        if self.settings.grace > 0 or take_over:
+            await self._attach_detachable(timeout, take_over)
         else:
             await self._read_magic(timeout)
         self.nursery.start_soon(self._run_peer)
@@ -167,6 +175,8 @@ class Session:
         self.server.background = self.nursery
         self.server.notify = self.peer.notify
         self.peer.pacer = pacing.bucket(self.settings.bwlimit[0])
+        if take_over:
+            return
         # A detachable session's liveness is its stream's (resume.py), not the Peer's.
         keepalive = [] if self.reconnector else [liveness.CAPABILITY]
         capabilities = ["exec", "jobs", *keepalive] + (["watch"] if self.watch else [])
@@ -220,12 +230,14 @@ class Session:
             raise ConnectionFailed(f"no answer from {self.settings.remote} within {timeout:.0f} s")
         self.peer = Peer(self.ssh.stream, self.server.handle, self._on_notice, preamble=bytes(buf))
 
-    async def _attach_detachable(self, timeout: float) -> None:
+    async def _attach_detachable(self, timeout: float, fresh: bool = False) -> None:
         """A session that outlives its connection (``settings.grace``): the Peer runs on
-        a stream that survives ssh (reconnect.py), started by the attach line."""
+        a stream that survives ssh (reconnect.py), started by the attach line.
+        ``fresh``: a session this process takes over (attach.py)."""
         from .reconnect import Reconnector, SessionUnreachable
 
         self.reconnector = Reconnector(self, lambda text: self.on_link(text))
+        self.reconnector.fresh = fresh
         try:
             stream = await self.reconnector.start(timeout)
         except SessionUnreachable:
@@ -261,19 +273,29 @@ class Session:
         if isinstance(msg, proto.CommitChunk):
             self.server.handle_chunk(msg)
         elif isinstance(msg, proto.Output):
-            job = self._jobs.get(msg.job)
+            job = self._job(msg.job)
             sink = job.sinks.get(msg.fd) if job is not None else None
             if sink is not None:
                 result = sink(msg.data)
                 if inspect.isawaitable(result):
                     await result
+                if self.record is not None:
+                    self.record.wrote(msg.job, msg.fd, len(msg.data))
         elif isinstance(msg, proto.Exited):
-            job = self._jobs.get(msg.job)
+            job = self._job(msg.job)
             if job is not None:
                 job.exited = msg
                 job.done.set()
         elif isinstance(msg, proto.Log):
-            self._warn(self._jobs.get(msg.job), msg.text)
+            self._warn(self._job(msg.job), msg.text)
+
+    def _job(self, job_id: int) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None and self.adopt is not None:
+            job = self.adopt(job_id)
+            if job is not None:
+                self._jobs[job_id] = job
+        return job
 
     def _warn(self, job: Job | None, text: str) -> None:
         """A line for the user about ``job`` (its result lists it too)."""
@@ -371,6 +393,8 @@ class Session:
         )
         job = job or self.new_job()
         job.sinks = {1: stdout, 2: stderr}
+        if self.record is not None:
+            self.record.ran(list(argv))
         job.includes = [os.path.abspath(p) for p in includes]
         self._jobs[job.id] = job
         try:
@@ -586,6 +610,7 @@ async def open_session(
     first_command: tuple[Sequence[str], str] | None = None,
     policy: Policy | None = None,
     includes: Sequence[str] = (),
+    take_over: DetachedRecord | None = None,
 ) -> AsyncIterator[Session]:
     """Connect, mount ``root`` on the remote, and yield the session; always cleans up.
 
@@ -595,7 +620,9 @@ async def open_session(
     ``first_command``: (argv, cwd) of the command to run first, whose inputs are
     hashed for its manifest while the connection is made. ``policy``: what the remote
     may write and see (default: the default rules); a root it refuses is a UsageError.
-    ``includes``: local paths every command's manifest adds (``--include``)."""
+    ``includes``: local paths every command's manifest adds (``--include``).
+    ``take_over``: the record of a detached session to attach to (attach.py) instead
+    of starting one."""
     try:
         policy = policy or Policy.from_options(PolicyOptions())
         root_path = checked_root(root, policy.options.allow_home)
@@ -614,17 +641,23 @@ async def open_session(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ssh.pump_stderr)
                 session = Session(settings, server, ssh, nursery)
+                if take_over is not None:
+                    session.session_id, session.secret = take_over.session, take_over.secret
                 session.watch = watch
                 session.includes = [os.path.abspath(p) for p in includes]
                 if first_command is not None:
                     session.prepare_manifest(*first_command)
                 try:
-                    await session._handshake(connect_timeout)
+                    await session._handshake(connect_timeout, take_over is not None)
+                    if session.reconnector is not None:
+                        session.record = _record(session, policy, take_over)
                     yield session
                     with trio.CancelScope(shield=True):
                         await session.goodbye()
                 finally:
                     with trio.CancelScope(shield=True):
+                        if session.record is not None:
+                            session.record.remove()
                         if session.reconnector is not None:
                             await session.reconnector.close()
                         ssh = session.ssh  # a reconnect may have replaced it
@@ -635,3 +668,18 @@ async def open_session(
                 ssh.kill()
     finally:
         server.close()
+
+
+def _record(session: Session, policy: Policy, record: DetachedRecord | None) -> Writer | None:
+    """The record `attach` needs to take this session over (detached.py)."""
+    from .detached import Record, Writer
+
+    if record is None:
+        protect, hide, read_only = policy.rules()
+        remote, root = str(session.settings.remote), str(session.root)
+        record = Record(session.session_id, session.secret, remote, root, protect, hide, read_only)
+    try:
+        return Writer(record)
+    except OSError as e:  # the session runs on; only `attach` will not find it
+        log.warning("could not record session %s for `attach`: %s", session.session_id, e)
+        return None

@@ -212,6 +212,16 @@ class RecoverKept(_Msg):
     """Commit home the complete outputs kept on the remote for this session's root."""
 
 
+class Reattach(_Msg):
+    """A new client process takes over a detached session (``topyaz-mount attach``).
+
+    ``offsets``: [job, fd, bytes] of each job's output the old client wrote out; the
+    agent sends the rest again from its bounded buffer, then every job's ``Exited``
+    it has. Sent instead of ``Hello``."""
+
+    offsets: list[list[int]]
+
+
 # --- replies --------------------------------------------------------------------------
 
 
@@ -251,6 +261,14 @@ class FsStats(_Msg):
 
 class LinkTarget(_Msg):
     target: bytes
+
+
+class Reattached(_Msg):
+    """The session's jobs (running, or ended with their ``Exited`` sent again) and
+    where the root is mounted."""
+
+    jobs: list[int]
+    mountpoint: str
 
 
 class Committed(_Msg):
@@ -416,6 +434,7 @@ Request = Union[
     Manifest,
     Status,
     RecoverKept,
+    Reattach,
 ]
 Response = Union[
     Done,
@@ -432,6 +451,7 @@ Response = Union[
     StatusReply,
     Closed,
     Recovered,
+    Reattached,
 ]
 Notice = Union[
     CommitChunk,

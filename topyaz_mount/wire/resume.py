@@ -43,7 +43,7 @@ SEGMENT = 256 << 10
 BUFFER_LIMIT = 32 << 20  # bytes sent and not yet acknowledged; send_all waits past it
 ATTACH_MAX = 256
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ATTACH = re.compile(rb"^TMRESUME (\d+) ([A-Za-z0-9_-]{1,64}) ([0-9a-f]{32,128})$")
+_ATTACH = re.compile(rb"^TMRESUME (\d+) ([A-Za-z0-9_-]{1,64}) ([0-9a-f]{32,128})( new)?$")
 OK_LINE = b"TMRESUME OK\n"
 REFUSED_PREFIX = b"TMRESUME NO "
 
@@ -57,16 +57,19 @@ class Attach:
     version: int
     session_id: str
     secret: str
+    # A new client process (``topyaz-mount attach``): a new stream, not a resumed one.
+    fresh: bool = False
 
     def line(self) -> bytes:
-        return f"TMRESUME {self.version} {self.session_id} {self.secret}\n".encode()
+        new = " new" if self.fresh else ""
+        return f"TMRESUME {self.version} {self.session_id} {self.secret}{new}\n".encode()
 
     @classmethod
     def parse(cls, line: bytes) -> Attach:
         m = _ATTACH.match(line.rstrip(b"\n"))
         if not m:
             raise ValueError("not an attach line")
-        return cls(int(m[1]), m[2].decode(), m[3].decode())
+        return cls(int(m[1]), m[2].decode(), m[3].decode(), bool(m[4]))
 
     def same_secret(self, other: str) -> bool:
         return hmac.compare_digest(self.secret.encode(), other.encode())
