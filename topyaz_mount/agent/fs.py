@@ -25,6 +25,7 @@ import trio
 from ..policy import MAX_REFUSALS_KEPT, Policy
 from ..wire import proto
 from . import listings, nudge
+from .follow import Ahead, Follower
 from .link import ClientLink
 from .listings import Listings
 from .readcache import CachedFile, ReadCache
@@ -193,6 +194,9 @@ class MountOps(pyfuse3.Operations):
         # then find a prefetched file without another round trip to the client.
         self.known: dict[bytes, proto.Attr] = {}
         self.listings = Listings(timeout)
+        # Which files the job will open next, learned from its listings and opens.
+        self.follower = Follower()
+        self.follower.named = cache.named
         # Directories' attributes as last seen, and when: the kernel drops a directory's
         # attributes whenever the job creates something in it, then asks again before
         # the next create (its permission check) - a round trip per output otherwise.
@@ -296,14 +300,31 @@ class MountOps(pyfuse3.Operations):
             del self._relisting[directory]
             done.set()
 
-    async def _list(self, directory: bytes) -> list[proto.DirEntry]:
+    async def _list(self, directory: bytes, *, by_job: bool = False) -> list[proto.DirEntry]:
+        """The client's listing of ``directory`` (``by_job``: the job's readdir)."""
         asked = self.listings.now()
         listing = await self.client.call(proto.ListDir(directory), proto.PRIO_URGENT)
         for e in listing.entries:
             self.known[join(directory, e.name)] = e.attr
             self._saw(join(directory, e.name), e.attr)
         self.listings.listed(directory, {e.name: e.attr for e in listing.entries}, asked)
+        self.cache.remember_listing(directory, listing.entries)
+        entries = [(e.name, e.attr) for e in listing.entries]
+        self._prefetch(self.follower.listed(directory, entries, by_job=by_job))
         return listing.entries
+
+    def _prefetch(self, ahead: Ahead) -> None:
+        """Start what the follower asks for: files to pull, a directory to list."""
+        if ahead.files:
+            self.cache.nursery.start_soon(self.cache.follow, ahead.files)
+        if ahead.list_dir is not None:
+            self.cache.nursery.start_soon(self._list_ahead, ahead.list_dir)
+
+    async def _list_ahead(self, directory: bytes) -> None:
+        try:
+            await self._list(directory)
+        except OSError as e:
+            log.info("listing %r ahead of the job failed: %s", directory, e)
 
     def _forget_known(self, path: bytes) -> None:
         prefix = path + b"/"
@@ -374,6 +395,8 @@ class MountOps(pyfuse3.Operations):
                 self.spool.forget(sf)
             self._forget_known(path)
             self.listings.drop(path)
+            self.follower.forget(path)
+            self.follower.forget(path.rpartition(b"/")[0])
             self.cache.drop_path(path)
             parent, _, name = path.rpartition(b"/")
             parent_ino = self.inodes.known(parent)
@@ -497,7 +520,7 @@ class MountOps(pyfuse3.Operations):
         if not isinstance(h, DirHandle):
             raise OSError(errno.EBADF, "bad directory handle")
         if h.entries is None or start_id == 0:
-            merged = {e.name: e.attr for e in await self._list(h.path)}
+            merged = {e.name: e.attr for e in await self._list(h.path, by_job=True)}
             for name, sf in self.spool.children(h.path).items():
                 merged[name] = sf.attr()
             # "." and ".." as any directory lists them; the kernel takes only their
@@ -666,6 +689,7 @@ class MountOps(pyfuse3.Operations):
         if sf is not None:
             self.spool.opened(sf)
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf)))
+        self._prefetch(self.follower.opened(path))
         cached = await self.cache.open(path, self.known.get(path))
         self.cache.job_opened(cached)
         fh = self._add_handle(Handle(cached=cached))
