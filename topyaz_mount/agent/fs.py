@@ -202,6 +202,7 @@ class MountOps(pyfuse3.Operations):
         # the next create (its permission check) - a round trip per output otherwise.
         self.dirs_seen: dict[bytes, tuple[float, proto.Attr]] = {}
         self._relisting: dict[bytes, trio.Event] = {}
+        self._unlisted_lookups: dict[bytes, int] = {}  # see _list_instead
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, Handle | DirHandle] = {}
@@ -276,14 +277,24 @@ class MountOps(pyfuse3.Operations):
         if sf is not None:
             return sf.attr()
         found = self.listings.answer(path)
-        if found is listings.STALE:
-            await self._relist(path.rpartition(b"/")[0])
+        directory = path.rpartition(b"/")[0]
+        if found is listings.STALE or (found is listings.UNKNOWN and self._list_instead(directory)):
+            await self._relist(directory)
             found = self.listings.answer(path)
         if found is listings.MISSING:
             raise OSError(errno.ENOENT, "")
         if isinstance(found, proto.Attr):
             return found
         return await self.attr_of(path)
+
+    def _list_instead(self, directory: bytes) -> bool:
+        """A second lookup in a directory never listed: list it (one round trip) rather
+        than ask for each name (a job opening a sequence it was named by pattern, say)."""
+        if self.listings.has(directory):
+            return False
+        n = self._unlisted_lookups.get(directory, 0) + 1
+        self._unlisted_lookups[directory] = n
+        return n == 2
 
     async def _relist(self, directory: bytes) -> None:
         """Read a directory's listing again; concurrent lookups share one request."""
