@@ -34,6 +34,13 @@ def test_a_glob_over_a_directory_the_job_listed_is_followed_from_its_first_file(
     assert names(fw.opened(b"small/c.bin")) == []
 
 
+def test_until_the_job_steps_to_a_next_file_only_a_little_is_guessed():
+    fw = Follower()
+    fw.listed(b"d", listing("a.bin", "b.bin", "c.bin", size=100 << 20), by_job=True)
+    assert names(fw.opened(b"d/a.bin")) == [b"d/b.bin"]  # one file, not the 256 MiB
+    assert names(fw.opened(b"d/b.bin")) == [b"d/c.bin"]  # a step: the whole budget
+
+
 def test_a_directory_listed_by_a_lookup_needs_two_opens_in_order():
     fw = Follower()
     fw.listed(b"d", listing(*(f"x{i}.png" for i in range(5))), by_job=False)

@@ -29,6 +29,10 @@ from ..wire import proto
 
 # Bytes prefetched ahead of the job in one directory.
 DIR_BUDGET = 256 << 20
+# ... until the job has taken a step in the order (two files one after the other): a
+# job that lists a directory and opens its first file may want no other (Python lists
+# every directory on its path, then opens one input), so the guess is kept small.
+GUESS_BUDGET = 1 << 20
 # A job may skip this many files of the order and still be following it (a glob that
 # leaves out a few names).
 MAX_SKIP = 1
@@ -54,6 +58,7 @@ class Track:
     places: list[dict[bytes, int]]  # each name's position in each order
     last: list[int | None]  # the job's last position in each order (None: not in it)
     following: int | None = None  # which order the job follows, once seen
+    stepped: bool = False  # the job went from one file of it to the next
     issued: int = 0  # files of the followed order handed to the prefetch so far
 
 
@@ -160,7 +165,10 @@ class Follower:
             last = track.last[i]
             step = pos - (last if last is not None else -1)
             first_of_listed = last is None and pos == 0 and (d.by_job or d.continued)
-            if (last is not None and 0 < step <= MAX_SKIP + 1) or first_of_listed:
+            if last is not None and 0 < step <= MAX_SKIP + 1:
+                in_order.append(i)
+                track.stepped = track.stepped or was in (None, i)
+            elif first_of_listed:
                 in_order.append(i)
             elif step == 0 and was == i:
                 in_order.append(i)  # the same file again: still where it was
@@ -191,7 +199,7 @@ class Follower:
         while track.issued < len(order):
             name = order[track.issued]
             size = d.files[name].size
-            if out and ahead + size > self.budget:
+            if out and ahead + size > self._budget(track):
                 break
             ahead += size
             track.issued += 1
@@ -199,6 +207,9 @@ class Follower:
             if path not in self.named:
                 out.append((path, d.files[name]))
         return out
+
+    def _budget(self, track: Track) -> int:
+        return self.budget if track.stepped else min(self.budget, GUESS_BUDGET)
 
     def _next_dir(self, directory: bytes, d: Dir, group: bytes) -> bytes | None:
         """The directory a top-down walk visits after ``directory`` (its first
