@@ -36,9 +36,12 @@ def test_a_glob_over_a_directory_the_job_listed_is_followed_from_its_first_file(
 
 def test_until_the_job_steps_to_a_next_file_only_a_little_is_guessed():
     fw = Follower()
-    fw.listed(b"d", listing("a.bin", "b.bin", "c.bin", size=100 << 20), by_job=True)
-    assert names(fw.opened(b"d/a.bin")) == [b"d/b.bin"]  # one file, not the 256 MiB
-    assert names(fw.opened(b"d/b.bin")) == [b"d/c.bin"]  # a step: the whole budget
+    fw.listed(b"d", listing(*(f"{i}.bin" for i in range(9))), by_job=True)
+    assert names(fw.opened(b"d/0.bin")) == [b"d/1.bin", b"d/2.bin", b"d/3.bin", b"d/4.bin"]
+    assert len(names(fw.opened(b"d/1.bin"))) == 4  # a step: the whole budget (the rest)
+    fw.listed(b"big", listing("a.bin", "b.bin", "c.bin", size=100 << 20), by_job=True)
+    assert names(fw.opened(b"big/a.bin")) == []  # too big to guess
+    assert names(fw.opened(b"big/b.bin")) == [b"big/c.bin"]
 
 
 def test_a_directory_listed_by_a_lookup_needs_two_opens_in_order():

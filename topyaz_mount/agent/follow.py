@@ -31,7 +31,8 @@ from ..wire import proto
 DIR_BUDGET = 256 << 20
 # ... until the job has taken a step in the order (two files one after the other): a
 # job that lists a directory and opens its first file may want no other (Python lists
-# every directory on its path, then opens one input), so the guess is kept small.
+# every directory on its path, then opens one input), so the guess is kept small, and a
+# file bigger than this is never guessed.
 GUESS_BUDGET = 1 << 20
 # A job may skip this many files of the order and still be following it (a glob that
 # leaves out a few names).
@@ -199,7 +200,8 @@ class Follower:
         while track.issued < len(order):
             name = order[track.issued]
             size = d.files[name].size
-            if out and ahead + size > self._budget(track):
+            # (Once stepped, at least the next file, whatever its size: never a guess.)
+            if ahead + size > self._budget(track) and (out or not track.stepped):
                 break
             ahead += size
             track.issued += 1
