@@ -188,13 +188,9 @@ def report(env, sides, root: Path, base_desc: str, rounds: int, elapsed: float):
     ]
     rows.append(["`exec -- true`", "start-up (the runs just before)", *true_cells, "", ""])
     discarded = sum(len(s.bench.discarded) for s in sides)
+    title = "Inputs the command line does not name (emulated WAN link)"
     md = [
-        "<!-- bench:inputs:start -->",
-        "## Inputs the command line does not name (emulated WAN link)",
-        "",
-        f"Run {env.date()} on {env.machine.get('cpu', '?')}; `{env.command}`; {elapsed:.0f} s.",
-        f"- this: {env.source_desc}",
-        f"- base: {base_desc}",
+        *bl.ab_heading(env, "inputs", title, elapsed, base_desc),
         f"- Link: tools/wanproxy.py, {env.args.wan_delay_ms:g} ms each way, "
         f"{env.args.wan_rate_mbit:g} Mbit/s ({rate / 1e6:.0f} MB/s).",
         f"- {rounds} rounds, the sides' order alternating; every cold run has new bytes in "
