@@ -542,6 +542,35 @@ def test_files_a_remote_glob_finds_are_followed_and_warm_moves_nothing(
     assert s2["hashed_bytes"] == 0, s2
 
 
+WALK = r"""
+import hashlib, os, sys
+h = hashlib.sha256()
+for d, ds, fs in os.walk(sys.argv[1]):
+    ds.sort()
+    for f in sorted(fs):
+        with open(os.path.join(d, f), "rb") as fh:
+            h.update(fh.read())
+print(h.hexdigest())
+"""
+
+
+def test_a_walk_is_followed_one_directory_ahead(testhost, root, empty_cache):
+    whole = hashlib.sha256()
+    total = 0
+    for sub in "abc":
+        (root / "tree" / sub).mkdir(parents=True)
+        for i in range(6):
+            data = os.urandom(64 * 1024)
+            (root / "tree" / sub / f"{i}.raw").write_bytes(data)
+            whole.update(data)
+            total += len(data)
+    r, s = exec_stats(testhost, root, "sh", "-c", 'exec python3 -c "$0" tree', WALK)
+    assert r.stdout.decode().split() == [whole.hexdigest()]
+    # a: the five after the first; b and c: all six, listed before the job reached them
+    assert s["followed_files"] == 17, s
+    assert s["content_bytes_sent"] == total, s
+
+
 def test_content_changed_with_mtime_kept_is_not_served_stale(testhost, root, empty_cache):
     path = root / "photo.raw"
     write_random(path, 4 * MiB)
