@@ -515,6 +515,62 @@ def test_directory_batch_second_run_sends_nothing(testhost, root, empty_cache):
     assert s2["hashed_bytes"] == 0, s2
 
 
+def test_files_a_remote_glob_finds_are_followed_and_warm_moves_nothing(
+    testhost, root, empty_cache
+):
+    """No argument names the inputs (the remote shell expands the glob): the agent sees
+    the job list small/ and open its first .bin, and prefetches the rest in that order."""
+    small = root / "small"
+    small.mkdir()
+    whole = hashlib.sha256()
+    for i in range(12):
+        data = os.urandom(64 * 1024 + i)
+        (small / f"in{i:03d}.bin").write_bytes(data)
+        whole.update(data)
+    (small / "notes.txt").write_bytes(b"not matched by the glob")
+    total = sum(p.stat().st_size for p in small.glob("*.bin"))
+    r1, s1 = exec_stats(testhost, root, "sh", "-c", "cat small/*.bin | sha256sum")
+    assert remote_sha256(r1) == whole.hexdigest()
+    assert s1["followed_files"] == 11, s1  # all but the first, and never notes.txt
+    assert s1["prefetch_hits"] >= 1, s1
+    assert s1["content_bytes_sent"] == total, s1  # each file once, nothing else
+    assert (s1["cache_hits"], s1["cache_misses"]) == (0, 12), s1
+    r2, s2 = exec_stats(testhost, root, "sh", "-c", "cat small/*.bin | sha256sum")
+    assert r2.stdout == r1.stdout
+    assert s2["content_bytes_sent"] == 0, s2
+    assert (s2["cache_hits"], s2["cache_misses"]) == (12, 0), s2
+    assert s2["hashed_bytes"] == 0, s2
+
+
+WALK = r"""
+import hashlib, os, sys
+h = hashlib.sha256()
+for d, ds, fs in os.walk(sys.argv[1]):
+    ds.sort()
+    for f in sorted(fs):
+        with open(os.path.join(d, f), "rb") as fh:
+            h.update(fh.read())
+print(h.hexdigest())
+"""
+
+
+def test_a_walk_is_followed_one_directory_ahead(testhost, root, empty_cache):
+    whole = hashlib.sha256()
+    total = 0
+    for sub in "abc":
+        (root / "tree" / sub).mkdir(parents=True)
+        for i in range(6):
+            data = os.urandom(64 * 1024)
+            (root / "tree" / sub / f"{i}.raw").write_bytes(data)
+            whole.update(data)
+            total += len(data)
+    r, s = exec_stats(testhost, root, "sh", "-c", 'exec python3 -c "$0" tree', WALK)
+    assert r.stdout.decode().split() == [whole.hexdigest()]
+    # a: the five after the first; b and c: all six, listed before the job reached them
+    assert s["followed_files"] == 17, s
+    assert s["content_bytes_sent"] == total, s
+
+
 def test_content_changed_with_mtime_kept_is_not_served_stale(testhost, root, empty_cache):
     path = root / "photo.raw"
     write_random(path, 4 * MiB)

@@ -93,3 +93,12 @@ def test_a_listing_ages_from_when_it_was_asked_for():
     lst.listed(b"d", {}, asked)
     clock.now += 1.5
     assert lst.answer(b"d/x") is STALE
+
+
+def test_has_tells_a_directory_listed_from_one_never_listed():
+    lst = Listings(5, Clock())
+    assert not lst.has(b"in")
+    lst.listed(b"in", {})
+    assert lst.has(b"in") and not lst.has(b"other")
+    lst.drop(b"in")
+    assert not lst.has(b"in")

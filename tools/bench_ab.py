@@ -121,13 +121,9 @@ def report(env, sides, base_desc: str, rounds: int, count: int, small: int, elap
             ]
         )
     discarded = sum(len(s.bench.discarded) for s in sides)
+    title = "A/B: this tree against a base revision (500 × 256 KiB batch)"
     md = [
-        "<!-- bench:ab:start -->",
-        "## A/B: this tree against a base revision (500 × 256 KiB batch)",
-        "",
-        f"Run {env.date()} on {env.machine.get('cpu', '?')}; `{env.command}`; {elapsed:.0f} s.",
-        f"- this: {env.source_desc}",
-        f"- base: {base_desc}",
+        *bl.ab_heading(env, "ab", title, elapsed, base_desc),
         f"- {rounds} rounds, each side cold then warm, the order alternating per round; "
         f"{discarded} runs discarded for foreign load and repeated.",
         "",

@@ -732,6 +732,18 @@ def drop_remote(env, path: str) -> None:
     env.host.run(f"rm -rf {shlex.quote(path)}", timeout=120)
 
 
+def ab_heading(env, section: str, title: str, elapsed: float, base_desc: str) -> list[str]:
+    """The first lines of a section that compares this tree with a base revision."""
+    return [
+        f"<!-- bench:{section}:start -->",
+        f"## {title}",
+        "",
+        f"Run {env.date()} on {env.machine.get('cpu', '?')}; `{env.command}`; {elapsed:.0f} s.",
+        f"- this: {env.source_desc}",
+        f"- base: {base_desc}",
+    ]
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",

@@ -25,6 +25,7 @@ import trio
 from ..policy import MAX_REFUSALS_KEPT, Policy
 from ..wire import proto
 from . import listings, nudge
+from .follow import Ahead, Follower
 from .link import ClientLink
 from .listings import Listings
 from .readcache import CachedFile, ReadCache
@@ -193,11 +194,15 @@ class MountOps(pyfuse3.Operations):
         # then find a prefetched file without another round trip to the client.
         self.known: dict[bytes, proto.Attr] = {}
         self.listings = Listings(timeout)
+        # Which files the job will open next, learned from its listings and opens.
+        self.follower = Follower()
+        self.follower.named = cache.named
         # Directories' attributes as last seen, and when: the kernel drops a directory's
         # attributes whenever the job creates something in it, then asks again before
         # the next create (its permission check) - a round trip per output otherwise.
         self.dirs_seen: dict[bytes, tuple[float, proto.Attr]] = {}
         self._relisting: dict[bytes, trio.Event] = {}
+        self._unlisted_lookups: dict[bytes, int] = {}  # see _list_instead
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, Handle | DirHandle] = {}
@@ -272,14 +277,24 @@ class MountOps(pyfuse3.Operations):
         if sf is not None:
             return sf.attr()
         found = self.listings.answer(path)
-        if found is listings.STALE:
-            await self._relist(path.rpartition(b"/")[0])
+        directory = path.rpartition(b"/")[0]
+        if found is listings.STALE or (found is listings.UNKNOWN and self._list_instead(directory)):
+            await self._relist(directory)
             found = self.listings.answer(path)
         if found is listings.MISSING:
             raise OSError(errno.ENOENT, "")
         if isinstance(found, proto.Attr):
             return found
         return await self.attr_of(path)
+
+    def _list_instead(self, directory: bytes) -> bool:
+        """A second lookup in a directory never listed: list it (one round trip) rather
+        than ask for each name (a job opening a sequence it was named by pattern, say)."""
+        if self.listings.has(directory):
+            return False
+        n = self._unlisted_lookups.get(directory, 0) + 1
+        self._unlisted_lookups[directory] = n
+        return n == 2
 
     async def _relist(self, directory: bytes) -> None:
         """Read a directory's listing again; concurrent lookups share one request."""
@@ -296,14 +311,31 @@ class MountOps(pyfuse3.Operations):
             del self._relisting[directory]
             done.set()
 
-    async def _list(self, directory: bytes) -> list[proto.DirEntry]:
+    async def _list(self, directory: bytes, *, by_job: bool = False) -> list[proto.DirEntry]:
+        """The client's listing of ``directory`` (``by_job``: the job's readdir)."""
         asked = self.listings.now()
         listing = await self.client.call(proto.ListDir(directory), proto.PRIO_URGENT)
         for e in listing.entries:
             self.known[join(directory, e.name)] = e.attr
             self._saw(join(directory, e.name), e.attr)
         self.listings.listed(directory, {e.name: e.attr for e in listing.entries}, asked)
+        self.cache.remember_listing(directory, listing.entries)
+        entries = [(e.name, e.attr) for e in listing.entries]
+        self._prefetch(self.follower.listed(directory, entries, by_job=by_job))
         return listing.entries
+
+    def _prefetch(self, ahead: Ahead) -> None:
+        """Start what the follower asks for: files to pull, a directory to list."""
+        if ahead.files:
+            self.cache.nursery.start_soon(self.cache.follow, ahead.files)
+        if ahead.list_dir is not None:
+            self.cache.nursery.start_soon(self._list_ahead, ahead.list_dir)
+
+    async def _list_ahead(self, directory: bytes) -> None:
+        try:
+            await self._list(directory)
+        except OSError as e:
+            log.info("listing %r ahead of the job failed: %s", directory, e)
 
     def _forget_known(self, path: bytes) -> None:
         prefix = path + b"/"
@@ -374,6 +406,8 @@ class MountOps(pyfuse3.Operations):
                 self.spool.forget(sf)
             self._forget_known(path)
             self.listings.drop(path)
+            self.follower.forget(path)
+            self.follower.forget(path.rpartition(b"/")[0])
             self.cache.drop_path(path)
             parent, _, name = path.rpartition(b"/")
             parent_ino = self.inodes.known(parent)
@@ -500,7 +534,7 @@ class MountOps(pyfuse3.Operations):
             # The spool's files before and after asking: one committed while the
             # listing was on its way left the spool but may not be in the listing.
             pending = {name: sf.attr() for name, sf in self.spool.children(h.path).items()}
-            merged = {e.name: e.attr for e in await self._list(h.path)}
+            merged = {e.name: e.attr for e in await self._list(h.path, by_job=True)}
             merged.update(pending)
             for name, sf in self.spool.children(h.path).items():
                 merged[name] = sf.attr()
@@ -670,6 +704,7 @@ class MountOps(pyfuse3.Operations):
         if sf is not None:
             self.spool.opened(sf)
             return pyfuse3.FileInfo(fh=self._add_handle(Handle(spool=sf)))
+        self._prefetch(self.follower.opened(path))
         cached = await self.cache.open(path, self.known.get(path))
         self.cache.job_opened(cached)
         fh = self._add_handle(Handle(cached=cached))

@@ -46,6 +46,10 @@ class Listings:
         """The client's directory had exactly these names when we ``asked`` (default now)."""
         self._dirs[directory] = (self.clock() if asked is None else asked, dict(entries))
 
+    def has(self, directory: bytes) -> bool:
+        """Whether ``directory`` was ever listed (and not dropped since)."""
+        return directory in self._dirs
+
     def answer(self, path: bytes) -> object:
         """The attributes of ``path``, or MISSING, UNKNOWN or STALE."""
         directory, _, name = path.rpartition(b"/")

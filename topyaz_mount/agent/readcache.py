@@ -46,6 +46,9 @@ BULK_WINDOW = 8 << 20
 # must still fit.
 PREFETCH_OPEN_MAX = 256
 
+# Opens in flight at once for files the job is expected to open next (follow.py).
+FOLLOW_PARALLEL = 8
+
 
 class ChunkSource(Protocol):
     async def open_read(self, path: bytes) -> tuple[int, proto.Attr, bytes | None]: ...
@@ -231,12 +234,18 @@ class ReadCache:
         self._idle: OrderedDict[tuple[bytes, int, int], CachedFile] = OrderedDict()
         self._closed_handles: set[int] = set()
         self._opening: dict[bytes, trio.Lock] = {}
+        # Content hashes the client sent ahead of any open (a manifest, a listing):
+        # opening those files costs no round trip when the store has them.
         self.manifest_digests: dict[tuple[bytes, int, int], bytes] = {}
+        self.named: set[bytes] = set()  # paths a manifest announced (see follow.py)
+        self._follow_slots = trio.Semaphore(FOLLOW_PARALLEL)
         self._by_handle: dict[int, CachedFile] = {}  # transfers under way, by client handle
         self._storing = 0  # complete files being hashed into the store right now
         self._ahead = 0  # bytes prefetched that the job has not opened yet
         self._room = trio.Event()
         self.bytes_fetched = 0
+        self.prefetch_hits = 0  # job opens of files a prefetch had opened first
+        self.followed = 0  # files prefetched because the job was seen reading in order
 
     async def open(
         self, path: bytes, attr: proto.Attr | None, order: int | None = None
@@ -334,8 +343,33 @@ class ReadCache:
     def remember_manifest(self, entries: list[proto.ManifestEntry]) -> None:
         """Hashes the client sent up front: opening those files costs no round trip."""
         for e in entries:
+            self.named.add(e.path)
             if e.blake3 is not None:
                 self.manifest_digests[(e.path, e.size, e.mtime_ns)] = e.blake3
+
+    def remember_listing(self, directory: bytes, entries: list[proto.DirEntry]) -> None:
+        """Hashes a listing carried (the client's index): as a manifest's."""
+        for e in entries:
+            if e.blake3 is not None:
+                path = directory + b"/" + e.name if directory else e.name
+                self.manifest_digests[(path, e.attr.size, e.attr.mtime_ns)] = e.blake3
+
+    async def follow(self, wanted: list[tuple[bytes, proto.Attr]]) -> None:
+        """Pull files the job is expected to open next (follow.py), in that order.
+
+        As the manifest's prefetch: several opens in flight, within PREFETCH_OPEN_MAX
+        transfers; the bytes stay counted ahead until the job opens them."""
+        self.followed += len(wanted)
+        async with trio.open_nursery() as nursery:
+            for path, attr in wanted:
+                while len(self._by_handle) + FOLLOW_PARALLEL >= PREFETCH_OPEN_MAX:
+                    self._room = trio.Event()
+                    await self._room.wait()
+                await self._follow_slots.acquire()
+                self._ahead += attr.size
+                nursery.start_soon(
+                    self._prefetch_one, path, attr, next(self._order), self._follow_slots
+                )
 
     async def prefetch(
         self, wanted: list[tuple[bytes, proto.Attr]], window: int, parallel: int = 8
@@ -381,6 +415,7 @@ class ReadCache:
     def job_opened(self, entry: CachedFile) -> None:
         if not entry.opened_by_job:
             entry.opened_by_job = True
+            self.prefetch_hits += bool(entry.prefetched)
             if not entry.done.is_set():
                 self.bulk.moved_up(entry)
             if entry.prefetched:

@@ -413,6 +413,8 @@ class AgentSession:
         stats = {"content_bytes_received": 0, "content_bytes_committed": 0}
         if self.cache is not None:
             stats["content_bytes_received"] = self.cache.bytes_fetched
+            stats["prefetch_hits"] = self.cache.prefetch_hits
+            stats["followed_files"] = self.cache.followed
         if self.store is not None:
             stats.update(
                 cache_hits=self.store.hits,

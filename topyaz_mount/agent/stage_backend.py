@@ -33,7 +33,7 @@ from pathlib import Path
 
 import trio
 
-from ..client.inputs import _candidate
+from ..client.inputs import path_word
 from ..wire import proto
 from . import hostos, winhost
 from .backend import BackendContext
@@ -226,7 +226,7 @@ class StageBackend:
             except OSError:
                 pass
         for arg in run.argv:
-            value = _candidate(arg)
+            value = path_word(arg)
             rel = self._relative(value, run.cwd) if value else None
             if rel is None or rel in self.dirs or rel in inputs:
                 continue

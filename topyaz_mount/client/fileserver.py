@@ -354,7 +354,11 @@ class FileServer:
         self._visible(req.path)
         prefix = req.path + b"/" if req.path else b""
         entries = [
-            proto.DirEntry(name, attr_of(st))
+            proto.DirEntry(
+                name,
+                attr_of(st),
+                self.index.lookup(st) if stat.S_ISREG(st.st_mode) else None,
+            )
             for name, st in self.jail.listdir(req.path)
             if TEMP_MARK not in name and not self.policy.hidden(prefix + name)
         ]

@@ -48,8 +48,12 @@ class Attr(msgspec.Struct, frozen=True, array_like=True):
 
 
 class DirEntry(msgspec.Struct, frozen=True, array_like=True):
+    """``blake3``: a regular file's content hash when the client's index knows it, so
+    the agent's store can serve the file without asking (an older peer ignores it)."""
+
     name: bytes
     attr: Attr
+    blake3: bytes | None = None
 
 
 # --- requests the client answers (agent -> client) ------------------------------------
