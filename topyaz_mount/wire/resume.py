@@ -138,6 +138,9 @@ class ResumableStream(trio.abc.Stream):
         """The clean end: what is queued goes out, then CLOSE (bounded in time)."""
         if self._ended:
             return
+        if not self.connected and self.bytes_on_transports == 0:
+            self.end()  # never carried (the first attach failed): nobody to tell
+            return
         self._closing = True
         self._wake_writer.set()
         with trio.move_on_after(10):
