@@ -5,6 +5,8 @@ these instead of the POSIX-only ones, so it type-checks for Linux, macOS and Win
 (``mypy --platform``). Linux and macOS run the POSIX branch, which is what the tests
 run. The Windows branch was not run here (no Windows host): it is written from the
 documented calls and only type-checked; see winhost.py for the Windows job control.
+The one Windows choice that does run here is the ssh channel moved by threads
+(``channel``, threadstream.py): ``TOPYAZ_MOUNT_PORTABLE=1`` picks it on Linux too.
 """
 
 from __future__ import annotations
