@@ -412,15 +412,28 @@ def no_fusermount_python(testhost, tmp_path: Path) -> str:
         for name in os.listdir(top):
             if name != "fusermount3" and not (bin_dir / name).exists():
                 (bin_dir / name).symlink_to(os.path.join(top, name))
-    wrapper = tmp_path / "python-without-fuse"
     swap = f"s#^/usr/bin$#{bin_dir}#; s#^/bin$#{bin_dir}#"
+    return wrapped_python(
+        testhost, tmp_path / "python-without-fuse",
+        f"PATH=$(printf %s \"$PATH\" | tr : '\\n' | sed {shlex.quote(swap)} | paste -sd:)",
+    )
+
+
+def portable_agent_python(testhost, tmp_path: Path) -> str:
+    """A remote Python whose agent moves its ssh channel by threads, as on Windows
+    (TOPYAZ_MOUNT_PORTABLE=1; agent/hostos.py)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return wrapped_python(testhost, tmp_path / "python-portable", f"export {PORTABLE_ENV}=1")
+
+
+def wrapped_python(testhost, wrapper: Path, preamble: str) -> str:
+    """The test host's Python behind a shell script that runs ``preamble`` first; the
+    script and the directories above it are made reachable for the remote user."""
     wrapper.write_text(
-        "#!/bin/sh\n"
-        f"PATH=$(printf %s \"$PATH\" | tr : '\\n' | sed {shlex.quote(swap)} | paste -sd:)\n"
-        f"exec {shlex.quote(testhost.remote_python)} \"$@\"\n"
+        f"#!/bin/sh\n{preamble}\nexec {shlex.quote(testhost.remote_python)} \"$@\"\n"
     )
     wrapper.chmod(0o755)
-    for p in (tmp_path, *tmp_path.parents):
+    for p in wrapper.parents:
         if p == Path("/"):
             break
         p.chmod(p.stat().st_mode | 0o005)

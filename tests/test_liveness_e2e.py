@@ -30,6 +30,7 @@ from e2e_util import (
     describe,
     exec_argv,
     pid_alive,
+    portable_agent_python,
     remote_home,
     session_agent_pid,
     session_dirs,
@@ -75,12 +76,14 @@ def _kept_dir():
     return remote_home() / ".cache" / "topyaz-mount" / "kept"
 
 
-def _start(testhost, root, *command, wait_s: str = "0", keepalive: str | None = KEEPALIVE):
+def _start(testhost, root, *command, wait_s: str = "0", keepalive: str | None = KEEPALIVE,
+           remote_python: str | None = None):
     env = client_env()
     if keepalive is not None:
         env["TOPYAZ_MOUNT_KEEPALIVE"] = keepalive
     # A session that ends with its link (not the detachable default: test_reconnect_e2e).
-    argv = exec_argv(testhost, root, command, options=["--grace", "0"])
+    argv = exec_argv(testhost, root, command, options=["--grace", "0"],
+                     remote_python=remote_python)
     return ExecProcess(argv, cwd=root, env=env)
 
 
@@ -256,12 +259,16 @@ def _fds(pid: int) -> list[str]:
         return []
 
 
-def test_link_stalled_both_sides_give_up(testhost, client_root, kept_cleanup):
+@pytest.mark.parametrize("channel", ["fdstream", "threads"])
+def test_link_stalled_both_sides_give_up(testhost, client_root, kept_cleanup, channel, tmp_path):
     """ssh and the client are stopped (no byte moves, the TCP connection stays up): the
-    agent's own keepalive ends the job and the session; once the client runs again, its
-    keepalive finds the link silent and gives up with a line that says so."""
+    agent's own keepalive ends the job and the session, and the agent exits though its
+    stdin never ends (with the channel moved by threads, as on Windows, too: the read
+    that never returns holds nothing up); once the client runs again, its keepalive
+    finds the link silent and gives up with a line that says so."""
+    python = portable_agent_python(testhost, tmp_path / "host") if channel == "threads" else None
     before = session_dirs()
-    with _start(testhost, client_root, "python3", "-c", JOB, "0") as p:
+    with _start(testhost, client_root, "python3", "-c", JOB, "0", remote_python=python) as p:
         assert p.wait_for_stdout(b"written", 60), p.stderr
         remote = _Running(before, _helper_pid(p))
         kept_cleanup.append(remote.session_id)
@@ -275,6 +282,7 @@ def test_link_stalled_both_sides_give_up(testhost, client_root, kept_cleanup):
         os.kill(p.pid, signal.SIGSTOP)
         try:
             assert wait_until(remote.torn_down, 60), "the agent did not notice the stall"
+            assert wait_until(lambda: not pid_alive(remote.agent), 30), "the agent lingers"
         finally:
             os.kill(p.pid, signal.SIGCONT)
         try:

@@ -26,6 +26,7 @@ from e2e_util import (
     describe,
     no_fusermount_python,
     pid_alive,
+    portable_agent_python,
     remote_home,
     run_exec,
     session_agent_pid,
@@ -135,11 +136,17 @@ def test_stdio_and_exit_status(testhost, client_root, backend):
     assert (r.returncode, r.stdout, r.stderr) == (7, b"out\n", b"err\n"), describe(r)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ctrl_c_ends_the_job_and_its_output_so_far_comes_home(testhost, client_root, backend):
+@pytest.mark.parametrize("backend", [*BACKENDS, "stage-threads"])
+def test_ctrl_c_ends_the_job_and_its_output_so_far_comes_home(testhost, client_root, backend,
+                                                              tmp_path):
+    python, options = None, ["--backend", backend]
+    if backend == "stage-threads":  # and the agent's channel moved by threads (Windows'),
+        # on the agent's own channel (no relay: Windows has no re-attach yet)
+        python = portable_agent_python(testhost, tmp_path / "host")
+        options = ["--backend", "stage", "--grace", "0"]
     script = "echo partial > part.txt; echo ready; exec sleep 60"
-    with start_exec(testhost, client_root, "sh", "-c", script,
-                    options=["--backend", backend]) as p:
+    with start_exec(testhost, client_root, "sh", "-c", script, remote_python=python,
+                    options=options) as p:
         assert p.wait_for_stdout(b"ready\n", 30), (p.stdout, p.stderr)
         p.send_signal(signal.SIGINT)
         r = p.wait(30)
@@ -401,3 +408,23 @@ def test_a_script_in_the_root_runs_staged_cold_and_warm(testhost, client_root):
         r = run_on(testhost, client_root, "stage", "./tools/run.sh", "gradient.png")
         assert (r.returncode, r.stdout) == (0, b"ran with gradient.png\n"), describe(r)
     assert script.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_channel_moved_by_threads_carries_a_job_both_ways(testhost, client_root, tmp_path):
+    """The agent's ssh channel moved by threads, as on a Windows host: an input of many
+    chunks goes out, twice its size comes home, and stdin, stdout, stderr and the exit
+    status travel as on the other channel."""
+    python = portable_agent_python(testhost, tmp_path / "host")
+    data = os.urandom(3 << 20)
+    (client_root / "in.bin").write_bytes(data)
+    r = run_on(testhost, client_root, "stage", "sh", "-c",
+               "cat in.bin in.bin > out.bin && head -c 100000 in.bin && cat >&2; exit 5",
+               options=["-v", "--grace", "0", "--stdin", "--include", "in.bin"],
+               remote_python=python,
+               stdin_data=b"typed\n")
+    assert r.returncode == 5, describe(r)
+    assert b"the ssh channel moves by threads" in r.stderr, describe(r)
+    assert r.stdout == data[:100000], describe(r)
+    assert b"typed\n" in r.stderr
+    assert (client_root / "out.bin").read_bytes() == data + data
+    assert (client_root / "in.bin").read_bytes() == data

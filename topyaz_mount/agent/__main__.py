@@ -18,7 +18,7 @@ import trio
 
 from ..pipes import widen
 from ..wire import liveness, proto
-from . import hostdirs, kept, relay
+from . import hostdirs, hostos, kept, relay
 from .backend import CHOICES
 from .session import AgentSession
 from .store import ContentStore
@@ -29,13 +29,7 @@ def default_base_dir() -> Path:
 
 
 async def _serve(session: AgentSession, channel_in: int, channel_out: int) -> None:
-    if sys.platform == "win32":
-        # trio has no stream over a Windows pipe handle yet: not built (no Windows host
-        # was run here). The stage backend's Windows parts are in winhost.py.
-        raise OSError("the agent's ssh channel is not built for Windows hosts yet")
-    stream = trio.StapledStream(
-        trio.lowlevel.FdStream(channel_out), trio.lowlevel.FdStream(channel_in)
-    )
+    stream = hostos.channel(channel_in, channel_out)
     await stream.send_all(proto.MAGIC)
     await session.serve(stream)
 

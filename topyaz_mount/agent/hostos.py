@@ -5,14 +5,21 @@ these instead of the POSIX-only ones, so it type-checks for Linux, macOS and Win
 (``mypy --platform``). Linux and macOS run the POSIX branch, which is what the tests
 run. The Windows branch was not run here (no Windows host): it is written from the
 documented calls and only type-checked; see winhost.py for the Windows job control.
+The one Windows choice that does run here is the ssh channel moved by threads
+(``channel``, threadstream.py): ``TOPYAZ_MOUNT_PORTABLE=1`` picks it on Linux too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import trio
 
 # Flags that only mean something on POSIX; 0 (no effect) on Windows.
 CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
@@ -21,6 +28,12 @@ NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
 BINARY: int = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 SIGKILL: int = getattr(signal, "SIGKILL", 9)
 SIGTERM: int = signal.SIGTERM
+
+log = logging.getLogger(__name__)
+
+# The client's switch to its portable OS calls (client/osapi.py); here it makes the
+# agent move its ssh channel by threads as on Windows, which is how the tests run that.
+PORTABLE_ENV = "TOPYAZ_MOUNT_PORTABLE"
 
 _seek_lock = threading.Lock()  # Windows: seek + read/write as one step
 
@@ -111,3 +124,27 @@ def login_shell() -> str:
     except KeyError:
         shell = ""
     return shell if shell and os.access(shell, os.X_OK) else "/bin/sh"
+
+
+def channel(channel_in: int, channel_out: int) -> trio.abc.HalfCloseableStream:
+    """The ssh channel (the agent's stdin and stdout, dup'ed) as one trio stream.
+
+    POSIX: trio waits on the pipes itself (``FdStream``). Windows: they are plain pipe
+    handles trio cannot wait on, so threads move the bytes (threadstream.py), in binary
+    mode. ``TOPYAZ_MOUNT_PORTABLE=1`` takes the threaded one on POSIX too."""
+    import trio
+
+    from .threadstream import ThreadedStream
+
+    if sys.platform == "win32":
+        import msvcrt
+
+        for fd in (channel_in, channel_out):
+            msvcrt.setmode(fd, os.O_BINARY)  # no newline translation of the frames
+        return ThreadedStream(channel_in, channel_out)
+    if os.environ.get(PORTABLE_ENV, "") not in ("", "0"):
+        log.info("the ssh channel moves by threads, as on Windows (%s)", PORTABLE_ENV)
+        return ThreadedStream(channel_in, channel_out)
+    return trio.StapledStream(
+        trio.lowlevel.FdStream(channel_out), trio.lowlevel.FdStream(channel_in)
+    )
