@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import trio
 
-from . import control, progress, proto
+from . import control, persist, progress, proto
 from .client import Job, Session, open_session
 from .errors import TopyazMountError, collapse
 from .policy import Policy
@@ -39,7 +40,9 @@ WATCH_STEP_MS = 30  # a quiet gap this long ends a burst
 
 
 class MountServer:
-    def __init__(self, session: Session, settings: SshSettings, name: str) -> None:
+    def __init__(
+        self, session: Session, settings: SshSettings, name: str, idle: float | None = None
+    ) -> None:
         self.session = session
         self.settings = settings
         self.name = name
@@ -51,6 +54,9 @@ class MountServer:
         self.watching = False
         self.invalidations = 0
         self._connections = 0
+        # A session an exec left behind (persist.py) ends this long after its last command.
+        self.idle = idle
+        self._last_active = 0.0
         # The session's transfer since it was mounted: `status` and the foreground line.
         self.tracker = progress.Tracker(session.server)
         self.tracker.phase = "mounted"
@@ -67,7 +73,10 @@ class MountServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_control, listener)
             nursery.start_soon(self._watch, watch_stop)
+            if self.idle is not None:
+                nursery.start_soon(self._end_when_idle, self.idle)
             await self._until_stop_or_lost()
+            persist.forget(self.name)  # no new exec finds it from here on
             if not self.session.lost.is_set():
                 while self.session.running and not self.force and not self.session.lost.is_set():
                     await trio.sleep(0.1)
@@ -80,6 +89,19 @@ class MountServer:
                 while self._connections:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+    async def _end_when_idle(self, idle: float) -> None:
+        """Unmount once no command has run for ``idle`` seconds (ssh's ControlPersist)."""
+        self._last_active = trio.current_time()
+        while not self.stop_requested.is_set():
+            quiet = trio.current_time() - self._last_active
+            if self.session.running:
+                self._last_active = trio.current_time()
+            elif quiet >= idle:
+                log.info("no command for %g s: ending session %s", idle, self.name)
+                self.request_stop()
+                return
+            await trio.sleep(min(max(idle - quiet, 0.05), 1.0))
 
     async def _until_stop_or_lost(self) -> None:
         await first_of(self.stop_requested, self.session.lost)
@@ -223,7 +245,7 @@ class MountServer:
 
     async def _exec(self, channel: control.Channel, req: control.Exec) -> None:
         if self.stop_requested.is_set() or self.session.lost.is_set():
-            await channel.send(control.Failed(f"session {self.name} is ending", 255))
+            await channel.send(control.Failed(f"session {self.name} is ending", 255, ending=True))
             return
         job = self.session.new_job()
         job.on_warning = lambda text: None  # sent with the result, below
@@ -261,6 +283,7 @@ class MountServer:
                     result.exit_code, result.lost, dict(result.stats), result.refused
                 )
             nursery.cancel_scope.cancel()
+        self._last_active = trio.current_time()
         await send(reply)
 
     def _failure(self, e: BaseException) -> control.Failed:
@@ -313,12 +336,21 @@ async def serve(
     policy: Policy | None = None,
     includes: Sequence[str] = (),
     line: progress.TerminalLine | None = None,
+    key: str | None = None,
+    idle: float | None = None,
+    spawned: subprocess.Popen | None = None,
+    first_command: tuple[Sequence[str], str] | None = None,
 ) -> tuple[MountServer, bool]:
     """Run session ``name`` until it is unmounted; returns it and whether it was lost.
     ``includes``: local paths every command's manifest adds (the profile's); ``line``:
-    the session's transfer shown live there (a foreground mount on a terminal)."""
+    the session's transfer shown live there (a foreground mount on a terminal);
+    ``key``: its reuse key, published for one-shot execs (persist.py); ``idle``: end
+    after that long without a command; ``spawned``, ``first_command``: as
+    ``open_session``'s (a session an exec starts for its own command)."""
     path = control.socket_path(name)
     if await control.alive(name):
+        if spawned is not None:
+            spawned.kill()
         raise control.ControlError(
             f"a session named {name} is running already (pick another with --name)"
         )
@@ -327,11 +359,19 @@ async def serve(
     except FileNotFoundError:
         pass
     async with open_session(
-        settings, root, watch=True, policy=policy, includes=includes
+        settings,
+        root,
+        watch=True,
+        policy=policy,
+        includes=includes,
+        spawned=spawned,
+        first_command=first_command,
     ) as session:
         listener = await control.listen(path)
         try:
-            server = MountServer(session, settings, name)
+            server = MountServer(session, settings, name, idle)
+            if key is not None:
+                persist.write_key(name, key)
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     nursery.start_soon(server.forward_signals, say)
@@ -345,6 +385,7 @@ async def serve(
                     if line is not None:
                         line.clear()
         finally:
+            persist.forget(name)
             try:
                 path.unlink()
             except FileNotFoundError:

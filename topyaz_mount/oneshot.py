@@ -19,7 +19,7 @@ from . import progress, proto
 from .client import RunResult, Session, open_session
 from .policy import Policy
 from .safetext import printable
-from .session_client import writer
+from .session_exec import writer
 from .transport import SshSettings
 
 
