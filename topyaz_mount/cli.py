@@ -576,7 +576,7 @@ def _exec_persisted(
         if name is None:
             if persist_for <= 0:
                 return None
-            with persist.locked(key):
+            with persist.locked():
                 name = persist.find(key) or _start_persisted(
                     settings, root_dir, rules, key, persist_for, (argv, cwd)
                 )

@@ -13,7 +13,7 @@ An exec that found none forks, before trio is imported, a session process of its
 (``start``): it connects, runs the command as its first, and stays up ``persist``
 seconds after its last command, as a normal session (``status`` shows it,
 ``unmount`` ends it). The exec itself is then a client of that session, as the next
-ones will be. A lock per key keeps two execs started at once from making two.
+ones will be. A lock keeps two execs started at once from making two.
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def session_name(root: str, key: str) -> str:
 
 
 @contextlib.contextmanager
-def locked(key: str) -> Iterator[None]:
-    """Held while one exec looks for, or starts, the session of ``key``."""
-    path = control.runtime_dir() / f".{key}.lock"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+def locked() -> Iterator[None]:
+    """Held while an exec looks for, or starts, a session: two execs started at once
+    make one session between them. The lock is the runtime dir's own (no file left)."""
+    fd = os.open(control.runtime_dir(), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -127,9 +127,13 @@ def start(name: str, serve: Callable[[int], None]) -> dict:
     os.close(w)
     with os.fdopen(r, "rb") as ready:
         data = ready.read()
-    if data.strip():
-        return dict(json.loads(data))
+    info = json.loads(data) if data.strip() else {}
+    if info.get("ok"):
+        return dict(info)
     os.waitpid(pid, 0)
+    log_path.unlink(missing_ok=True)  # the caller says why it failed
+    if info:
+        return dict(info)
     return {"ok": False, "error": f"the session {name} did not start", "code": 255}
 
 
