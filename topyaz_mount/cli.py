@@ -580,9 +580,15 @@ def _exec_persisted(
                 name = persist.find(key) or _start_persisted(
                     settings, root_dir, rules, key, persist_for, (argv, cwd)
                 )
+        # Passed over: a session that is gone, or took no command (never a command run).
         try:
-            return session_exec.run(name, req, _say)
-        except (session_exec.SessionEnding, control.ControlError):
+            sock = session_exec.connect(name)
+        except control.ControlError:
+            persist.forget(name)
+            continue
+        try:
+            return session_exec.run(name, req, _say, sock=sock)
+        except session_exec.SessionEnding:
             persist.forget(name)
     return None
 

@@ -88,10 +88,18 @@ def terminal_size(fd: int = 0) -> tuple[int, int]:
     return 24, 80
 
 
-def run(name: str, req: control.Exec, say: Say, *, interactive: bool = False) -> control.Finished:
-    """Send one command to session ``name``; stream its output; its result.
-    ``interactive``: a terminal's (``shell``): its size follows the local one's."""
-    sock = connect(name)
+def run(
+    name: str,
+    req: control.Exec,
+    say: Say,
+    *,
+    interactive: bool = False,
+    sock: socket.socket | None = None,
+) -> control.Finished:
+    """Send one command to session ``name`` (over ``sock`` when connected already);
+    stream its output; its result. ``interactive``: a terminal's (``shell``): its size
+    follows the local one's."""
+    sock = sock or connect(name)
     lock = threading.Lock()
 
     def send(msg: control.Message) -> None:
