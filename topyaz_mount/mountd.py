@@ -191,7 +191,9 @@ class MountServer:
             with trio.move_on_after(1):
                 await channel.aclose()
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self, ask_agent: bool = True) -> dict[str, Any]:
+        """The session's status; ``ask_agent``: with the agent's own figures (cache,
+        pending outputs), a round trip more."""
         s = self.session
         info: dict[str, Any] = {
             "name": self.name,
@@ -216,7 +218,7 @@ class MountServer:
         if s.peer is not None:
             info["wire_bytes_sent"] = s.peer.bytes_sent
             info["wire_bytes_received"] = s.peer.bytes_received
-        if not s.lost.is_set() and not self.finished.is_set():
+        if ask_agent and not s.lost.is_set() and not self.finished.is_set():
             with trio.move_on_after(10):
                 try:
                     st = await s.status()
@@ -375,7 +377,7 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     nursery.start_soon(server.forward_signals, say)
-                on_ready(await server.info())
+                on_ready(await server.info(ask_agent=False))  # ready a round trip sooner
                 if line is not None:
                     nursery.start_soon(progress.watch, server.tracker, line.show, 0.5)
                 try:
