@@ -36,12 +36,7 @@ from .transport import SshSettings
 def reuse_key(settings: SshSettings, root: str, policy: PolicyOptions) -> str:
     """The digest two sessions share exactly when one can run the other's commands."""
     quiet = replace(settings, agent_log_level="WARNING")  # -v does not change the job
-    what = [
-        quiet.argv(),
-        list(settings.bwlimit),
-        root,
-        [list(x) if isinstance(x, tuple) else x for x in astuple(policy)],
-    ]
+    what = [quiet.argv(), settings.bwlimit, root, astuple(policy)]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
 
 
