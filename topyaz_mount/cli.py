@@ -1312,6 +1312,8 @@ def status(
         place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
         if s.get("backend"):
             place += f" ({s['backend']})"
+        if s.get("persist_seconds") is not None:
+            place += f"; left by exec, ends after {_duration(s['persist_seconds'])} idle"
         click.echo(
             f"{place}\n"
             f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "

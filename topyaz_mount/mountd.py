@@ -212,6 +212,8 @@ class MountServer:
             "content_bytes_received": s.server.stats.bytes_committed,
             "files_committed": s.server.stats.files_committed,
         }
+        if self.idle is not None:  # an exec's session (persist.py): how long it waits
+            info["persist_seconds"] = self.idle
         # Flat, as the control messages carry only scalars (eta, when unknown, left out).
         figures = self.tracker.snapshot().as_dict().items()
         info.update((f"progress_{k}", v) for k, v in figures if v is not None)
