@@ -1094,12 +1094,12 @@ def mount(
     _setup_logging(verbose)
     import trio
 
-    from . import control, mountd, persist
+    from . import control, persist
 
     try:
         rules = Policy.from_options(policy)
         root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
-        session = control.check_name(name or mountd.default_name(Path(root_dir)))
+        session = control.check_name(name or control.default_name(Path(root_dir)))
         settings = _settings(
             remote,
             ssh_options,

@@ -236,6 +236,13 @@ def check_name(name: str) -> str:
     return name
 
 
+def default_name(root: Path) -> str:
+    """A session name from a root's: what `mount` names it unless told."""
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in root.name)
+    cleaned = cleaned.lstrip("._-")[:64]
+    return cleaned or "root"
+
+
 def socket_path(name: str) -> Path:
     return runtime_dir() / f"{check_name(name)}.sock"
 

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -321,12 +320,6 @@ class MountServer:
                 await job.signal(msg.signum)
             elif isinstance(msg, control.Resize):
                 await job.resize(msg.rows, msg.cols)
-
-
-def default_name(root: Path) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in root.name)
-    cleaned = cleaned.lstrip("._-")[:64]
-    return cleaned or "root"
 
 
 async def serve(

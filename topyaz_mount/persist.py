@@ -78,9 +78,7 @@ def find(key: str) -> str | None:
 
 def session_name(root: str, key: str) -> str:
     """``<root's name>-<key's first 8>``: readable in ``status``, one per key."""
-    from .mountd import default_name
-
-    return f"{default_name(Path(root))[:40]}-{key[:8]}"
+    return f"{control.default_name(Path(root))[:40]}-{key[:8]}"
 
 
 @contextlib.contextmanager
