@@ -594,6 +594,8 @@ def _cli_with_hostile_ssh(tmp_path: Path, cwd: Path, *args: str, cli=CLI, **env:
     fake_ssh.chmod(0o755)
     path = f"{bin_dir}:{os.environ['PATH']}"
     env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "TOPYAZ_MOUNT_REMOTE": "gpu", **env}
+    # One-shot: a session left up (persist.py) would outlive the test with its hostile agent.
+    env.setdefault("TOPYAZ_MOUNT_PERSIST", "0")
     return subprocess.run(
         [*cli, *args],
         cwd=cwd,
