@@ -536,16 +536,15 @@ def exec_(
             )
             job = (argv, cwd, env, forward_stdin, literal, _absolute(opts.include or ()))
             persist_for = parse_duration(opts.persist or "0")
-            found = _exec_persisted(settings, root_dir, policy, rules, persist_for, job)
+            display = _progress_display(quiet, json_progress)
+            # --json-progress is a program's feed, which only a session of its own gives.
+            found = (
+                None
+                if display == "json"
+                else _exec_persisted(settings, root_dir, policy, rules, persist_for, job)
+            )
             if found is None:
-                _exec_oneshot(
-                    settings,
-                    root_dir,
-                    rules,
-                    job,
-                    _progress_display(quiet, json_progress),
-                    stats_format,
-                )
+                _exec_oneshot(settings, root_dir, rules, job, display, stats_format)
             done = found
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
