@@ -38,14 +38,17 @@ CLI = [sys.executable, "-m", "topyaz_mount.cli"]
 
 
 def client_env() -> dict[str, str]:
-    """Our environment without TOPYAZ_MOUNT_* settings (but the choice of OS calls),
-    with this checkout importable."""
+    """Our environment without TOPYAZ_MOUNT_* settings (but the choice of OS calls, and
+    no persisted sessions), with this checkout importable."""
     keep = {PORTABLE_ENV}  # a test run with the portable OS calls (conftest.py)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOPYAZ_MOUNT_") or k in keep}
     env["PYTHONPATH"] = str(REPO_DIR) + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
     )
     env.pop("PYTHONSTARTUP", None)
+    # One-shot execs end with their command, as each test expects; the tests of
+    # sessions an exec leaves behind (test_persist_e2e.py) ask for them.
+    env["TOPYAZ_MOUNT_PERSIST"] = "0"
     return env
 
 

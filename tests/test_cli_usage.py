@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,10 @@ CLI = [sys.executable, "-m", "topyaz_mount"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, cwd="/tmp")
+    env = {**os.environ, "TOPYAZ_MOUNT_PERSIST": "0"}  # one-shot: no session left (persist.py)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=60, cwd="/tmp", env=env
+    )
 
 
 def test_a_mistyped_option_before_the_command_is_a_usage_error_with_a_suggestion():

@@ -598,6 +598,8 @@ def _cli_with_hostile_ssh(tmp_path: Path, cwd: Path, *args: str, cli=CLI, **env:
     # detachable session (its attach line), so no grace.
     env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "TOPYAZ_MOUNT_REMOTE": "gpu",
            "TOPYAZ_MOUNT_GRACE": "0", **env}
+    # One-shot: a session left up (persist.py) would outlive the test with its hostile agent.
+    env.setdefault("TOPYAZ_MOUNT_PERSIST", "0")
     return subprocess.run(
         [*cli, *args],
         cwd=cwd,

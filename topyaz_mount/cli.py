@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -32,6 +32,7 @@ from .client.config import (
     host_settings,
     human_size,
     load_profile,
+    parse_duration,
     parse_size,
     resolve,
     save_profile,
@@ -60,6 +61,7 @@ from .policy import Policy, PolicyOptions
 from .safetext import printable
 
 if TYPE_CHECKING:
+    from .client import control
     from .client.session import RunResult
 
 log = logging.getLogger("topyaz_mount")
@@ -467,6 +469,15 @@ def main() -> None:
     f"`{shlex.join(DEFAULT_PRODUCTS['video'])}`).",
 )
 @grace_option
+@click.option(
+    "--persist",
+    default=None,
+    envvar="TOPYAZ_MOUNT_PERSIST",
+    metavar="DURATION",
+    help="Keep this command's session up this long after it, for the next exec on the "
+    "same host and root to reuse (0: end with the command; default: the host's profile, "
+    "else 5m).",
+)
 @policy_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(
@@ -491,6 +502,7 @@ def exec_(
     giga_cmd: str | None,
     video_cmd: str | None,
     grace: str | None,
+    persist: str | None,
     command: tuple[str, ...],
     policy: PolicyOptions,
 ) -> None:
@@ -505,7 +517,11 @@ def exec_(
         opts = _profile(
             remote,
             HostOptions(
-                photo_cmd=photo_cmd, giga_cmd=giga_cmd, video_cmd=video_cmd, include=includes
+                photo_cmd=photo_cmd,
+                giga_cmd=giga_cmd,
+                video_cmd=video_cmd,
+                include=includes,
+                persist=persist,
             ),
         )
         products = {
@@ -517,10 +533,7 @@ def exec_(
         cwd = os.getcwd()
         env = _parse_env(env_pairs)
         if session_name is not None:
-            import trio
-
-            from .client import control, session_client
-            from .client.session import RunResult
+            from .client import control, session_exec
 
             if root is not None:
                 raise UsageError("--root cannot be used with --session (the session has one)")
@@ -543,14 +556,7 @@ def exec_(
                 argv, cwd, env, forward_stdin, list(literal), includes=_absolute(includes)
             )
             display = _progress_display(quiet, json_progress)
-            done = trio.run(
-                functools.partial(
-                    session_client.run_in_session, session_name, req, _say, display=display
-                )
-            )
-            result: RunResult | None = RunResult(
-                done.code, list(done.lost), [], dict(done.stats), list(done.refused)
-            )
+            done = session_exec.run(session_name, req, _say, display=display)
         else:
             rules = Policy.from_options(policy)
             root_dir = str(checked_root(root or cwd, policy.allow_home))
@@ -566,32 +572,137 @@ def exec_(
                 grace=grace,
                 bwlimit=bwlimit,
             )
-            # Connect first; the rest of the client is imported while ssh connects.
-            spawned = spawn_ssh(settings)
-            try:
-                import trio
-
-                from .client.oneshot import exec_async
-            except BaseException:
-                spawned.kill()
-                raise
-            result = trio.run(
-                exec_async,
-                settings,
-                root_dir,
-                argv,
-                cwd,
-                env,
-                forward_stdin,
-                literal,
-                spawned,
-                rules,
-                _absolute(opts.include or ()),
-                _progress_display(quiet, json_progress),
+            job = (argv, cwd, env, forward_stdin, literal, _absolute(opts.include or ()))
+            persist_for = parse_duration(opts.persist or "0")
+            display = _progress_display(quiet, json_progress)
+            # --json-progress is a program's feed, which only a session of its own gives.
+            found = (
+                None
+                if display == "json"
+                else _exec_persisted(
+                    settings, root_dir, policy, rules, persist_for, job, display
+                )
             )
+            if found is None:
+                _exec_oneshot(settings, root_dir, rules, job, display, stats_format)
+            done = found
     except BaseException as e:  # noqa: BLE001 - errors become one line and a status
         sys.exit(_report(e, verbose))
+    _finish_session(done, stats_format)
+
+
+# argv, cwd, env, forward stdin, literal arguments, includes (absolute)
+Command = tuple[list[str], str, dict[str, str], bool, Sequence[str], list[str]]
+
+
+def _exec_persisted(
+    settings: SshSettings,
+    root_dir: str,
+    options: PolicyOptions,
+    rules: Policy,
+    persist_for: float,
+    command: Command,
+    display: str | None = None,
+) -> control.Finished | None:
+    """The command through a compatible session that is up, or one started for it that
+    stays ``persist_for`` seconds after it (persist.py); None: run it one-shot.
+    ``display``: its live progress, as for a one-shot exec."""
+    from .client import control, persist, session_exec
+
+    argv, cwd, env, forward_stdin, literal, includes = command
+    req = control.Exec(argv, cwd, env, forward_stdin, list(literal), includes=includes)
+    key = persist.reuse_key(settings, root_dir, options)
+    for _ in range(3):  # a session found may be ending, or gone
+        name = persist.find(key)
+        if name is None:
+            if persist_for <= 0:
+                return None
+            with persist.locked():
+                name = persist.find(key) or _start_persisted(
+                    settings, root_dir, rules, key, persist_for, (argv, cwd)
+                )
+        # Passed over: a session that is gone, or took no command (never a command run).
+        try:
+            sock = session_exec.connect(name)
+        except control.ControlError:
+            persist.forget(name)
+            continue
+        try:
+            return session_exec.run(name, req, _say, sock=sock, display=display)
+        except session_exec.SessionEnding:
+            persist.forget(name)
+    return None
+
+
+def _start_persisted(
+    settings: SshSettings,
+    root_dir: str,
+    rules: Policy,
+    key: str,
+    persist_for: float,
+    first_command: tuple[Sequence[str], str],
+) -> str:
+    """Fork the session an exec leaves behind; its name once it listens."""
+    from .client import persist
+
+    name = persist.session_name(root_dir, key)
+
+    def serve(ready_fd: int) -> None:
+        _serve_session(
+            settings,
+            root_dir,
+            name,
+            rules,
+            (),
+            ready_fd=ready_fd,
+            key=key,
+            idle=persist_for,
+            first_command=first_command,
+        )
+
+    info = persist.start(name, serve)
+    if not info.get("ok"):
+        from .client.session_exec import SessionCommandFailed
+
+        raise SessionCommandFailed(str(info.get("error")), int(info.get("code") or EXIT_FAILURE))
+    return name
+
+
+def _exec_oneshot(
+    settings: SshSettings,
+    root_dir: str,
+    rules: Policy,
+    command: Command,
+    display: str | None,
+    stats_format: str | None,
+) -> NoReturn:
+    """One connection, one mount, one command, all torn down (oneshot.py); exits."""
+    argv, cwd, env, forward_stdin, literal, includes = command
+    # Connect first; the rest of the client is imported while ssh connects.
+    spawned = spawn_ssh(settings)
+    try:
+        import trio
+
+        from .client.oneshot import exec_async
+    except BaseException:
+        spawned.kill()
+        raise
+    result = trio.run(
+        exec_async,
+        settings,
+        root_dir,
+        argv,
+        cwd,
+        env,
+        forward_stdin,
+        literal,
+        spawned,
+        rules,
+        includes,
+        display,
+    )
     _finish(result, stats_format)
+    raise AssertionError("unreachable")
 
 
 def _absolute(paths: Sequence[str]) -> list[str]:
@@ -617,18 +728,33 @@ def _finish(result: RunResult | None, stats_format: str | None = None) -> None:
     """Report a finished command the same way whichever way it ran; exit with its status."""
     if result is None:
         sys.exit(_fail("aborted; the remote session was torn down", 130))
-    for line in result.lost:
+    _conclude(result.exit_code, result.lost, result.refused, result.stats, stats_format)
+
+
+def _finish_session(done: control.Finished, stats_format: str | None = None) -> None:
+    """The same for a command a session ran (no client, no trio imported for it)."""
+    _conclude(done.code, done.lost, done.refused, done.stats, stats_format)
+
+
+def _conclude(
+    exit_code: int,
+    lost: Sequence[str],
+    refused: Sequence[str],
+    stats: dict,
+    stats_format: str | None,
+) -> None:
+    for line in lost:
         _say(f"error: {line}")
-    for line in result.refused:
+    for line in refused:
         _say(line)
     if stats_format == "json":
-        click.echo(json.dumps(result.stats, sort_keys=True), err=True)
+        click.echo(json.dumps(stats, sort_keys=True), err=True)
     elif stats_format == "text":
-        _say(_stats_line(result.stats))
-    code, note = exit_status(result.exit_code)
+        _say(_stats_line(stats))
+    code, note = exit_status(exit_code)
     if note is not None:
         _say(f"error: {note}")
-    sys.exit(EXIT_FAILURE if result.lost and code == 0 else code)
+    sys.exit(EXIT_FAILURE if lost and code == 0 else code)
 
 
 @main.command("cache")
@@ -1016,20 +1142,12 @@ def mount(
     _setup_logging(verbose)
     import trio
 
-    from .client import control, mountd, progress
-
-    def report_ready(info: dict) -> None:
-        if ready_fd is not None:
-            os.write(ready_fd, json.dumps({"ok": True, **info}).encode() + b"\n")
-            os.close(ready_fd)
-        else:
-            _print_ready(info)
-        sys.stdout.flush()
+    from .client import control, persist
 
     try:
         rules = Policy.from_options(policy)
         root_dir = str(checked_root(root or os.getcwd(), policy.allow_home))
-        session = control.check_name(name or mountd.default_name(Path(root_dir)))
+        session = control.check_name(name or control.default_name(Path(root_dir)))
         settings = _settings(
             remote,
             ssh_options,
@@ -1071,44 +1189,94 @@ def mount(
             click.echo(f"  log:           {log_path}")
             return
         includes = _absolute(_profile(remote, HostOptions()).include or ())
-        line = _progress_display(quiet, False) and ready_fd is None
-        shown = progress.TerminalLine() if line else None
+    except BaseException as e:  # noqa: BLE001
+        sys.exit(_not_ready(e, verbose, ready_fd))
+    _serve_session(
+        settings,
+        root_dir,
+        session,
+        rules,
+        includes,
+        ready_fd=ready_fd,
+        verbose=verbose,
+        key=persist.reuse_key(settings, root_dir, policy),
+        line=_progress_display(quiet, False) == "line" and ready_fd is None,
+    )
 
+
+def _not_ready(e: BaseException, verbose: int, ready_fd: int | None) -> int:
+    """Report a session's failure to start; tell the process waiting on ``ready_fd``."""
+    code = _report(e, verbose)
+    if ready_fd is not None:
+        try:
+            message = str(collapse(e)) if not isinstance(e, KeyboardInterrupt) else "interrupted"
+            os.write(ready_fd, json.dumps({"ok": False, "error": message, "code": code}).encode())
+        except OSError:
+            pass
+    return code
+
+
+def _serve_session(
+    settings: SshSettings,
+    root_dir: str,
+    name: str,
+    rules: Policy,
+    includes: Sequence[str],
+    *,
+    ready_fd: int | None,
+    verbose: int = 0,
+    key: str | None = None,
+    line: bool = False,
+    idle: float | None = None,
+    first_command: tuple[Sequence[str], str] | None = None,
+) -> None:
+    """Run session ``name`` until it ends (``mount``, or the session an exec leaves
+    behind: ``idle``, ``first_command``); exits with how it ended."""
+    # An exec's session connects first, and imports the rest while ssh connects.
+    spawned = spawn_ssh(settings) if first_command is not None else None
+    import trio
+
+    from .client import mountd, progress
+
+    def report_ready(info: dict) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, json.dumps({"ok": True, **info}).encode() + b"\n")
+            os.close(ready_fd)
+        else:
+            _print_ready(info)
+        sys.stdout.flush()
+
+    shown = progress.TerminalLine() if line else None
+
+    try:
         server, lost = trio.run(
             lambda: mountd.serve(
                 settings,
                 root_dir,
-                session,
+                name,
                 on_ready=report_ready,
                 say=_say,
                 policy=rules,
                 includes=includes,
                 line=shown,
+                key=key,
+                idle=idle,
+                spawned=spawned,
+                first_command=first_command,
             )
         )
     except BaseException as e:  # noqa: BLE001
-        code = _report(e, verbose)
-        if ready_fd is not None:
-            try:
-                message = (
-                    str(collapse(e)) if not isinstance(e, KeyboardInterrupt) else "interrupted"
-                )
-                os.write(
-                    ready_fd, json.dumps({"ok": False, "error": message, "code": code}).encode()
-                )
-            except OSError:
-                pass
-        sys.exit(code)
+        sys.exit(_not_ready(e, verbose, ready_fd))
     if lost:
         message = server.session.loss_message("")
-        sys.exit(_fail(f"{message}; session {session} ended", EXIT_FAILURE))
+        sys.exit(_fail(f"{message}; session {name} ended", EXIT_FAILURE))
     closed = server.closed
     if closed is not None and closed.kept_files:
         _say(
             f"dropped {closed.kept_files} output(s), {human_size(closed.kept_bytes)}, not "
             f"committed; kept on {settings.remote} at {closed.kept_dir}"
         )
-    _say(f"session {session} unmounted")
+    _say(f"session {name} unmounted")
 
 
 @main.command("unmount")
@@ -1187,6 +1355,8 @@ def status(
         place = printable(f"{s['name']}: {s['root']} on {s['host']}:{s['mountpoint']}")
         if s.get("backend"):
             place += f" ({s['backend']})"
+        if s.get("persist_seconds") is not None:
+            place += f"; left by exec, ends after {_duration(s['persist_seconds'])} idle"
         click.echo(
             f"{place}\n"
             f"  up {_duration(s['uptime_seconds'])}, {s['running']} running, "
@@ -1321,30 +1491,20 @@ def shell(
     With COMMAND, run it on a terminal instead, as `ssh -t` does.
     """
     _setup_logging(verbose)
-    import trio
-
-    from .client import control, session_client
-    from .client.session import RunResult
+    from .client import control, session_exec
 
     try:
         display = _progress_display(quiet, json_progress)
-        rows, cols = session_client.terminal_size()
+        rows, cols = session_exec.terminal_size()
         env = {"TERM": os.environ.get("TERM", "xterm-256color")}
         req = control.Exec(list(command), os.getcwd(), env, True, [], [rows, cols])
-        with session_client.raw_terminal(0):
-            done = trio.run(
-                lambda: session_client.run_in_session(
-                    control.check_name(session_name),
-                    req,
-                    _say,
-                    interactive=True,
-                    display=display,
-                )
+        with session_exec.raw_terminal(0):
+            done = session_exec.run(
+                control.check_name(session_name), req, _say, interactive=True, display=display
             )
     except BaseException as e:  # noqa: BLE001
         sys.exit(_report(e, verbose))
-    result = RunResult(done.code, list(done.lost), [], dict(done.stats), list(done.refused))
-    _finish(result, stats_format)
+    _finish_session(done, stats_format)
 
 
 @main.command(

@@ -23,7 +23,7 @@ from ..wire import proto
 from ..wire.rpc import ConnectionLost, RemoteError
 from .detached import Record
 from .session import Job, RunResult, open_session
-from .session_client import writer
+from .session_exec import writer
 from .translate import PathMap
 from .transport import SshSettings
 

@@ -10,6 +10,7 @@
     cache_cap = "20G"
     include = ["~/models/shared.cfg"]   # inputs the stage backend copies for every command
     grace = "15m"
+    persist = "5m"
 
 Precedence is one rule, in ``resolve``: a flag (or its environment variable) beats the
 profile, the profile beats the built-in default. The file is the user's too: writing a
@@ -62,6 +63,9 @@ class HostOptions:
     # (``90s``, ``15m``; ``0``: it ends with the connection). See reconnect.py.
     grace: str | None = None
     bwlimit: str | None = None  # "10M", "500k" or "UP:DOWN" (pacing.parse_bwlimit)
+    # How long a one-shot exec's session stays up after its command for the next exec
+    # to reuse (``5m``; ``0``: not at all). See persist.py.
+    persist: str | None = None
 
 
 DEFAULTS = HostOptions(
@@ -72,6 +76,7 @@ DEFAULTS = HostOptions(
     video_cmd=shlex.join(DEFAULT_PRODUCTS["video"]),
     ssh_options=(),
     include=(),
+    persist="5m",
 )
 
 _LIST_KEYS = {"ssh_options", "include"}

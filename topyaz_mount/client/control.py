@@ -18,13 +18,15 @@ import re
 import stat
 import struct
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import msgspec
-import trio
 
 from ..errors import UsageError
 from .osapi import OS
+
+if TYPE_CHECKING:  # trio is imported where it is used: `exec` through a session needs none
+    import trio
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_MESSAGE = 8 << 20
@@ -110,6 +112,7 @@ class Failed(_Msg):
 
     message: str
     exit_code: int
+    ending: bool = False  # the session is ending: a one-shot exec starts its own instead
 
 
 class Info(_Msg):
@@ -147,32 +150,50 @@ class ControlError(UsageError):
     """The control socket is missing, not ours, or spoke nonsense."""
 
 
+def frame(msg: Message) -> bytes:
+    """One message as it travels: its length, then its msgpack."""
+    body = _encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+def take(buf: bytearray) -> Message | None:
+    """The first whole message in ``buf`` (removed from it), or None for more bytes."""
+    if len(buf) < 4:
+        return None
+    (size,) = _LEN.unpack_from(buf)
+    if size > MAX_MESSAGE:
+        raise ControlError(f"control message of {size} bytes refused")
+    if len(buf) < 4 + size:
+        return None
+    body = bytes(buf[4 : 4 + size])
+    del buf[: 4 + size]
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise ControlError(f"malformed control message: {e}") from None
+
+
 class Channel:
     """Messages over a connected stream: ``send`` and ``receive`` (None at the end)."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
+        import trio
+
         self.stream = stream
         self._buf = bytearray()
         self._send_lock = trio.Lock()
 
     async def send(self, msg: Message) -> None:
-        body = _encoder.encode(msg)
         async with self._send_lock:
-            await self.stream.send_all(_LEN.pack(len(body)) + body)
+            await self.stream.send_all(frame(msg))
 
     async def receive(self) -> Message | None:
+        import trio
+
         while True:
-            if len(self._buf) >= 4:
-                (size,) = _LEN.unpack_from(self._buf)
-                if size > MAX_MESSAGE:
-                    raise ControlError(f"control message of {size} bytes refused")
-                if len(self._buf) >= 4 + size:
-                    body = bytes(self._buf[4 : 4 + size])
-                    del self._buf[: 4 + size]
-                    try:
-                        return _decoder.decode(body)
-                    except msgspec.DecodeError as e:
-                        raise ControlError(f"malformed control message: {e}") from None
+            msg = take(self._buf)
+            if msg is not None:
+                return msg
             try:
                 data = await self.stream.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -225,6 +246,13 @@ def check_name(name: str) -> str:
     return name
 
 
+def default_name(root: Path) -> str:
+    """A session name from a root's: what `mount` names it unless told."""
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in root.name)
+    cleaned = cleaned.lstrip("._-")[:64]
+    return cleaned or "root"
+
+
 def socket_path(name: str) -> Path:
     return runtime_dir() / f"{check_name(name)}.sock"
 
@@ -236,8 +264,8 @@ def session_names() -> list[str]:
     return sorted(p.name[: -len(".sock")] for p in directory.glob("*.sock"))
 
 
-async def connect(name: str) -> Channel:
-    """A channel to session ``name``; a clear error if there is none."""
+def checked_socket(name: str) -> Path:
+    """The socket of session ``name``, checked to be a socket of ours."""
     path = socket_path(name)
     try:
         st = path.lstat()
@@ -245,14 +273,24 @@ async def connect(name: str) -> Channel:
         raise ControlError(f"no session named {name} (see: topyaz-mount status)") from None
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
         raise ControlError(f"{path} is not a session socket of yours")
+    return path
+
+
+def unreachable(name: str, e: OSError) -> ControlError:
+    if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+        return ControlError(f"session {name} is not running any more (its socket is stale)")
+    return ControlError(f"cannot reach session {name}: {e.strerror}")
+
+
+async def connect(name: str) -> Channel:
+    """A channel to session ``name``; a clear error if there is none."""
+    import trio
+
+    path = checked_socket(name)
     try:
         stream = await trio.open_unix_socket(str(path))
     except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ControlError(
-                f"session {name} is not running any more (its socket is stale)"
-            ) from None
-        raise ControlError(f"cannot reach session {name}: {e.strerror}") from None
+        raise unreachable(name, e) from None
     return Channel(stream)
 
 
@@ -275,6 +313,8 @@ def peer_is_us(stream: trio.abc.Stream) -> bool:
 
 async def listen(path: Path) -> trio.SocketListener:
     """A listening socket at ``path`` that only this user can connect to."""
+    import trio
+
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o177)  # never a moment with a wider mode
     try:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -28,7 +28,7 @@ from ..errors import TopyazMountError, collapse
 from ..policy import Policy
 from ..waiting import first_of
 from ..wire import proto
-from . import control, progress
+from . import control, persist, progress
 from .session import Job, Session, open_session
 from .translate import TranslationError
 from .transport import SshSettings
@@ -40,7 +40,9 @@ WATCH_STEP_MS = 30  # a quiet gap this long ends a burst
 
 
 class MountServer:
-    def __init__(self, session: Session, settings: SshSettings, name: str) -> None:
+    def __init__(
+        self, session: Session, settings: SshSettings, name: str, idle: float | None = None
+    ) -> None:
         self.session = session
         self.settings = settings
         self.name = name
@@ -52,6 +54,9 @@ class MountServer:
         self.watching = False
         self.invalidations = 0
         self._connections = 0
+        # A session an exec left behind (persist.py) ends this long after its last command.
+        self.idle = idle
+        self._last_active = 0.0
         # The session's transfer since it was mounted: `status` and the foreground line.
         self.tracker = progress.Tracker(session.server)
         self.tracker.phase = "mounted"
@@ -68,7 +73,10 @@ class MountServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_control, listener)
             nursery.start_soon(self._watch, watch_stop)
+            if self.idle is not None:
+                nursery.start_soon(self._end_when_idle, self.idle)
             await self._until_stop_or_lost()
+            persist.forget(self.name)  # no new exec finds it from here on
             if not self.session.lost.is_set():
                 while self.session.running and not self.force and not self.session.lost.is_set():
                     await trio.sleep(0.1)
@@ -81,6 +89,19 @@ class MountServer:
                 while self._connections:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+    async def _end_when_idle(self, idle: float) -> None:
+        """Unmount once no command has run for ``idle`` seconds (ssh's ControlPersist)."""
+        self._last_active = trio.current_time()
+        while not self.stop_requested.is_set():
+            quiet = trio.current_time() - self._last_active
+            if self.session.running:
+                self._last_active = trio.current_time()
+            elif quiet >= idle:
+                log.info("no command for %g s: ending session %s", idle, self.name)
+                self.request_stop()
+                return
+            await trio.sleep(min(max(idle - quiet, 0.05), 1.0))
 
     async def _until_stop_or_lost(self) -> None:
         await first_of(self.stop_requested, self.session.lost)
@@ -170,7 +191,9 @@ class MountServer:
             with trio.move_on_after(1):
                 await channel.aclose()
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self, ask_agent: bool = True) -> dict[str, Any]:
+        """The session's status; ``ask_agent``: with the agent's own figures (cache,
+        pending outputs), a round trip more."""
         s = self.session
         info: dict[str, Any] = {
             "name": self.name,
@@ -189,13 +212,15 @@ class MountServer:
             "content_bytes_received": s.server.stats.bytes_committed,
             "files_committed": s.server.stats.files_committed,
         }
+        if self.idle is not None:  # an exec's session (persist.py): how long it waits
+            info["persist_seconds"] = self.idle
         # Flat, as the control messages carry only scalars (eta, when unknown, left out).
         figures = self.tracker.snapshot().as_dict().items()
         info.update((f"progress_{k}", v) for k, v in figures if v is not None)
         if s.peer is not None:
             info["wire_bytes_sent"] = s.peer.bytes_sent
             info["wire_bytes_received"] = s.peer.bytes_received
-        if not s.lost.is_set() and not self.finished.is_set():
+        if ask_agent and not s.lost.is_set() and not self.finished.is_set():
             with trio.move_on_after(10):
                 try:
                     st = await s.status()
@@ -224,7 +249,7 @@ class MountServer:
 
     async def _exec(self, channel: control.Channel, req: control.Exec) -> None:
         if self.stop_requested.is_set() or self.session.lost.is_set():
-            await channel.send(control.Failed(f"session {self.name} is ending", 255))
+            await channel.send(control.Failed(f"session {self.name} is ending", 255, ending=True))
             return
         job = self.session.new_job()
         job.on_warning = lambda text: None  # sent with the result, below
@@ -273,6 +298,7 @@ class MountServer:
                     result.exit_code, result.lost, dict(result.stats), result.refused
                 )
             nursery.cancel_scope.cancel()
+        self._last_active = trio.current_time()
         await send(reply)
 
     @staticmethod
@@ -317,12 +343,6 @@ class MountServer:
                 await job.resize(msg.rows, msg.cols)
 
 
-def default_name(root: Path) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in root.name)
-    cleaned = cleaned.lstrip("._-")[:64]
-    return cleaned or "root"
-
-
 async def serve(
     settings: SshSettings,
     root: str,
@@ -334,12 +354,21 @@ async def serve(
     policy: Policy | None = None,
     includes: Sequence[str] = (),
     line: progress.TerminalLine | None = None,
+    key: str | None = None,
+    idle: float | None = None,
+    spawned: subprocess.Popen | None = None,
+    first_command: tuple[Sequence[str], str] | None = None,
 ) -> tuple[MountServer, bool]:
     """Run session ``name`` until it is unmounted; returns it and whether it was lost.
     ``includes``: local paths every command's manifest adds (the profile's); ``line``:
-    the session's transfer shown live there (a foreground mount on a terminal)."""
+    the session's transfer shown live there (a foreground mount on a terminal);
+    ``key``: its reuse key, published for one-shot execs (persist.py); ``idle``: end
+    after that long without a command; ``spawned``, ``first_command``: as
+    ``open_session``'s (a session an exec starts for its own command)."""
     path = control.socket_path(name)
     if await control.alive(name):
+        if spawned is not None:
+            spawned.kill()
         raise control.ControlError(
             f"a session named {name} is running already (pick another with --name)"
         )
@@ -348,15 +377,23 @@ async def serve(
     except FileNotFoundError:
         pass
     async with open_session(
-        settings, root, watch=True, policy=policy, includes=includes
+        settings,
+        root,
+        watch=True,
+        policy=policy,
+        includes=includes,
+        spawned=spawned,
+        first_command=first_command,
     ) as session:
         listener = await control.listen(path)
         try:
-            server = MountServer(session, settings, name)
+            server = MountServer(session, settings, name, idle)
+            if key is not None:
+                persist.write_key(name, key)
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     nursery.start_soon(server.forward_signals, say)
-                on_ready(await server.info())
+                on_ready(await server.info(ask_agent=False))  # ready a round trip sooner
                 if line is not None:
                     nursery.start_soon(progress.watch, server.tracker, line.show, 0.5)
                 try:
@@ -366,6 +403,7 @@ async def serve(
                     if line is not None:
                         line.close()
         finally:
+            persist.forget(name)
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -20,7 +20,7 @@ from ..safetext import printable
 from ..wire import proto
 from . import progress
 from .session import RunResult, Session, open_session
-from .session_client import writer
+from .session_exec import writer
 from .transport import SshSettings
 
 

@@ -166,10 +166,22 @@ class Session:
     async def _handshake(self, timeout: float, take_over: bool = False) -> None:
         """``take_over``: attach to a running detachable session (attach.py asks for
         the rest) instead of starting one."""
-        if self.settings.grace > 0 or take_over:
+        detachable = self.settings.grace > 0 or take_over
+        hello = self._hello(keepalive=not detachable)
+        ahead = False
+        if detachable:
             await self._attach_detachable(timeout, take_over)
         else:
-            await self._read_magic(timeout)
+            # Pipelined: the Hello waits in ssh's pipe while it connects and the agent
+            # starts, and the agent reads it once it is up: a round trip fewer.
+            try:
+                await self.ssh.stream.send_all(
+                    proto.encode(proto.Call(1, proto.PRIO_NORMAL, hello))
+                )
+                ahead = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # ssh is gone already: reading its answer says why
+            await self._read_magic(timeout, calls_sent=int(ahead))
         self.nursery.start_soon(self._run_peer)
         assert self.peer is not None
         self.server.background = self.nursery
@@ -177,21 +189,9 @@ class Session:
         self.peer.pacer = pacing.bucket(self.settings.bwlimit[0])
         if take_over:
             return
-        # A detachable session's liveness is its stream's (resume.py), not the Peer's.
-        keepalive = [] if self.reconnector else [liveness.CAPABILITY]
-        capabilities = ["exec", "jobs", *keepalive] + (["watch"] if self.watch else [])
-        rules = proto.PolicyRules(*self.server.policy.rules())
-        hello = proto.Hello(
-            proto.PROTOCOL_VERSION,
-            self.session_id,
-            capabilities,
-            rules,
-            str(self.root),
-            bwlimit=self.settings.bwlimit[1],
-        )
         try:
             with trio.fail_after(timeout):
-                welcome = await self.peer.call(hello)
+                welcome = await (self.peer.reply(1) if ahead else self.peer.call(hello))
         except RemoteError as e:
             raise AgentUnavailable(f"{self.settings.remote}: {e.strerror}") from None
         except (ConnectionLost, trio.TooSlowError):
@@ -209,7 +209,20 @@ class Session:
             "session %s: the root is at %s (%s)", self.session_id, welcome.mountpoint, self.backend
         )
 
-    async def _read_magic(self, timeout: float) -> None:
+    def _hello(self, keepalive: bool) -> proto.Hello:
+        # A detachable session's liveness is its stream's (resume.py), not the Peer's.
+        capabilities = ["exec", "jobs"] + [liveness.CAPABILITY] * keepalive
+        capabilities += ["watch"] if self.watch else []
+        return proto.Hello(
+            proto.PROTOCOL_VERSION,
+            self.session_id,
+            capabilities,
+            proto.PolicyRules(*self.server.policy.rules()),
+            str(self.root),
+            bwlimit=self.settings.bwlimit[1],
+        )
+
+    async def _read_magic(self, timeout: float, calls_sent: int = 0) -> None:
         """Read past what a login shell prints, up to the agent's magic."""
         buf = bytearray()
         with trio.move_on_after(timeout) as scope:
@@ -228,7 +241,13 @@ class Session:
                     break
         if scope.cancelled_caught:
             raise ConnectionFailed(f"no answer from {self.settings.remote} within {timeout:.0f} s")
-        self.peer = Peer(self.ssh.stream, self.server.handle, self._on_notice, preamble=bytes(buf))
+        self.peer = Peer(
+            self.ssh.stream,
+            self.server.handle,
+            self._on_notice,
+            preamble=bytes(buf),
+            calls_sent=calls_sent,
+        )
 
     async def _attach_detachable(self, timeout: float, fresh: bool = False) -> None:
         """A session that outlives its connection (``settings.grace``): the Peer runs on

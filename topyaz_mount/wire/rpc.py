@@ -83,6 +83,7 @@ class Peer:
         on_notice: NoticeHandler,
         *,
         preamble: bytes = b"",
+        calls_sent: int = 0,
         queue_limit: int = 32 << 20,
         memory_limit: int = 64 << 20,
         max_concurrent_calls: int = 128,
@@ -98,7 +99,11 @@ class Peer:
         if preamble:
             self._decoder.feed(preamble)
         self._pending: dict[int, _Pending] = {}
-        self._next_rid = 1
+        # Calls 1 to ``calls_sent`` were written on the stream before this Peer took it
+        # (pipelined with the connection, see client.py); ``reply`` waits for theirs.
+        for rid in range(1, calls_sent + 1):
+            self._pending[rid] = _Pending()
+        self._next_rid = calls_sent + 1
         self._queues: list[deque[bytes]] = [deque(), deque(), deque()]
         self._queued = 0
         self._sending = 0  # the batch the writer is handing to the stream
@@ -148,6 +153,15 @@ class Peer:
         send_prio = prio if after_bulk else min(prio, proto.PRIO_NORMAL)
         try:
             await self._enqueue(proto.encode(proto.Call(rid, prio, req)), send_prio)
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return await self.reply(rid)
+
+    async def reply(self, rid: int) -> Any:
+        """The reply to call ``rid``: its result, or RemoteError or ConnectionLost."""
+        pending = self._pending[rid]
+        try:
             await pending.event.wait()
         finally:
             self._pending.pop(rid, None)
