@@ -21,7 +21,16 @@ state=$(mktemp -d /tmp/topyaz-demo-host.XXXXXX)
 work=$(mktemp -d /tmp/topyaz-demo.XXXXXX)
 python3 tools/testhost.py start --state-dir "$state" >"$state/start.log" 2>&1 &
 host_pid=$!
-trap 'kill $host_pid 2>/dev/null; wait $host_pid 2>/dev/null || true' EXIT
+cleanup() {
+    # The session the execs left up for the next one (--persist) ends before its host.
+    for s in $(topyaz-mount status --json 2>/dev/null | python3 -c \
+            'import json, sys; [print(s["name"]) for s in json.load(sys.stdin) if s["root"] == sys.argv[1]]' \
+            "$work"); do
+        topyaz-mount unmount "$s" >/dev/null 2>&1 || true
+    done
+    kill $host_pid 2>/dev/null; wait $host_pid 2>/dev/null || true
+}
+trap cleanup EXIT
 for _ in $(seq 100); do [ -f "$state/env.sh" ] && break; sleep 0.2; done
 [ -f "$state/env.sh" ] || { cat "$state/start.log"; exit 1; }
 # shellcheck disable=SC1091
