@@ -170,15 +170,7 @@ def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def progress_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What a command shows of its transfer: ``exec`` and ``shell`` share these."""
     options = [
-        click.option(
-            "--stats",
-            "stats_format",
-            is_flag=False,
-            flag_value="text",
-            default=None,
-            type=click.Choice(["text", "json"]),
-            help="Print a transfer summary on stderr (--stats, or --stats=json).",
-        ),
+        stats_option,
         click.option(
             "--quiet",
             "-q",
