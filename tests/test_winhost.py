@@ -199,3 +199,47 @@ def test_the_stage_backend_refuses_windows_names_before_staging(tmp_path):
     assert e.value.errno == errno.EINVAL
     assert "in/photo.png: differs from in/Photo.png only in case" in str(e.value)
     assert not tree.exists()  # nothing was staged
+
+
+# --- the client's side: the agent's command line for cmd.exe (Windows' OpenSSH server)
+
+
+def test_a_cmd_host_gets_the_agent_command_line_cmd_parses_back(tmp_path, monkeypatch):
+    from topyaz_mount.client.config import HostOptions, host_settings, save_profile
+    from topyaz_mount.client.transport import Remote
+
+    monkeypatch.setenv("TOPYAZ_MOUNT_CONFIG", str(tmp_path / "config.toml"))
+    python = r"C:\Program Files\Python312\python.exe"
+    save_profile("win", HostOptions(remote_python=python, shell="cmd", backend="stage"))
+    settings, _ = host_settings(Remote.parse("win"), HostOptions())
+    assert settings.remote_shell == "cmd"
+    assert settings.grace == 0  # no AF_UNIX on Windows: no detachable session there
+    line = settings.remote_command()
+    assert not line.startswith("exec ")
+    words = _parse_windows_args(line)
+    assert words[:3] == [python, "-m", "topyaz_mount.agent"]
+    assert words[words.index("--backend") + 1] == "stage"
+
+
+def test_cmd_metacharacters_where_cmd_acts_on_them_are_refused():
+    from topyaz_mount.client.transport import shell_line
+    from topyaz_mount.errors import UsageError
+
+    # Inside quotes cmd takes & | < > ^ as they are; the C runtime gives the argv back.
+    words = ["py", "a&b c", "d|e f"]
+    assert _parse_windows_args(shell_line(words, "cmd")) == words
+    for bad in (["py", "a&b"], ["py", "x^y"], ["py", "%TEMP%"], ["py", "50 %"]):
+        with pytest.raises(UsageError, match="cmd.exe"):
+            shell_line(bad, "cmd")
+    assert shell_line(["py", "a b"], "sh") == "exec py 'a b'"
+
+
+def test_a_shell_the_profile_cannot_name_is_one_line(tmp_path, monkeypatch):
+    from topyaz_mount.client.config import HostOptions, host_settings, save_profile
+    from topyaz_mount.client.transport import Remote
+    from topyaz_mount.errors import UsageError
+
+    monkeypatch.setenv("TOPYAZ_MOUNT_CONFIG", str(tmp_path / "config.toml"))
+    save_profile("win", HostOptions(shell="powershell"))
+    with pytest.raises(UsageError, match="shell = 'powershell'.*choose one of sh, cmd"):
+        host_settings(Remote.parse("win"), HostOptions())

@@ -21,6 +21,7 @@ new file is renamed into place so a crash never leaves half a config.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -45,6 +46,9 @@ CONFIG_ENV = "TOPYAZ_MOUNT_CONFIG"
 BACKENDS = ("auto", "fuse", "stage")
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class HostOptions:
     """Everything a host can be told; ``None`` means "not said here"."""
@@ -66,7 +70,12 @@ class HostOptions:
     # How long a one-shot exec's session stays up after its command for the next exec
     # to reuse (``5m``; ``0``: not at all). See persist.py.
     persist: str | None = None
+    # The login shell of the host's ssh server: "sh" (POSIX), or "cmd" (Windows'
+    # OpenSSH server), which gets the agent's command line built for it.
+    shell: str | None = None
 
+
+SHELLS = ("sh", "cmd")
 
 DEFAULTS = HostOptions(
     remote_python="python3",
@@ -77,6 +86,7 @@ DEFAULTS = HostOptions(
     ssh_options=(),
     include=(),
     persist="5m",
+    shell="sh",
 )
 
 _LIST_KEYS = {"ssh_options", "include"}
@@ -183,6 +193,17 @@ def host_settings(
         raise UsageError(
             f"backend {opts.backend!r} for {remote}: choose one of {', '.join(BACKENDS)}"
         )
+    if opts.shell not in SHELLS:
+        raise UsageError(
+            f"{_given_as('shell', flags, remote)} {opts.shell!r}: choose one of "
+            f"{', '.join(SHELLS)}"
+        )
+    grace = parse_duration(opts.grace) if opts.grace else DEFAULT_GRACE
+    if opts.shell == "cmd" and grace > 0:
+        # A detachable session's host listens on an AF_UNIX socket, which CPython on
+        # Windows lacks: there the session ends with its connection.
+        log.info("%s: a Windows host keeps no session past its connection (grace 0)", remote)
+        grace = 0.0
     agent_args: tuple[str, ...] = ()
     if opts.backend != "auto":  # the agent's default
         agent_args = ("--backend", opts.backend)
@@ -195,10 +216,11 @@ def host_settings(
         opts.remote_python or "python3",
         agent_args=agent_args,
         agent_log_level=agent_log_level,
-        grace=parse_duration(opts.grace) if opts.grace else DEFAULT_GRACE,
+        grace=grace,
         bwlimit=parse_bwlimit(opts.bwlimit, _given_as("bwlimit", flags, remote))
         if opts.bwlimit
         else (0, 0),
+        remote_shell=opts.shell or "sh",
     )
     return settings, opts
 

@@ -79,6 +79,8 @@ class SshSettings:
     grace: float = 0.0
     # --bwlimit: bytes a second (we send, the agent sends); 0 is no limit (pacing.py).
     bwlimit: tuple[int, int] = (0, 0)
+    # The remote login shell: "sh", or "cmd" (Windows' OpenSSH server; config.SHELLS).
+    remote_shell: str = "sh"
 
     def argv(self) -> list[str]:
         return self.argv_for(self.remote_command())
@@ -108,7 +110,21 @@ class SshSettings:
             words += ["--keepalive", str(self.keepalive)]
         if self.grace > 0 and "--attach" not in self.agent_args:
             words += ["--grace", f"{self.grace:g}"]
+        return shell_line(words, self.remote_shell)
+
+
+def shell_line(words: list[str], shell: str = "sh") -> str:
+    """``words`` as one command line for the remote login shell: POSIX quoting and
+    ``exec`` for sh; for cmd.exe, the quoting the Windows C runtime parses back into
+    the same argv (``subprocess.list2cmdline``), and none of cmd's own metacharacters
+    where cmd would act on them (refused): ``&|<>^`` outside quotes, ``%`` anywhere."""
+    if shell != "cmd":
         return "exec " + " ".join(shlex.quote(w) for w in words)
+    line = subprocess.list2cmdline(words)
+    unquoted = "".join(part for i, part in enumerate(line.split('"')) if i % 2 == 0)
+    if any(c in unquoted for c in "&|<>^") or "%" in line:
+        raise UsageError(f"cannot pass {line!r} to cmd.exe: it holds &, |, <, >, ^ or %")
+    return line
 
 
 @dataclass
