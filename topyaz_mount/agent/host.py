@@ -23,6 +23,7 @@ lacks (``Reattach``, replay.py). Only a detached session is taken over this way.
 
 from __future__ import annotations
 
+import array
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import trio
 
 from ..wire import resume
 from ..wire.liveness import Timing
+from . import hostos
 from .relay import HOST_SOCKET, HOST_STATE
 
 if TYPE_CHECKING:
@@ -63,7 +65,11 @@ class SessionHost:
         self.started = time.time()
 
     async def serve(self, first: socket.socket) -> None:
-        conn = trio.SocketStream(trio.socket.from_stdlib_socket(first))
+        try:
+            conn = await channel_of(trio.socket.from_stdlib_socket(first))
+        except OSError as e:
+            log.error("no channel from the relay: %s", e)
+            return
         with trio.move_on_after(ATTACH_TIMEOUT):
             try:
                 self.attach = resume.Attach.parse(await resume.read_line(conn))
@@ -143,9 +149,17 @@ class SessionHost:
             async with trio.open_nursery() as nursery:
                 while True:
                     sock, _ = await listener.accept()
-                    nursery.start_soon(self._attach, trio.SocketStream(sock))
+                    nursery.start_soon(self._attach_relay, sock)
 
-    async def _attach(self, conn: trio.SocketStream) -> None:
+    async def _attach_relay(self, sock: trio.socket.SocketType) -> None:
+        try:
+            conn = await channel_of(sock)
+        except OSError as e:
+            log.warning("no channel from a relay: %s", e)
+            return
+        await self._attach(conn)
+
+    async def _attach(self, conn: trio.abc.Stream) -> None:
         assert self.attach is not None
         attach = None
         with trio.move_on_after(ATTACH_TIMEOUT):
@@ -219,3 +233,49 @@ async def _refuse(conn: trio.abc.Stream, reason: str) -> None:
     except (trio.BrokenResourceError, OSError):
         pass
     await trio.aclose_forcefully(conn)
+
+
+class _Channel(trio.abc.HalfCloseableStream):
+    """The ssh channel a relay handed over (its stdin and stdout), with the relay's
+    socket: closing it closes both, which lets the relay (and ssh's session) end."""
+
+    def __init__(self, pipes: trio.abc.HalfCloseableStream, sock: trio.socket.SocketType):
+        self.pipes = pipes
+        self.sock = sock
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.pipes.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.pipes.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.pipes.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.pipes.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self.sock.close()
+        await self.pipes.aclose()
+
+
+async def channel_of(sock: trio.socket.SocketType) -> trio.abc.HalfCloseableStream:
+    """The ssh channel's fds the relay sends over ``sock`` (``SCM_RIGHTS``), as a
+    stream; the fds are made close-on-exec (a job must not hold the channel)."""
+    if sys.platform == "win32":  # no AF_UNIX there: no detachable session (host.py)
+        raise OSError("a detachable session needs unix sockets")
+    fds = array.array("i")
+    with trio.move_on_after(ATTACH_TIMEOUT):
+        _, ancdata, _, _ = await sock.recvmsg(1, socket.CMSG_SPACE(2 * fds.itemsize))
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    for fd in fds:
+        os.set_inheritable(fd, False)  # (MSG_CMSG_CLOEXEC is Linux's alone)
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise OSError(f"expected the channel's 2 fds, got {len(fds)}")
+    return _Channel(hostos.channel(fds[0], fds[1]), sock)

@@ -1,10 +1,12 @@
-"""The ssh side of a detachable session: bytes between the ssh channel and the host.
+"""The ssh side of a detachable session: hands the ssh channel to the session's host.
 
-The process ssh starts only copies bytes, so when the channel is lost only this
-process dies; the session (mount, spool, jobs) lives on in its host (``host.py``).
-A new session's host is started here, detached (its own session, ``setsid``), and
-handed one end of a socket pair; a re-attach connects to the host's socket in the
-0700 session directory. The relay ends when the host's side does.
+The process ssh starts passes its stdin and stdout to the host (``host.py``) over a
+unix socket and waits, so when the channel is lost only this process ends; the session
+(mount, spool, jobs) lives on in its host. The bytes go between sshd and the host
+directly: an earlier relay that copied them cost 12-23 % of a loopback batch. A new
+session's host is started here, detached (its own session, ``setsid``), and handed one
+end of a socket pair; a re-attach connects to the host's socket in the 0700 session
+directory. The relay ends when the host lets the connection go.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from ..wire import resume
@@ -24,31 +25,22 @@ HOST_SOCKET = "host.sock"
 HOST_STATE = "host.json"  # written by the host: attached or since when detached
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def relay(channel_in: int, channel_out: int, sock: socket.socket) -> int:
-    """Copy both ways until the host's side ends. The channel's EOF is passed on as a
-    half-close, so the host still gets its last word (a refusal) through."""
-
-    def upstream() -> None:
-        try:
-            while data := os.read(channel_in, 1 << 16):
-                sock.sendall(data)
-        except OSError:
-            pass
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    threading.Thread(target=upstream, daemon=True).start()
+    """Hand the ssh channel's two fds to the host (``SCM_RIGHTS``), which reads and
+    writes them itself, so no byte of the session passes through this process; then
+    wait until the host lets the connection go (it closes its end of ``sock``): ssh's
+    session ends with this process."""
+    if sys.platform == "win32":  # no AF_UNIX there: no detachable session
+        return 1
     try:
-        while data := sock.recv(1 << 16):
-            _write_all(channel_out, data)
+        socket.send_fds(sock, [b"C"], [channel_in, channel_out])
+    except OSError:
+        return 1
+    for fd in {channel_in, channel_out}:
+        os.close(fd)  # the host holds them now: its close is the channel's end
+    try:
+        while sock.recv(1 << 10):
+            pass
     except OSError:
         pass
     return 0
