@@ -39,10 +39,6 @@ for _var in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_
     (_CLIENT_DIRS / _var.lower()).mkdir(mode=0o700)
     os.environ[_var] = str(_CLIENT_DIRS / _var.lower())
 
-
-def pytest_unconfigure(config):
-    shutil.rmtree(_CLIENT_DIRS, ignore_errors=True)
-
 import testhost as testhost_mod  # noqa: E402  (tools/testhost.py)
 
 import topyaz_mount  # noqa: E402
@@ -50,6 +46,10 @@ import topyaz_mount.client  # noqa: E402
 from topyaz_mount.client import osapi  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CLIENT_DIRS, ignore_errors=True)
 
 
 def pytest_generate_tests(metafunc):
