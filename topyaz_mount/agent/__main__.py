@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -152,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a session outlives a lost connection (a detachable session)",
     )
     parser.add_argument("--attach", default=None, help="re-attach to this detached session")
-    parser.add_argument("--host-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--detachable", action="store_true", help="print detachable sessions as JSON, exit"
     )
@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cache_stats:
         return _cache_command(base_dir, args.cache_cap, args.clear, args.prune_to)
-    if args.host_fd is not None:
-        return _host(base_dir, args)
     channel_in = os.dup(0)
     channel_out = os.dup(1)
     widen(channel_in)
@@ -207,25 +205,17 @@ def _relay(base_dir: Path, args: argparse.Namespace, channel_in: int, channel_ou
             os.write(channel_out, resume.REFUSED_PREFIX + b"no such session on this host\n")
             return 4
     else:
-        host_args = ["--base-dir", str(base_dir), "--log-level", args.log_level]
-        host_args += ["--keepalive", str(args.keepalive), "--grace", f"{args.grace:g}"]
-        host_args += ["--backend", args.backend]
-        if args.cache_cap is not None:
-            host_args += ["--cache-cap", str(args.cache_cap)]
-        sock = relay.start_host(host_args)
+        sock = relay.start_host(
+            lambda first: _host(base_dir, args, first), drop_fds=(channel_in, channel_out)
+        )
     return relay.relay(channel_in, channel_out, sock)
 
 
-def _host(base_dir: Path, args: argparse.Namespace) -> int:
-    """A detached session host (host.py); what it logs goes to hosts/PID.log."""
-    import socket
-
+def _host(base_dir: Path, args: argparse.Namespace, first: socket.socket) -> int:
+    """A detached session host (host.py), forked from the relay; what it logs goes to
+    hosts/PID.log, and nothing of it to ssh's stderr (sshd waits for that pipe's end)."""
     from .host import SessionHost
 
-    # Not inherited by what the host starts (fusermount3 stays for the mount's life):
-    # a copy there would keep the relay's end open after the host let it go.
-    os.set_inheritable(args.host_fd, False)
-    first = socket.socket(fileno=args.host_fd)
     logs = base_dir / "hosts"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = logs / f"{os.getpid()}.log"
