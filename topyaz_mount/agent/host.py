@@ -142,9 +142,14 @@ class SessionHost:
         listener = trio.socket.socket(socket.AF_UNIX)
         path = self.session.dir / HOST_SOCKET
         with listener:
-            await listener.bind(str(path))
-            os.chmod(path, 0o600)
-            listener.listen(4)
+            try:
+                await listener.bind(str(path))
+                os.chmod(path, 0o600)
+                listener.listen(4)
+            except OSError as e:  # a session over already removes its directory
+                if not self.session.torn_down:
+                    log.warning("this session cannot be re-attached: %s", e)
+                return
             self._record()
             async with trio.open_nursery() as nursery:
                 while True:

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def start_host(
             code = run_host(theirs)
         except KeyboardInterrupt:
             code = 130
+        except BaseException:  # noqa: BLE001 - into the host's log, then its status
+            traceback.print_exc()
         finally:
             os._exit(code)  # never back into the relay's code, its finally blocks or atexit
     theirs.close()
