@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from topyaz_mount.client import control
+from topyaz_mount.client import control, runtime
 from topyaz_mount.errors import UsageError
 
 pytestmark = pytest.mark.both_os_calls
@@ -70,27 +70,27 @@ def test_garbage_and_oversized_messages_are_refused():
 
 def test_runtime_dir_is_private_and_ours(tmp_path, monkeypatch):
     monkeypatch.setenv("TOPYAZ_MOUNT_RUNTIME_DIR", str(tmp_path / "rt"))
-    path = control.runtime_dir()
+    path = runtime.runtime_dir()
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     os.chmod(path, 0o755)
-    control.runtime_dir()
+    runtime.runtime_dir()
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     link = tmp_path / "link"
     link.symlink_to(path)
     monkeypatch.setenv("TOPYAZ_MOUNT_RUNTIME_DIR", str(link))
     with pytest.raises(control.ControlError, match="not a directory owned by you"):
-        control.runtime_dir()
+        runtime.runtime_dir()
 
 
 @pytest.mark.parametrize("name", ["", "-x", ".hidden", "a/b", "../up", "x" * 65, "sp ace"])
 def test_bad_session_names_are_refused(name):
     with pytest.raises(UsageError):
-        control.check_name(name)
+        runtime.check_name(name)
 
 
 @pytest.mark.parametrize("name", ["shots", "a.b_c-1", "X" * 64])
 def test_good_session_names(name):
-    assert control.check_name(name) == name
+    assert runtime.check_name(name) == name
 
 
 def test_connect_to_a_missing_or_stale_session_says_so(tmp_path, monkeypatch):
@@ -99,11 +99,11 @@ def test_connect_to_a_missing_or_stale_session_says_so(tmp_path, monkeypatch):
         trio.run(control.connect, "gone")
 
     async def stale():
-        listener = await control.listen(control.socket_path("stale"))
-        assert stat.S_IMODE(os.stat(control.socket_path("stale")).st_mode) == 0o600
+        listener = await control.listen(runtime.socket_path("stale"))
+        assert stat.S_IMODE(os.stat(runtime.socket_path("stale")).st_mode) == 0o600
         await listener.aclose()  # the socket file stays, nobody listens
         await control.connect("stale")
 
     with pytest.raises(control.ControlError, match="not running any more"):
         trio.run(stale)
-    assert control.session_names() == ["stale"]
+    assert runtime.session_names() == ["stale"]

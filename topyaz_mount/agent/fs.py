@@ -265,6 +265,12 @@ class MountOps(pyfuse3.Operations):
         if stat.S_ISDIR(attr.mode):
             self.dirs_seen[path] = (time.monotonic(), attr)
 
+    def known_directories(self, dirs: list[proto.KnownDir]) -> None:
+        """Attributes the client sent with a command, as its Stat replies would be."""
+        for d in dirs:
+            if stat.S_ISDIR(d.attr.mode) and self.spool.get(d.path) is None:
+                self._saw(d.path, d.attr)
+
     def _recent_dir(self, path: bytes) -> proto.Attr | None:
         seen = self.dirs_seen.get(path)
         if seen is None or time.monotonic() - seen[0] > self.timeout:
@@ -276,6 +282,9 @@ class MountOps(pyfuse3.Operations):
         sf = self.spool.get(path)
         if sf is not None:
             return sf.attr()
+        seen = self._recent_dir(path)
+        if seen is not None:
+            return seen
         found = self.listings.answer(path)
         directory = path.rpartition(b"/")[0]
         if found is listings.STALE or (found is listings.UNKNOWN and self._list_instead(directory)):

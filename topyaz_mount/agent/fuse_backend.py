@@ -110,7 +110,9 @@ class FuseBackend:
         """Nothing to do: the shared prefetch pulls them, the job's opens find them."""
 
     async def prepare(self, job: int, run: proto.Run) -> None:
-        """Nothing to do: the mount serves every path on demand."""
+        """The mount serves every path on demand; the directories the client sent along
+        (the way to the job's working directory) are known from here on."""
+        self.ops.known_directories(run.dirs)
 
     async def settle(self, job: int, alone: bool) -> None:
         """Wait for the kernel to release the job's files, then for their commits.

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from ..policy import Policy
@@ -43,6 +44,22 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 CAPABILITIES = ["exec", "manifest", "jobs", "tty", "invalidate", liveness.CAPABILITY]
 PREFETCH_WINDOW = 2 << 30
 MAX_JOBS = 64
+MANIFEST_WAIT = 30.0  # a Run said its Manifest was sent: how long it waits for it
+
+
+def _at_mountpoint(req: proto.Run, mountpoint: str) -> proto.Run:
+    """The Run with ``proto.ROOT_MARKER`` (a command sent behind the Hello, before the
+    client knew the mountpoint) swapped for the mountpoint."""
+
+    def swap(text: str) -> str:
+        return text.replace(proto.ROOT_MARKER, mountpoint)
+
+    return msgspec.structs.replace(
+        req,
+        argv=[swap(a) for a in req.argv],
+        cwd=swap(req.cwd),
+        env={k: swap(v) for k, v in req.env.items()},
+    )
 
 
 def mounted_fuse_points() -> set[str]:
@@ -164,6 +181,10 @@ class AgentSession:
         self.cache: ReadCache | None = None
         self.spool: Spool | None = None
         self.finished = trio.Event()
+        # A Run or Manifest sent behind the Hello waits for its answer (``_set_up``);
+        # a Run with ``after_manifest`` also for its Manifest (``_manifested``).
+        self.welcomed = trio.Event()
+        self._manifested: dict[int, trio.Event] = {}
         self.torn_down = False
         self.connection_lost = False
         self.kept = (0, 0)  # outputs (files, bytes) the teardown could not commit
@@ -232,9 +253,17 @@ class AgentSession:
         if isinstance(req, proto.Hello):
             return await self._hello(req)
         if isinstance(req, proto.Run):
-            return await self._run(req)
+            await self._set_up()
+            if req.after_manifest:
+                with trio.move_on_after(MANIFEST_WAIT):
+                    await self._manifest_event(req.job).wait()
+            return await self._run(_at_mountpoint(req, str(self.mountpoint)))
         if isinstance(req, proto.Manifest):
-            return self._manifest(req)
+            await self._set_up()
+            try:
+                return self._manifest(req)
+            finally:
+                self._manifest_event(req.job).set()
         if isinstance(req, proto.Status):
             return self._status()
         if isinstance(req, proto.RecoverKept):
@@ -245,8 +274,7 @@ class AgentSession:
             return await self._reattach(req)
         if isinstance(req, proto.Bye):
             await self.teardown(force=req.force)
-            kept_dir = "" if self.spool is None else str(self.spool.kept.dir)
-            return proto.Closed(*self.kept, kept_dir if self.kept[0] else "")
+            return self._closed()
         raise OSError(errno.ENOSYS, f"the agent does not serve {type(req).__name__}")
 
     async def on_notice(self, msg: Any) -> None:
@@ -270,7 +298,28 @@ class AgentSession:
         elif isinstance(msg, proto.Resize):
             job.resize(msg.rows, msg.cols)
 
+    async def _set_up(self) -> None:
+        """Wait for the Hello this call came behind (set when it is answered, or the
+        session ends), so a client may send its first command without a round trip."""
+        await self.welcomed.wait()
+        if self.dir is None:
+            raise OSError(errno.ENOTCONN, "no mount: send Hello first")
+
+    def _manifest_event(self, job: int) -> trio.Event:
+        event = self._manifested.get(job)
+        if event is None:
+            while len(self._manifested) >= MAX_JOBS:  # the oldest, long run
+                del self._manifested[next(iter(self._manifested))]
+            event = self._manifested[job] = trio.Event()
+        return event
+
     async def _hello(self, req: proto.Hello) -> proto.Welcome:
+        try:
+            return await self._set_up_session(req)
+        finally:
+            self.welcomed.set()
+
+    async def _set_up_session(self, req: proto.Hello) -> proto.Welcome:
         if req.version != proto.PROTOCOL_VERSION:
             raise OSError(
                 errno.EPROTO,
@@ -319,6 +368,10 @@ class AgentSession:
                 await job.close_stdin()
         jobs = sorted(set(self.jobs) | set(self.replay.exits))
         return proto.Reattached(jobs, str(self.mountpoint))
+
+    def _closed(self) -> proto.Closed:
+        kept_dir = "" if self.spool is None else str(self.spool.kept.dir)
+        return proto.Closed(*self.kept, kept_dir if self.kept[0] else "")
 
     async def _tell(self, msg: Any) -> None:
         """A job's output or status for the client. In a detachable session it is
@@ -465,10 +518,12 @@ class AgentSession:
         with open(self.dir / "jobs", "a") as jobs:  # for collect_dead_sessions
             jobs.write(f"{pid}\n")
         before = self._baselines.pop(req.job, None) or self.transfer_stats()
-        self.nursery.start_soon(self._watch_job, req.job, job, before)
+        self.nursery.start_soon(self._watch_job, req.job, job, before, req.close_after)
         return proto.Started(pid)
 
-    async def _watch_job(self, jid: int, job: Job, before: dict[str, int]) -> None:
+    async def _watch_job(
+        self, jid: int, job: Job, before: dict[str, int], close_after: bool
+    ) -> None:
         """Forward the job's output; when it ends, commit its outputs, then report.
 
         The counters reported are the session's during the job's life (the difference
@@ -491,6 +546,9 @@ class AgentSession:
             self.jobs.pop(jid, None)
             refused = self.backend.take_refused(jid, everyone=alone)
             await self._tell(proto.Exited(jid, code, lost, stats, refused))
+            if close_after and not self.jobs:
+                with trio.CancelScope(shield=True):  # the client leaves once told
+                    await self.teardown(tell_closed=True)
         except OSError as e:
             log.warning("could not report the end of job %d: %s", jid, e)
         finally:
@@ -498,10 +556,14 @@ class AgentSession:
 
     # --- the end --------------------------------------------------------------------
 
-    async def teardown(self, force: bool = False) -> None:
+    async def teardown(self, force: bool = False, tell_closed: bool = False) -> None:
+        """End the jobs, commit or keep their outputs, then take the mount, caches and
+        session directory down. ``tell_closed``: send Closed once what is kept is
+        known (a Run with ``close_after``), so the client is gone while the rest runs."""
         if self.torn_down:
             return
         self.torn_down = True
+        self.welcomed.set()  # nothing waits for a Hello any more
         if self.spool is not None:
             self.spool.mark_open_partial()  # what a job still writes now is not whole
             if force or self.connection_lost:  # nothing the killed jobs leave is sent
@@ -527,6 +589,11 @@ class AgentSession:
                     "dropped by a forced unmount" if force else "session ended first"
                 )
                 self.kept = (self.kept[0] + files, self.kept[1] + size)
+        if tell_closed:
+            try:
+                await self.link.notify(proto.Closing(self._closed()))
+            except OSError as e:
+                log.info("could not tell the client the session closed: %s", e)
         if self.backend is not None:
             await self.backend.stop()
         if self.cache is not None:

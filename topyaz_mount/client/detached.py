@@ -4,7 +4,7 @@ A new client process that takes a session over (the client crashed, or from anot
 shell) needs what only the client knew: the session's id and secret, the host, the root
 it serves and its write policy, and how far each job's output was written out. That is
 one JSON file per session, 0600 in the 0700 ``detached/`` of the runtime dir
-(control.runtime_dir). The offsets are rewritten in place, one ``pwrite`` after each
+(runtime.py). The offsets are rewritten in place, one ``pwrite`` after each
 piece of output is written out, so a client killed at any moment leaves them right
 (or, killed between the two writes, one piece behind). The file goes when the session
 ends.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..wire import resume
-from . import control
+from . import runtime
 
 PAGE = 4096  # the record is padded to whole pages: each rewrite is one pwrite
 
@@ -47,7 +47,7 @@ class Record:
 
 
 def records_dir(create: bool = True) -> Path:
-    path = control.runtime_dir(create) / "detached"
+    path = runtime.runtime_dir(create) / "detached"
     if create:
         path.mkdir(mode=0o700, exist_ok=True)
     return path

@@ -346,6 +346,19 @@ class FileServer:
 
     # --- requests -------------------------------------------------------------------
 
+    def directory_attrs(self, rel: bytes) -> list[proto.KnownDir]:
+        """The root and each directory down to ``rel`` (root-relative), as Stat would
+        answer them; a Run carries them (``Run.dirs``). Stops at the first it refuses."""
+        found: list[proto.KnownDir] = []
+        parts = rel.split(b"/") if rel else []
+        for depth in range(len(parts) + 1):
+            path = b"/".join(parts[:depth])
+            try:
+                found.append(proto.KnownDir(path, self._stat(proto.Stat(path)).attr))
+            except OSError:
+                break
+        return found
+
     def _stat(self, req: proto.Stat) -> proto.AttrReply:
         self._visible(req.path)
         return proto.AttrReply(attr_of(self.jail.lstat(req.path)))

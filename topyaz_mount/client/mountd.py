@@ -28,7 +28,7 @@ from ..errors import TopyazMountError, collapse
 from ..policy import Policy
 from ..waiting import first_of
 from ..wire import proto
-from . import control, persist, progress
+from . import control, persist, progress, runtime
 from .session import Job, Session, open_session
 from .translate import TranslationError
 from .transport import SshSettings
@@ -52,6 +52,7 @@ class MountServer:
         self.finished = trio.Event()
         self.closed: proto.Closed | None = None
         self.watching = False
+        self.watch_stop = trio.Event()  # set as the session ends (``run``)
         self.invalidations = 0
         self._connections = 0
         # A session an exec left behind (persist.py) ends this long after its last command.
@@ -67,12 +68,22 @@ class MountServer:
         self.force = self.force or force
         self.stop_requested.set()
 
-    async def run(self, listener: trio.SocketListener) -> None:
-        """Serve until unmounted or disconnected; the session's goodbye is said here."""
-        watch_stop = trio.Event()
+    async def ready(self) -> None:
+        """Wait for the agent's Welcome. If it failed, the commands sent before it (an
+        exec's first, which went out behind the Hello) have said so before this raises."""
+        try:
+            await self.session.ready()
+        except BaseException:
+            with trio.move_on_after(5):
+                while self._connections:
+                    await trio.sleep(0.05)
+            raise
+
+    async def run(self) -> None:
+        """Serve until unmounted or disconnected; the session's goodbye is said here.
+        Control connections are served by ``serve_control`` and local changes watched by
+        ``watch`` (both from before the Welcome)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._serve_control, listener)
-            nursery.start_soon(self._watch, watch_stop)
             if self.idle is not None:
                 nursery.start_soon(self._end_when_idle, self.idle)
             await self._until_stop_or_lost()
@@ -82,7 +93,7 @@ class MountServer:
                     await trio.sleep(0.1)
                 with trio.CancelScope(shield=True):
                     self.closed = await self.session.goodbye(force=self.force)
-            watch_stop.set()
+            self.watch_stop.set()
             self.finished.set()
             # Let every control connection send its last words, then stop.
             with trio.move_on_after(5):
@@ -125,9 +136,12 @@ class MountServer:
 
     # --- local changes --------------------------------------------------------------
 
-    async def _watch(self, stop: trio.Event) -> None:
+    async def watch(self) -> None:
+        """Tell the agent of local changes. Started before the Welcome: importing
+        watchfiles (and anyio) took 20 ms, which held back the first command's answer."""
         import watchfiles
 
+        stop = self.watch_stop
         server = self.session.server
         root = str(self.session.root)
         try:
@@ -165,7 +179,7 @@ class MountServer:
 
     # --- control connections ----------------------------------------------------------
 
-    async def _serve_control(self, listener: trio.SocketListener) -> None:
+    async def serve_control(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
@@ -181,6 +195,7 @@ class MountServer:
             if isinstance(msg, control.Exec):
                 await self._exec(channel, msg)
             elif isinstance(msg, control.Query):
+                await self.session.ready()
                 await channel.send(control.Info(await self.info()))
             elif isinstance(msg, control.Unmount):
                 await self._unmount(channel, msg.force)
@@ -349,6 +364,7 @@ async def serve(
     name: str,
     *,
     on_ready: Callable[[dict[str, Any]], None],
+    on_listening: Callable[[], None] = lambda: None,
     say: Callable[[str], None],
     handle_signals: bool = True,
     policy: Policy | None = None,
@@ -364,8 +380,10 @@ async def serve(
     the session's transfer shown live there (a foreground mount on a terminal);
     ``key``: its reuse key, published for one-shot execs (persist.py); ``idle``: end
     after that long without a command; ``spawned``, ``first_command``: as
-    ``open_session``'s (a session an exec starts for its own command)."""
-    path = control.socket_path(name)
+    ``open_session``'s (a session an exec starts for its own command), and then the
+    control socket takes commands from before the agent's Welcome, so that command
+    goes out behind the Hello (``on_listening``: the socket and key are up)."""
+    path = runtime.socket_path(name)
     if await control.alive(name):
         if spawned is not None:
             spawned.kill()
@@ -384,6 +402,7 @@ async def serve(
         includes=includes,
         spawned=spawned,
         first_command=first_command,
+        pipelined=first_command is not None,
     ) as session:
         listener = await control.listen(path)
         try:
@@ -393,11 +412,15 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     nursery.start_soon(server.forward_signals, say)
+                nursery.start_soon(server.serve_control, listener)
+                nursery.start_soon(server.watch)
+                on_listening()
+                await server.ready()
                 on_ready(await server.info(ask_agent=False))  # ready a round trip sooner
                 if line is not None:
                     nursery.start_soon(progress.watch, server.tracker, line.show, 0.5)
                 try:
-                    await server.run(listener)
+                    await server.run()
                 finally:
                     nursery.cancel_scope.cancel()
                     if line is not None:

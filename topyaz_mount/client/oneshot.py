@@ -71,7 +71,9 @@ async def exec_async(
             first_command=(argv, cwd),
             policy=policy,
             includes=includes,
+            pipelined=True,
         ) as session:
+            session.exit_after = True
             stdin = trio.lowlevel.FdStream(os.dup(0)) if forward_stdin else None
             line = progress.TerminalLine() if display == "line" else None
             shown = line or (progress.JsonLines() if display == "json" else None)

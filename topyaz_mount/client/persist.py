@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import sys
@@ -28,8 +27,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import astuple, replace
 from pathlib import Path
 
+from blake3 import blake3
+
 from ..policy import PolicyOptions
-from . import control
+from . import runtime
 from .transport import SshSettings
 
 
@@ -37,11 +38,12 @@ def reuse_key(settings: SshSettings, root: str, policy: PolicyOptions) -> str:
     """The digest two sessions share exactly when one can run the other's commands."""
     quiet = replace(settings, agent_log_level="WARNING")  # -v does not change the job
     what = [quiet.argv(), settings.bwlimit, root, astuple(policy)]
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+    # blake3, not hashlib: this runs before ssh starts, and hashlib's OpenSSL is 3 ms
+    return blake3(json.dumps(what).encode()).hexdigest()[:32]
 
 
 def key_path(name: str) -> Path:
-    return control.runtime_dir() / f"{control.check_name(name)}.key"
+    return runtime.runtime_dir() / f"{runtime.check_name(name)}.key"
 
 
 def write_key(name: str, key: str) -> None:
@@ -61,7 +63,7 @@ def forget(name: str) -> None:
 
 def find(key: str) -> str | None:
     """A session whose reuse key is ``key`` and whose socket is there, else None."""
-    directory = control.runtime_dir(create=False)
+    directory = runtime.runtime_dir(create=False)
     if not directory.is_dir():
         return None
     for path in sorted(directory.glob("*.key")):
@@ -78,14 +80,14 @@ def find(key: str) -> str | None:
 
 def session_name(root: str, key: str) -> str:
     """``<root's name>-<key's first 8>``: readable in ``status``, one per key."""
-    return f"{control.default_name(Path(root))[:40]}-{key[:8]}"
+    return f"{runtime.default_name(Path(root))[:40]}-{key[:8]}"
 
 
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
     """Held while an exec looks for, or starts, a session: two execs started at once
     make one session between them. The lock is the runtime dir's own (no file left)."""
-    fd = os.open(control.runtime_dir(), os.O_RDONLY)
+    fd = os.open(runtime.runtime_dir(), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -95,9 +97,11 @@ def locked() -> Iterator[None]:
 
 def start(name: str, serve: Callable[[int], None]) -> dict:
     """Fork the session process, which runs ``serve(ready_fd)`` and never returns here;
-    its first words on that fd (``{"ok": true, ...}`` or its failure)."""
+    its first line on that fd: ``{"listening": true}`` once its control socket takes
+    commands (before the agent is up: the first command goes out behind the Hello), or
+    its failure. What it writes later (``{"ok": true, ...}``) nobody reads."""
     r, w = os.pipe()
-    log_path = control.runtime_dir() / f"{name}.log"
+    log_path = runtime.runtime_dir() / f"{name}.log"
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -119,10 +123,10 @@ def start(name: str, serve: Callable[[int], None]) -> dict:
             os._exit(code)
     os.close(w)
     with os.fdopen(r, "rb") as ready:
-        data = ready.read()
+        data = ready.readline()
     info = json.loads(data) if data.strip() else {}
-    if info.get("ok"):
-        return dict(info)
+    if info.get("listening") or info.get("ok"):
+        return dict(info, ok=True)
     os.waitpid(pid, 0)
     log_path.unlink(missing_ok=True)  # the caller says why it failed
     if info:

@@ -55,17 +55,31 @@ class Reconnector:
         self.on_line = on_line
         self.outages = 0
         self.fresh = False  # the first attach takes the session over (attach.py)
+        self.failure: Exception | None = None  # why the first attach got no answer
 
     def attach_line(self) -> bytes:
         sid, secret = self.session.session_id, self.session.secret
         return resume.Attach(resume.VERSION, sid, secret, self.fresh).line()
 
     async def start(self, timeout: float) -> resume.ResumableStream:
-        """Attach over the session's first ssh; start carrying the stream."""
-        with trio.fail_after(timeout):
-            await self._attach(self.session.ssh)
-        self.fresh = False  # a later reconnect resumes this process's stream
-        self.session.nursery.start_soon(self._carry)
+        """Attach over the session's first ssh; start carrying the stream.
+
+        A session this process starts sends its first requests right behind the attach
+        line (``run_transport``'s ``ahead``), and the agent's answer is read by the
+        transport's first receive (``_Answering``): the round trip to that answer is
+        no longer in front of every request. Taking a session over waits for it."""
+        if self.fresh:
+            with trio.fail_after(timeout):
+                await self._attach(self.session.ssh)
+            self.fresh = False  # a later reconnect resumes this process's stream
+            self.session.nursery.start_soon(self._carry, None)
+            return self.stream
+        try:
+            await self.session.ssh.stream.send_all(self.attach_line())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise SessionUnreachable("the connection ended before the attach") from None
+        first = _Answering(self, self.session.ssh, timeout)
+        self.session.nursery.start_soon(self._carry, first)
         return self.stream
 
     async def _attach(self, ssh: SshProcess) -> None:
@@ -73,6 +87,10 @@ class Reconnector:
             await ssh.stream.send_all(self.attach_line())
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise SessionUnreachable("the connection ended before the attach") from None
+        await self._answer(ssh)
+
+    async def _answer(self, ssh: SshProcess) -> None:
+        """Read past what a login shell prints, up to the agent's answer to the attach."""
         seen = 0
         while True:
             try:
@@ -93,14 +111,22 @@ class Reconnector:
                 raise SessionUnreachable("no attach answer from the agent")
             log.info("remote login printed: %r", line[:200])
 
-    async def _carry(self) -> None:
-        while True:
-            await self.stream.run_transport(self.session.ssh.stream)
-            if self.stream.ended or self.stream.peer_closed:
+    async def _carry(self, first: _Answering | None) -> None:
+        """The stream over the first ssh, then over each reconnect's. A first attach
+        the agent never answered ends the stream: there is no session to resume."""
+        if first is not None:
+            await self.stream.run_transport(first, ahead=True)
+            if first.failure is not None:
+                self.failure = first.failure
+                self.stream.end()
                 return
+        else:
+            await self.stream.run_transport(self.session.ssh.stream)
+        while not (self.stream.ended or self.stream.peer_closed):
             await self._reconnect()
             if self.stream.ended:
                 return
+            await self.stream.run_transport(self.session.ssh.stream)
 
     async def _reconnect(self) -> None:
         """A fresh ssh attached to the session, or the stream ended past the grace."""
@@ -148,6 +174,38 @@ class Reconnector:
     async def close(self) -> None:
         """The clean end of the stream (the host then ends too)."""
         await self.stream.aclose()
+
+
+class _Answering(trio.abc.Stream):
+    """The first ssh's stream, whose first receive reads the agent's answer to the
+    attach line while the stream's segments already go out behind it."""
+
+    def __init__(self, reconnector: Reconnector, ssh: SshProcess, timeout: float) -> None:
+        self.reconnector = reconnector
+        self.ssh = ssh
+        self.timeout = timeout
+        self.answered = False
+        self.failure: Exception | None = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self.answered:
+            try:
+                with trio.fail_after(self.timeout):
+                    await self.reconnector._answer(self.ssh)
+            except (SessionUnreachable, AttachRefused, trio.TooSlowError) as e:
+                self.failure = e
+                raise trio.BrokenResourceError(str(e) or "no attach answer in time") from None
+            self.answered = True
+        return await self.ssh.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.ssh.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.ssh.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.ssh.stream.aclose()
 
 
 def _clock(when: float) -> str:

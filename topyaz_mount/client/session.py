@@ -129,6 +129,8 @@ class Session:
         # One line per outage of a detachable session ("link lost at …, reconnected …").
         self.on_link: Callable[[str], None] = lambda text: log.warning("%s", text)
         self.pathmap: PathMap | None = None
+        self._welcomed = trio.Event()  # the agent answered Hello (``ready``)
+        self._welcome_error: Exception | None = None
         self.peer: Peer | None = None
         self.agent_pid = 0
         self._jobs: dict[int, Job] = {}
@@ -136,6 +138,13 @@ class Session:
         self._lost = trio.Event()
         self.failure: proto.ProtocolError | None = None  # why the agent was cut off
         self.closed: proto.Closed | None = None
+        # The process ends right after this session's one command (a one-shot exec):
+        # its Run asks the agent to close after it (``Run.close_after``: no Bye round
+        # trip), and once the agent has said Closed, ssh is told the end and left to
+        # finish on its own (waiting for it was 50 ms on a 20 ms link).
+        self.exit_after = False
+        self._agent_closes = False  # that command's Exited came: Closed follows unasked
+        self._closed_notice = trio.Event()
         self.silent_for: float | None = None  # the agent said nothing for this long
         self.watch = False  # the caller pushes local changes (long-lived sessions)
         self.backend = ""  # how the agent shows the job the root (from Welcome)
@@ -163,9 +172,10 @@ class Session:
 
     # --- connection -----------------------------------------------------------------
 
-    async def _handshake(self, timeout: float, take_over: bool = False) -> None:
+    async def _handshake(self, timeout: float, take_over: bool = False, wait: bool = True) -> None:
         """``take_over``: attach to a running detachable session (attach.py asks for
-        the rest) instead of starting one."""
+        the rest) instead of starting one. ``wait`` False: return once Hello is on its
+        way; the first command may follow it at once (``ready`` waits for Welcome)."""
         detachable = self.settings.grace > 0 or take_over
         hello = self._hello(keepalive=not detachable)
         ahead = False
@@ -188,14 +198,36 @@ class Session:
         self.server.notify = self.peer.notify
         self.peer.pacer = pacing.bucket(self.settings.bwlimit[0])
         if take_over:
+            self._welcomed.set()
             return
+        welcome = self.peer.reply(1) if ahead else self.peer.call(hello)
+        if wait:
+            await self._welcome(welcome, timeout)
+            await self.ready()
+        else:
+            self.nursery.start_soon(self._welcome, welcome, timeout)
+
+    async def _welcome(self, reply: Awaitable[proto.Welcome], timeout: float) -> None:
         try:
             with trio.fail_after(timeout):
-                welcome = await (self.peer.reply(1) if ahead else self.peer.call(hello))
+                welcome = await reply
         except RemoteError as e:
-            raise AgentUnavailable(f"{self.settings.remote}: {e.strerror}") from None
+            self._welcome_error = AgentUnavailable(f"{self.settings.remote}: {e.strerror}")
         except (ConnectionLost, trio.TooSlowError):
-            raise await self._startup_failure() from None
+            self._welcome_error = await self._startup_failure()
+        else:
+            self._on_welcome(welcome)
+        finally:
+            self._welcomed.set()
+
+    async def ready(self) -> None:
+        """Wait for the agent's Welcome; raise why it did not come."""
+        await self._welcomed.wait()
+        if self._welcome_error is not None:
+            raise self._welcome_error
+
+    def _on_welcome(self, welcome: proto.Welcome) -> None:
+        assert self.peer is not None
         self.pathmap = PathMap(str(self.root), welcome.mountpoint)
         self.agent_pid = welcome.agent_pid
         self.backend = welcome.backend or "fuse"
@@ -274,6 +306,11 @@ class Session:
         self.ssh.kill()
 
     async def _startup_failure(self) -> Exception:
+        from .reconnect import AttachRefused
+
+        failure = self.reconnector.failure if self.reconnector is not None else None
+        if isinstance(failure, AttachRefused):
+            return failure
         with trio.move_on_after(5):
             await self.ssh.wait()
         await trio.sleep(0.05)  # let the stderr pump take the last lines
@@ -289,7 +326,10 @@ class Session:
             self._lost.set()
 
     async def _on_notice(self, msg: object) -> None:
-        if isinstance(msg, proto.CommitChunk):
+        if isinstance(msg, proto.Closing):
+            self.closed = msg.closed
+            self._closed_notice.set()
+        elif isinstance(msg, proto.CommitChunk):
             self.server.handle_chunk(msg)
         elif isinstance(msg, proto.Output):
             job = self._job(msg.job)
@@ -327,6 +367,9 @@ class Session:
         if self.closed is not None or self.peer is None or self.peer.closed:
             return self.closed
         with trio.move_on_after(120):
+            if self._agent_closes:
+                await first_of(self._closed_notice, self._lost)
+                return self.closed
             try:
                 self.closed = await self.peer.call(proto.Bye(force))
             except (ConnectionLost, RemoteError) as e:
@@ -366,14 +409,20 @@ class Session:
 
     # --- the command ----------------------------------------------------------------
 
+    def _pathmap(self) -> PathMap:
+        return self.pathmap or PathMap(str(self.root), proto.ROOT_MARKER)
+
     def translate(
         self, argv: Sequence[str], cwd: str, env: Mapping[str, str], literal: Sequence[str] = ()
     ) -> tuple[list[str], str, dict[str, str]]:
-        assert self.pathmap is not None
+        """The command as the remote runs it. Before the Welcome has named the
+        mountpoint, paths go out under ``proto.ROOT_MARKER``, which the agent swaps for
+        it (no argument of a real command can hold its NUL)."""
+        pathmap = self._pathmap()
         return (
-            translate_argv(argv, self.pathmap, cwd, literal=literal),
-            translate_cwd(cwd, self.pathmap),
-            translate_env(env, self.pathmap, cwd),
+            translate_argv(argv, pathmap, cwd, literal=literal),
+            translate_cwd(cwd, pathmap),
+            translate_env(env, pathmap, cwd),
         )
 
     async def signal(self, signum: int) -> None:
@@ -457,15 +506,26 @@ class Session:
         if self._hashed_base is not None:  # the manifest was hashed ahead: count it here
             hashed_before, self._hashed_base = self._hashed_base, None
         started_at = trio.current_time()
+        manifest = None
         if tty is None:
-            await self._send_manifest(job, argv, os.path.abspath(cwd or str(self.root)))
+            manifest = await self._send_manifest(job, argv, os.path.abspath(cwd or str(self.root)))
         want_stdin = stdin is not None or stdin_open
         run = proto.Run(
-            job.id, remote_argv, remote_cwd, remote_env, want_stdin, list(tty) if tty else None
+            job.id,
+            remote_argv,
+            remote_cwd,
+            remote_env,
+            want_stdin,
+            list(tty) if tty else None,
+            after_manifest=manifest is not None,
+            close_after=self.exit_after,
+            dirs=self._dirs_to(cwd),
         )
         try:
             await self.peer.call(run)
+            await self.ready()
         except RemoteError as e:
+            await self.ready()  # a failed Hello says why, not the Run it took along
             failure = RemoteCommandFailed(f"on {self.settings.remote}: {e.strerror}")
             if e.errno == errno.ENOENT:
                 failure.exit_code = 127
@@ -473,6 +533,7 @@ class Session:
                 failure.exit_code = 126
             raise failure from None
         except ConnectionLost:
+            await self.ready()
             raise await self._loss_error() from None
         job.started.set()
         if stdin is not None:
@@ -488,6 +549,9 @@ class Session:
         exited = job.exited
         if exited is None:
             raise await self._loss_error()
+        if manifest is not None:
+            await manifest.wait()  # its answer came before the job started: counted now
+        self._agent_closes = run.close_after
         if timed_out:
             raise JobTimeout(f"the command ran past its {timeout:g} s limit and was killed")
         stats: dict[str, int | float | str] = dict(exited.stats)
@@ -539,8 +603,14 @@ class Session:
             return []
         return await trio.to_thread.run_sync(self.server.manifest, paths, MANIFEST_HASH_BUDGET)
 
-    async def _send_manifest(self, job: Job, argv: Sequence[str], cwd: str) -> None:
-        """Tell the agent which inputs are coming so it can fetch what it lacks now."""
+    def _dirs_to(self, cwd: str | None) -> list[proto.KnownDir]:
+        rel = self._pathmap().relative(os.path.abspath(cwd or str(self.root)))
+        return [] if rel is None else self.server.directory_attrs(os.fsencode(rel))
+
+    async def _send_manifest(self, job: Job, argv: Sequence[str], cwd: str) -> trio.Event | None:
+        """Tell the agent which inputs are coming so it can fetch what it lacks now.
+        The Run follows without waiting for the answer (the agent starts the job after
+        the manifest: ``Run.after_manifest``); the event is set once it is in."""
         assert self.peer is not None
         job_id = job.id
         pre, self._premanifest = self._premanifest, None
@@ -550,20 +620,30 @@ class Session:
         else:
             entries = await self._manifest_entries(argv, cwd, job.includes)
         if not entries:
-            return
+            return None
+        answered = trio.Event()
+        self.nursery.start_soon(self._manifest_call, proto.Manifest(job_id, entries), answered)
+        return answered
+
+    async def _manifest_call(self, manifest: proto.Manifest, answered: trio.Event) -> None:
+        assert self.peer is not None
+        entries = manifest.entries
         try:
-            missing = await self.peer.call(proto.Manifest(job_id, entries))
-        except RemoteError as e:
-            log.info("manifest refused: %s", e)
-            return
-        except ConnectionLost:
-            raise await self._loss_error() from None
-        log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
-        fetched = {i for i in missing.indices if 0 <= i < len(entries)}
-        self.server.stats.manifest_bytes += sum(e.size for e in entries)
-        self.server.stats.manifest_cached_bytes += sum(
-            e.size for i, e in enumerate(entries) if i not in fetched
-        )
+            try:
+                missing = await self.peer.call(manifest)
+            except RemoteError as e:
+                log.info("manifest refused: %s", e)
+                return
+            except ConnectionLost:
+                return  # the Run says so
+            log.info("manifest: %d inputs, %d to fetch", len(entries), len(missing.indices))
+            fetched = {i for i in missing.indices if 0 <= i < len(entries)}
+            self.server.stats.manifest_bytes += sum(e.size for e in entries)
+            self.server.stats.manifest_cached_bytes += sum(
+                e.size for i, e in enumerate(entries) if i not in fetched
+            )
+        finally:
+            answered.set()
 
     async def _wait_exit(self, job: Job) -> None:
         await first_of(job.done, self._lost)
@@ -630,6 +710,7 @@ async def open_session(
     policy: Policy | None = None,
     includes: Sequence[str] = (),
     take_over: DetachedRecord | None = None,
+    pipelined: bool = False,
 ) -> AsyncIterator[Session]:
     """Connect, mount ``root`` on the remote, and yield the session; always cleans up.
 
@@ -641,7 +722,8 @@ async def open_session(
     may write and see (default: the default rules); a root it refuses is a UsageError.
     ``includes``: local paths every command's manifest adds (``--include``).
     ``take_over``: the record of a detached session to attach to (attach.py) instead
-    of starting one."""
+    of starting one. ``pipelined``: the caller runs a command at once, which goes out
+    behind the Hello: the session is yielded before the agent's Welcome (``ready``)."""
     try:
         policy = policy or Policy.from_options(PolicyOptions())
         root_path = checked_root(root, policy.options.allow_home)
@@ -654,6 +736,7 @@ async def open_session(
             spawned.kill()
             spawned.wait()
         raise
+    left = False
     try:
         ssh = attach_ssh(spawned) if spawned is not None else await start_ssh(settings)
         try:
@@ -667,7 +750,9 @@ async def open_session(
                 if first_command is not None:
                     session.prepare_manifest(*first_command)
                 try:
-                    await session._handshake(connect_timeout, take_over is not None)
+                    await session._handshake(
+                        connect_timeout, take_over is not None, wait=not pipelined
+                    )
                     if session.reconnector is not None:
                         session.record = _record(session, policy, take_over)
                     yield session
@@ -680,10 +765,11 @@ async def open_session(
                         if session.reconnector is not None:
                             await session.reconnector.close()
                         ssh = session.ssh  # a reconnect may have replaced it
-                        await ssh.stop()
+                        left = session.exit_after and session.closed is not None
+                        await ssh.stop(grace=0 if left else 5.0)
                     nursery.cancel_scope.cancel()
         finally:
-            if ssh.returncode is None:
+            if ssh.returncode is None and not left:
                 ssh.kill()
     finally:
         server.close()

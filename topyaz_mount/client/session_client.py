@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from ..errors import ConnectionFailed
-from . import control
+from . import control, runtime
 
 Say = Callable[[str], None]
 
@@ -29,12 +29,12 @@ async def query(name: str) -> dict[str, Any]:
 async def all_sessions() -> list[dict[str, Any]]:
     """Every live session's status; sockets of dead ones are removed."""
     found = []
-    for name in control.session_names():
+    for name in runtime.session_names():
         try:
             found.append(await query(name))
         except control.ControlError:
             with contextlib.suppress(OSError):
-                os.unlink(control.socket_path(name))
+                os.unlink(runtime.socket_path(name))
         except ConnectionFailed:
             continue
     return found
@@ -53,6 +53,6 @@ async def unmount(name: str, force: bool, say: Say) -> control.Unmounted:
             elif msg is None:
                 raise ConnectionFailed(f"session {name} ended without confirming the unmount")
     with trio.move_on_after(10):  # the session removes its socket as it exits
-        while control.socket_path(name).exists():
+        while runtime.socket_path(name).exists():
             await trio.sleep(0.05)
     return msg

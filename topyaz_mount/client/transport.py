@@ -186,13 +186,16 @@ class SshProcess:
             log.info("remote: %s", text)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Close our end of the channel, then wait for ssh; kill it if it lingers."""
+        """Close our end of the channel, then wait for ssh; kill it if it lingers.
+        ``grace`` 0: do not wait (see ``Session.exit_after``)."""
         import trio
 
         try:
             await self.stream.send_eof()  # type: ignore[attr-defined]
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
+        if grace == 0:
+            return
         with trio.move_on_after(grace):
             await self.wait()
         if self.returncode is None:

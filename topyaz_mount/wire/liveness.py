@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from . import proto
 
 if TYPE_CHECKING:
     from .rpc import Peer
@@ -77,6 +76,7 @@ async def watch(peer: Peer, timing: Timing, on_silent: Callable[[float], Awaitab
     ``timing.dead_after`` seconds, await ``on_silent(seconds)`` and return."""
     import trio
 
+    from . import proto  # here, not above: the command line reads Timing before ssh starts
     from .rpc import ConnectionLost
 
     next_ping = trio.current_time()

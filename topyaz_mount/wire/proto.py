@@ -15,7 +15,11 @@ from typing import Union
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+# A Run sent behind the Hello, before the Welcome named the mountpoint, carries its
+# paths under this prefix, which the agent replaces by the mountpoint. Its NUL bytes
+# cannot be in any argument, working directory or environment value of a real command.
+ROOT_MARKER = "/\0topyaz-mount-root\0"
 # Bytes the agent writes before its first frame, so that anything a remote shell's
 # start-up files print on stdout can be skipped instead of breaking the framing.
 MAGIC = b"\x00TOPYAZ-MOUNT-AGENT\x00"
@@ -45,6 +49,13 @@ class Attr(msgspec.Struct, frozen=True, array_like=True):
     mtime_ns: int
     ctime_ns: int
     atime_ns: int
+
+
+class KnownDir(msgspec.Struct, frozen=True, array_like=True):
+    """A directory's attributes as a Stat of it would answer (``Run.dirs``)."""
+
+    path: bytes
+    attr: Attr
 
 
 class DirEntry(msgspec.Struct, frozen=True, array_like=True):
@@ -186,6 +197,14 @@ class Run(_Msg):
     env: dict[str, str] = {}
     stdin: bool = False
     tty: list[int] | None = None
+    # A Manifest for this job was sent with it: the job starts once that is in.
+    after_manifest: bool = False
+    # The session ends with this job (a one-shot exec): after its Exited the agent
+    # tears down and sends Closed unasked, a round trip before a Bye could.
+    close_after: bool = False
+    # The directories from the root down to ``cwd``, as a Stat of each would answer
+    # (root-relative paths, b"" the root): the job's chdir then asks the client nothing.
+    dirs: list[KnownDir] = []
 
 
 class Bye(_Msg):
@@ -311,6 +330,13 @@ class Closed(_Msg):
     kept_files: int = 0
     kept_bytes: int = 0
     kept_dir: str = ""
+
+
+class Closing(_Msg):
+    """The session tore down after the Exited of a Run with ``close_after``: its
+    Closed, sent unasked instead of as the answer to a Bye."""
+
+    closed: Closed
 
 
 class Recovered(_Msg):
@@ -469,6 +495,7 @@ Notice = Union[
     Log,
     Hashed,
     Ping,
+    Closing,
 ]
 
 

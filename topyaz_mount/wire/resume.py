@@ -160,11 +160,21 @@ class ResumableStream(trio.abc.Stream):
 
     # --- one transport ------------------------------------------------------------------
 
-    async def run_transport(self, transport: trio.abc.Stream) -> None:
+    async def run_transport(self, transport: trio.abc.Stream, ahead: bool = False) -> None:
         """Carry the stream over ``transport`` until it is lost (returns) or the
-        stream ends. The transport is closed on the way out."""
+        stream ends. The transport is closed on the way out.
+
+        ``ahead``: the stream's first transport, whose data goes out before the peer's
+        RESUME: a new stream's peer has nothing yet, so its RESUME can only say 0, and
+        the first requests then travel with the attach line instead of a round trip
+        later."""
+        if ahead and (self.bytes_on_transports or self._out_base or self._received):
+            raise ValueError("only a stream never carried may send ahead")
         resumed = trio.Event()
+        if ahead:
+            resumed.set()
         state: dict[str, Any] = {"heard": trio.current_time(), "sent": trio.current_time()}
+        state["ahead"] = ahead
         self.connected = True
         try:
             async with trio.open_nursery() as nursery:
@@ -261,7 +271,9 @@ class ResumableStream(trio.abc.Stream):
                 self._acknowledged(offset)
                 if offset < self._out_base:
                     raise TransportLost("the peer wants bytes no longer held")
-                self._send_pos = offset
+                # Sent ahead on this transport: those bytes are on their way behind
+                # the peer's RESUME, not lost. Otherwise send again from where it is.
+                self._send_pos = max(offset, self._send_pos) if state["ahead"] else offset
                 resumed.set()
                 self._wake_writer.set()
             elif kind == ACK:
