@@ -11,6 +11,7 @@ session directory. The relay ends when the host lets the connection go.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -57,6 +58,8 @@ def start_host(
     and a second Python start was 0.12 s of every new session (trio alone is 57 ms). It
     happens before any thread or event loop exists. The child lets go of ``drop_fds``
     (ssh's channel: it is handed over, like a re-attach's, through the socket)."""
+    if sys.platform == "win32":  # no fork there, and no detachable session (relay)
+        raise OSError(errno.ENOSYS, "no detachable sessions on Windows hosts")
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
