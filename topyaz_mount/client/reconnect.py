@@ -171,9 +171,11 @@ class Reconnector:
         )
         self.stream.end()
 
-    async def close(self) -> None:
-        """The clean end of the stream (the host then ends too)."""
-        await self.stream.aclose()
+    async def close(self, settled: bool = False) -> None:
+        """The clean end of the stream (the host then ends too). ``settled``: the
+        session is over on both sides: CLOSE goes out without waiting for the peer
+        to acknowledge what it was sent (it had stopped; that wait ran out at 10 s)."""
+        await self.stream.aclose(settled)
 
 
 class _Answering(trio.abc.Stream):

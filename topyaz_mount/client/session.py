@@ -763,7 +763,10 @@ async def open_session(
                         if session.record is not None:
                             session.record.remove()
                         if session.reconnector is not None:
-                            await session.reconnector.close()
+                            # After Closing (Run.close_after) the agent has all it needs:
+                            # what it has not acknowledged yet is not waited for.
+                            settled = session.exit_after and session.closed is not None
+                            await session.reconnector.close(settled)
                         ssh = session.ssh  # a reconnect may have replaced it
                         left = session.exit_after and session.closed is not None
                         await ssh.stop(grace=0 if left else 5.0)

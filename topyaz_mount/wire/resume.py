@@ -103,6 +103,7 @@ class ResumableStream(trio.abc.Stream):
         self._wake_writer = trio.Event()
         self._changed = trio.Event()  # data in, room out, or the end
         self._closing = False
+        self._settled = False  # aclose(settled): CLOSE without waiting for ACKs
         self._ended = False
         self.peer_closed = False
         self.connected = False
@@ -134,10 +135,12 @@ class ResumableStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
         return data
 
-    async def aclose(self) -> None:
-        """The clean end: what is queued goes out, then CLOSE (bounded in time)."""
+    async def aclose(self, settled: bool = False) -> None:
+        """The clean end: what is queued goes out, then CLOSE (bounded in time).
+        ``settled``: CLOSE without waiting for the peer's acknowledgements."""
         if self._ended:
             return
+        self._settled = settled
         if not self.connected and self.bytes_on_transports == 0:
             self.end()  # never carried (the first attach failed): nobody to tell
             return
@@ -230,7 +233,7 @@ class ResumableStream(trio.abc.Stream):
                 continue
             if self._ended:
                 return
-            if self._closing and not self._out:
+            if self._closing and (not self._out or self._settled):
                 await self._send(transport, state, CLOSE, end)
                 self.end()
                 return
