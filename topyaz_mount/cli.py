@@ -598,7 +598,9 @@ def _exec_persisted(
     """The command through a compatible session that is up, or one started for it that
     stays ``persist_for`` seconds after it (persist.py); None: run it one-shot.
     ``display``: its live progress, as for a one-shot exec."""
-    from .client import persist  # no more: with no session to use, ssh starts next
+    # Only persist here: with no session to reuse, ssh starts next (control, msgspec
+    # and session_exec are imported once a session is found).
+    from .client import persist
 
     argv, cwd, env, forward_stdin, literal, includes = command
     key = persist.reuse_key(settings, root_dir, options)

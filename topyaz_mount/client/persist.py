@@ -125,8 +125,8 @@ def start(name: str, serve: Callable[[int], None]) -> dict:
     with os.fdopen(r, "rb") as ready:
         data = ready.readline()
     info = json.loads(data) if data.strip() else {}
-    if info.get("listening") or info.get("ok"):
-        return dict(info, ok=True)
+    if info.get("listening"):
+        return {"ok": True}
     os.waitpid(pid, 0)
     log_path.unlink(missing_ok=True)  # the caller says why it failed
     if info:

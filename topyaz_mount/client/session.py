@@ -762,13 +762,13 @@ async def open_session(
                     with trio.CancelScope(shield=True):
                         if session.record is not None:
                             session.record.remove()
-                        if session.reconnector is not None:
-                            # After Closing (Run.close_after) the agent has all it needs:
-                            # what it has not acknowledged yet is not waited for.
-                            settled = session.exit_after and session.closed is not None
-                            await session.reconnector.close(settled)
-                        ssh = session.ssh  # a reconnect may have replaced it
+                        # After Closing (Run.close_after) the session is over on both
+                        # sides: neither the agent's last acknowledgements nor ssh's
+                        # exit are waited for (ssh is left to end by itself).
                         left = session.exit_after and session.closed is not None
+                        if session.reconnector is not None:
+                            await session.reconnector.close(settled=left)
+                        ssh = session.ssh  # a reconnect may have replaced it
                         await ssh.stop(grace=0 if left else 5.0)
                     nursery.cancel_scope.cancel()
         finally:
