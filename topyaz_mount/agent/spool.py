@@ -30,7 +30,10 @@ Big outputs written front to back (a video encoder's, say) do not wait for the c
 once a new file passes ``STREAM_AFTER`` bytes, an upload starts and follows the writer,
 so the transfer home overlaps the job. Any write behind what was already sent, a
 truncate, rename or unlink breaks that upload; the commit at close then aborts it and
-sends the file whole, as for any other output.
+sends the file whole, as for any other output. The upload follows how far the file is
+complete from its start (``WrittenFront``), not its size: the kernel's write-back may
+deliver a later page before an earlier one, and an upload that read the hole between
+them would have had to start over (seen under load: a 28 MiB output crossed twice).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 
 
 STREAM_AFTER = 8 << 20
+MAX_GAPS = 256  # writes ahead of the complete front: more, and the writer is not sequential
 MAX_RESENDS = 4  # a commit cut off by clients taking the session over, sent again
 
 
@@ -76,6 +80,30 @@ class Upload:
         self.stopped = trio.Event()
 
 
+class WrittenFront:
+    """How far a file written from empty is complete from its start, and the writes
+    that landed beyond that (start -> end), waiting for the gap before them."""
+
+    def __init__(self) -> None:
+        self.end = 0
+        self.ahead: dict[int, int] = {}
+
+    def add(self, offset: int, length: int) -> bool:
+        """Record a write; False once too many gaps say it is not written front to back."""
+        end = offset + length
+        if offset > self.end:
+            self.ahead[offset] = max(end, self.ahead.get(offset, 0))
+            return len(self.ahead) <= MAX_GAPS
+        self.end = max(self.end, end)
+        while self.ahead:
+            reached = [start for start in self.ahead if start <= self.end]
+            if not reached:
+                break
+            for start in reached:
+                self.end = max(self.end, self.ahead.pop(start))
+        return True
+
+
 class SpoolFile:
     def __init__(self, path: bytes, fd: int, mode: int, expect: proto.Attr | None) -> None:
         self.path: bytes | None = path  # None once unlinked
@@ -89,6 +117,7 @@ class SpoolFile:
         self.committed_path: bytes | None = None
         self.lock = trio.Lock()
         self.streamable = False  # written from empty since it was created or truncated
+        self.front = WrittenFront()  # while streamable: how far it is complete
         self.upload: Upload | None = None  # an upload following the writer
         self.owner: int | None = None  # the job that last opened it for writing
         self.handles = 0  # open FUSE handles (readers and writers) that use ``fd``
@@ -280,17 +309,20 @@ class Spool:
         sf.dirty = True
         if size == 0:
             sf.error = None  # every byte a failed write touched is gone
+            sf.front = WrittenFront()
 
     # --- uploads that follow the writer --------------------------------------------
 
     def wrote(self, sf: SpoolFile, offset: int, length: int) -> None:
         """Called after each write: feed (or break, or start) the file's upload."""
+        if sf.streamable and not sf.front.add(offset, length):
+            self.break_upload(sf)
         up = sf.upload
         if up is not None:
             if offset < up.sent:
                 self.break_upload(sf)
             up.more.set()
-        elif sf.streamable and sf.path is not None and offset + length >= STREAM_AFTER:
+        elif sf.streamable and sf.path is not None and sf.front.end >= STREAM_AFTER:
             sf.upload = Upload(next(self._ids), sf.path)
             self.nursery.start_soon(self._follow, sf, sf.upload)
 
@@ -311,7 +343,7 @@ class Spool:
                 up.begun = True
             while not up.broken:
                 up.more = trio.Event()
-                await self._send_available(sf, up)
+                await self._send_available(sf, up, sf.front.end)
                 if up.closing or up.broken:
                     break
                 await up.more.wait()
@@ -321,8 +353,11 @@ class Spool:
         finally:
             up.stopped.set()
 
-    async def _send_available(self, sf: SpoolFile, up: Upload) -> None:
+    async def _send_available(self, sf: SpoolFile, up: Upload, upto: int | None = None) -> None:
+        """Send from where ``up`` is to ``upto`` (the file's end if None)."""
         size = os.fstat(sf.fd).st_size
+        if upto is not None:
+            size = min(size, upto)
         while up.sent < size and not up.broken:
             data = hostos.pread(sf.fd, min(proto.CHUNK_SIZE, size - up.sent), up.sent)
             if not data:
