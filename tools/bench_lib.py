@@ -152,6 +152,37 @@ def descendants(roots: set[int]) -> set[int]:
     return out
 
 
+# uids of the test host's remote user, when the bench knows it: processes of theirs
+# count as the remote side even with no sshd of theirs alive at the moment.
+REMOTE_UIDS: set[int] = set()
+
+
+def remote_users(pids: set[int]) -> set[int]:
+    """The uids (root excepted) that run any of ``pids``."""
+    uids = set()
+    for pid in pids:
+        try:
+            uids.add(os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            pass
+    uids.discard(0)
+    return uids
+
+
+def owned_by(uids: set[int]) -> set[int]:
+    """Every live process of one of ``uids``."""
+    if not uids:
+        return set()
+    out = set()
+    for pid in all_pids():
+        try:
+            if os.stat(f"/proc/{pid}").st_uid in uids:
+                out.add(pid)
+        except OSError:
+            pass
+    return out
+
+
 @dataclass
 class ProcInfo:
     pid: int
@@ -161,10 +192,11 @@ class ProcInfo:
     cpu_ticks: int = 0
     hwm_kib: int = 0
     anon_kib: int = 0  # peak RssAnon seen (private memory, no file pages)
+    base_ticks: int = 0  # a process already there when sampling began: its CPU before
 
     @property
     def cpu_s(self) -> float:
-        return self.cpu_ticks / CLK_TCK
+        return max(0, self.cpu_ticks - self.base_ticks) / CLK_TCK
 
     def is_agent(self) -> bool:
         return b"topyaz_mount.agent" in self.argv
@@ -188,7 +220,9 @@ class ProcSampler(threading.Thread):
     """Samples CPU time and VmHWM of every process below the given roots.
 
     ``remote_root``'s descendants are the remote side (the test host's sshd is the
-    root; it is not counted itself); ``local_roots`` and their descendants are local.
+    root; it is not counted itself), and so is every process of the remote user: the
+    agent's session host is forked away from sshd, and was counted as foreign load.
+    ``local_roots`` and their descendants are local.
     """
 
     def __init__(
@@ -205,13 +239,20 @@ class ProcSampler(threading.Thread):
         self.rescan_every = rescan_every
         self.procs: dict[tuple[int, int], ProcInfo] = {}  # (pid, starttime) -> info
         self._live: dict[int, tuple[int, int]] = {}
+        self._remote_uids: set[int] = set(REMOTE_UIDS)
         self._halt = threading.Event()
 
     def add_local_root(self, pid: int) -> None:
         self.local_roots.append(pid)
 
-    def _rescan(self) -> None:
+    def start(self) -> None:
+        self._rescan(already_there=True)  # before the run is spawned
+        super().start()
+
+    def _rescan(self, already_there: bool = False) -> None:
         remote = descendants({self.remote_root})
+        remote |= owned_by(remote_users(remote) | self._remote_uids)
+        self._remote_uids |= remote_users(remote)
         local = set(self.local_roots) | descendants(set(self.local_roots))
         for side, pids in (("remote", remote), ("local", local)):
             for pid in pids:
@@ -222,7 +263,8 @@ class ProcSampler(threading.Thread):
                     continue
                 key = (pid, st[3])
                 if key not in self.procs:
-                    self.procs[key] = ProcInfo(pid, st[1], proc_argv(pid), side)
+                    base = st[2] if already_there else 0
+                    self.procs[key] = ProcInfo(pid, st[1], proc_argv(pid), side, base_ticks=base)
                 self._live[pid] = key
 
     def _sample(self) -> None:
