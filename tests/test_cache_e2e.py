@@ -527,19 +527,51 @@ def test_files_a_remote_glob_finds_are_followed_and_warm_moves_nothing(
         data = os.urandom(64 * 1024 + i)
         (small / f"in{i:03d}.bin").write_bytes(data)
         whole.update(data)
-    (small / "notes.txt").write_bytes(b"not matched by the glob")
+    notes = b"not matched by the glob"
+    (small / "notes.txt").write_bytes(notes)
     total = sum(p.stat().st_size for p in small.glob("*.bin"))
     r1, s1 = exec_stats(testhost, root, "sh", "-c", "cat small/*.bin | sha256sum")
     assert remote_sha256(r1) == whole.hexdigest()
     assert s1["followed_files"] == 11, s1  # all but the first, and never notes.txt
     assert s1["prefetch_hits"] >= 1, s1
-    assert s1["content_bytes_sent"] == total, s1  # each file once, nothing else
+    # Each file once, and notes.txt, which the shell's listing carried (with in000.bin:
+    # files up to 64 KiB come inline in a listing the job reads).
+    assert s1["content_bytes_sent"] == total + len(notes), s1
+    assert s1["files_inlined"] == 2, s1
     assert (s1["cache_hits"], s1["cache_misses"]) == (0, 12), s1
     r2, s2 = exec_stats(testhost, root, "sh", "-c", "cat small/*.bin | sha256sum")
     assert r2.stdout == r1.stdout
     assert s2["content_bytes_sent"] == 0, s2
     assert (s2["cache_hits"], s2["cache_misses"]) == (12, 0), s2
     assert s2["hashed_bytes"] == 0, s2
+
+
+def test_small_files_a_listing_carries_need_no_open_and_warm_move_nothing(
+    testhost, root, empty_cache
+):
+    """4 KiB sidecars found by a remote glob: the listing carries their content, so the
+    job opens none of them through the client; the next run gets them from the store."""
+    tiny = root / "tiny"
+    tiny.mkdir()
+    whole = hashlib.sha256()
+    for i in range(40):
+        data = os.urandom(4096 - i)
+        (tiny / f"s{i:03d}.xmp").write_bytes(data)
+        whole.update(data)
+    total = sum(p.stat().st_size for p in tiny.iterdir())
+    r1, s1 = exec_stats(testhost, root, "sh", "-c", "cat tiny/*.xmp | sha256sum")
+    assert remote_sha256(r1) == whole.hexdigest()
+    assert s1["files_inlined"] == 40, s1
+    assert s1["content_bytes_sent"] == total, s1  # each file once, in the listing
+    r2, s2 = exec_stats(testhost, root, "sh", "-c", "cat tiny/*.xmp | sha256sum")
+    assert r2.stdout == r1.stdout
+    assert s2["files_inlined"] == 0, s2  # the index knows them now: hashes alone
+    assert s2["content_bytes_sent"] == 0, s2
+    assert (s2["cache_hits"], s2["cache_misses"]) == (40, 0), s2
+    # Edited since: the new content arrives, never the stored old one.
+    (tiny / "s007.xmp").write_bytes(b"edited")
+    r3, s3 = exec_stats(testhost, root, "sh", "-c", "cat tiny/s007.xmp | sha256sum")
+    assert remote_sha256(r3) == hashlib.sha256(b"edited").hexdigest()
 
 
 WALK = r"""
@@ -564,7 +596,9 @@ def test_a_walk_is_followed_one_directory_ahead(testhost, root, empty_cache):
             (root / "tree" / sub / f"{i}.raw").write_bytes(data)
             whole.update(data)
             total += len(data)
-    r, s = exec_stats(testhost, root, "sh", "-c", 'exec python3 -c "$0" tree', WALK)
+    # -I: Python's import system would list the root (the cwd), and that listing would
+    # carry the small sample files there (counted in content_bytes_sent).
+    r, s = exec_stats(testhost, root, "sh", "-c", 'exec python3 -I -c "$0" tree', WALK)
     assert r.stdout.decode().split() == [whole.hexdigest()]
     # a: the five after the first; b and c: all six, listed before the job reached them
     assert s["followed_files"] == 17, s

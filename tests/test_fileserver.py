@@ -719,3 +719,59 @@ def test_a_file_changed_in_place_while_read_fails_instead_of_mixing(world):
     with pytest.raises(OSError) as e:
         call(server, proto.ReadChunk(opened.handle, 5, 6))
     assert e.value.errno == errno.ESTALE
+
+
+# --- small files inline in listings -----------------------------------------------------
+
+ASK = 1 << 20  # what the agent asks of a listing the job goes through
+
+
+def test_a_listing_for_lookups_carries_no_content(world):
+    server, root, _ = world
+    (root / "out" / "a.xmp").write_bytes(b"sidecar")
+    entries = call(server, proto.ListDir(b"out")).entries
+    assert [(e.name, e.data) for e in entries] == [(b"a.xmp", None)]
+    assert server.stats.bytes_read == 0
+
+
+def test_a_listing_carries_small_files_the_client_had_not_hashed(world):
+    server, root, _ = world
+    small = os.urandom(3000)
+    (root / "out" / "a.xmp").write_bytes(small)
+    (root / "out" / "big.bin").write_bytes(os.urandom(200 << 10))  # past INLINE_FILE_MAX
+    (root / "out" / "empty").write_bytes(b"")
+    entries = {e.name: e for e in call(server, proto.ListDir(b"out", ASK)).entries}
+    assert entries[b"a.xmp"].data == small
+    assert entries[b"a.xmp"].blake3 == digest(small)
+    assert entries[b"empty"].data == b""
+    assert entries[b"big.bin"].data is None
+    assert server.stats.files_inlined == 2
+    assert server.stats.bytes_read == len(small)
+    # Listed again: the index knows them now, so the hashes go alone (the warm case).
+    again = {e.name: e for e in call(server, proto.ListDir(b"out", ASK)).entries}
+    assert again[b"a.xmp"].data is None
+    assert again[b"a.xmp"].blake3 == digest(small)
+    assert server.stats.bytes_read == len(small)
+
+
+def test_inline_content_stops_at_the_listing_budget(world, monkeypatch):
+    from topyaz_mount.client import fileserver
+
+    monkeypatch.setattr(fileserver, "INLINE_LISTING_MAX", 10_000)  # the agent asks more
+    server, root, _ = world
+    for i in range(5):
+        (root / "out" / f"{i}.txt").write_bytes(bytes([i]) * 3000)
+    entries = call(server, proto.ListDir(b"out", ASK)).entries
+    carried = [e.name for e in entries if e.data is not None]
+    assert carried == [b"0.txt", b"1.txt", b"2.txt"]  # in name order, 9,000 of 10,000 bytes
+    assert all(e.data == bytes([int(e.name[:1])]) * 3000 for e in entries if e.data is not None)
+
+
+def test_inline_content_never_includes_hidden_or_outside_files(world):
+    server, root, _ = world
+    (root / ".ssh").mkdir()
+    (root / ".ssh" / "id_ed25519").write_bytes(b"private key")
+    entries = {e.name: e for e in call(server, proto.ListDir(b"", ASK)).entries}
+    assert b".ssh" not in entries  # hidden by the policy
+    assert entries[b"filelink"].data is None  # a symlink to outside the root: never read
+    assert entries[b"in.jpg"].data == b"input bytes"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 import trio
+import trio.testing
 
 from topyaz_mount.agent import readcache
 from topyaz_mount.agent.bulkwindow import BulkWindow
@@ -222,3 +224,94 @@ def test_prefetch_keeps_a_bounded_number_of_client_files_open(store, monkeypatch
     run(body)
     assert client.max_open <= 5
     assert len(client.requests) == 60
+
+
+# --- small files a listing carried ----------------------------------------------------------
+
+
+def test_a_file_a_listing_carried_opens_without_asking_the_client(store: ContentStore):
+    files = {b"d/a.xmp": os.urandom(3000), b"d/b.xmp": os.urandom(5000)}
+    client = FakeClient(files)
+    entries = [
+        proto.DirEntry(p.rpartition(b"/")[2], client.attr(p), blake3.blake3(d).digest(), d)
+        for p, d in files.items()
+    ]
+
+    async def body():
+        async with trio.open_nursery() as nursery:
+            cache = ReadCache(store, client, nursery)
+            cache.remember_listing(b"d", entries)
+            for path, data in files.items():
+                entry = await cache.open(path, client.attr(path))
+                assert await entry.read(0, len(data)) == data
+                cache.release(entry)
+            await cache.wait_stored()
+            cache.close()
+
+    run(body)
+    assert client.handles == {}  # no open reached the client
+    for data in files.values():  # and both are store objects now: the next session's too
+        fd = store.open(blake3.blake3(data).digest(), len(data))
+        assert fd is not None
+        assert os.pread(fd, len(data) + 1, 0) == data
+        os.close(fd)
+
+
+def test_carried_content_that_does_not_match_its_hash_is_not_stored(store: ContentStore):
+    data = os.urandom(3000)
+    client = FakeClient({b"a": data})
+    wrong = blake3.blake3(b"something else").digest()
+
+    async def body():
+        async with trio.open_nursery() as nursery:
+            cache = ReadCache(store, client, nursery)
+            cache.remember_listing(b"", [proto.DirEntry(b"a", client.attr(b"a"), wrong, data)])
+            entry = await cache.open(b"a", client.attr(b"a"))
+            await trio.testing.wait_all_tasks_blocked()  # the store has looked at it
+            await cache.wait_stored()
+            with pytest.raises(OSError):
+                await entry.wait_complete()
+            cache.release(entry)
+            cache.close()
+
+    run(body)
+    assert store.open(wrong, len(data)) is None
+    assert store.open(blake3.blake3(data).digest(), len(data)) is None
+
+
+def test_carried_content_of_a_changed_file_is_not_used(store: ContentStore):
+    old, new = os.urandom(3000), os.urandom(3000)
+    client = FakeClient({b"a": new})
+    stale = proto.Attr(0o100644, 3000, 0, 0, 0)  # another mtime than the client's now
+
+    async def body():
+        async with trio.open_nursery() as nursery:
+            cache = ReadCache(store, client, nursery)
+            cache.remember_listing(b"", [proto.DirEntry(b"a", stale, None, old)])
+            entry = await cache.open(b"a", client.attr(b"a"))
+            assert await entry.read(0, 3000) == new
+            cache.release(entry)
+            await cache.wait_stored()
+            cache.close()
+
+    run(body)
+    assert list(client.handles.values()) == [b"a"]  # asked the client, as without a listing
+
+
+def test_content_a_listing_carried_is_stored_if_never_opened(store: ContentStore):
+    """The client sends only the hash of such a file from now on: the store must have it."""
+    data = os.urandom(3000)
+    client = FakeClient({b"a": data})
+    digest = blake3.blake3(data).digest()
+
+    async def body():
+        async with trio.open_nursery() as nursery:
+            cache = ReadCache(store, client, nursery)
+            cache.remember_listing(b"", [proto.DirEntry(b"a", client.attr(b"a"), digest, data)])
+            await cache.wait_stored()
+            cache.close()
+
+    run(body)
+    fd = store.open(digest, len(data))
+    assert fd is not None
+    os.close(fd)

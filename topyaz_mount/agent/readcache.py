@@ -49,6 +49,10 @@ PREFETCH_OPEN_MAX = 256
 # Opens in flight at once for files the job is expected to open next (follow.py).
 FOLLOW_PARALLEL = 8
 
+# Small files' content that listings carried, held in memory until it is a store
+# object (at once, in the background); the oldest go past this.
+INLINE_KEEP = 64 << 20
+
 
 class ChunkSource(Protocol):
     async def open_read(self, path: bytes) -> tuple[int, proto.Attr, bytes | None]: ...
@@ -238,6 +242,13 @@ class ReadCache:
         # opening those files costs no round trip when the store has them.
         self.manifest_digests: dict[tuple[bytes, int, int], bytes] = {}
         self.named: set[bytes] = set()  # paths a manifest announced (see follow.py)
+        # Content listings carried, by key: (data, the client's hash of it), until stored;
+        # and the keys it came for (their first open is a miss: the bytes crossed).
+        self._inline: OrderedDict[tuple[bytes, int, int], tuple[bytes, bytes | None]] = (
+            OrderedDict()
+        )
+        self._inline_bytes = 0
+        self._carried: set[tuple[bytes, int, int]] = set()
         self._follow_slots = trio.Semaphore(FOLLOW_PARALLEL)
         self._by_handle: dict[int, CachedFile] = {}  # transfers under way, by client handle
         self._storing = 0  # complete files being hashed into the store right now
@@ -274,10 +285,15 @@ class ReadCache:
                 entry.users += 1
                 return entry
             digest = self.manifest_digests.get(key)
+            inline = self._take_inline(key)
+            carried = key in self._carried
+            self._carried.discard(key)
             if digest is not None:  # named in the manifest: no need to ask the client
-                entry = await self._from_store(path, attr, -1, digest)
+                entry = await self._from_store(path, attr, -1, digest, carried=carried)
                 if entry is not None:
                     return entry
+            if inline is not None:  # a listing carried it, not stored yet: nor here
+                return self._from_inline(path, attr, *inline)
         handle, actual, digest = await self.source.open_read(path)
         entry = self._entries.get((path, actual.size, actual.mtime_ns))
         if entry is not None and entry.error is None:
@@ -305,16 +321,50 @@ class ReadCache:
         return entry
 
     async def _from_store(
-        self, path: bytes, attr: proto.Attr, handle: int, digest: bytes
+        self, path: bytes, attr: proto.Attr, handle: int, digest: bytes, carried: bool = False
     ) -> CachedFile | None:
+        """``carried``: a listing brought the bytes this session (a miss, not a hit)."""
         fd = await trio.to_thread.run_sync(self.store.open, digest, attr.size)
         if fd is None:
             return None
-        self.store.hits += 1
-        self.store.bytes_saved += attr.size
+        if carried:
+            self.store.misses += 1
+            self.bytes_fetched += attr.size
+        else:
+            self.store.hits += 1
+            self.store.bytes_saved += attr.size
         entry = CachedFile(self, path, attr, handle, fd, complete=True)
         entry.users = 1
         self._entries[entry.key] = entry
+        return entry
+
+    def _take_inline(self, key: tuple[bytes, int, int]) -> tuple[bytes, bytes | None] | None:
+        found = self._inline.pop(key, None)
+        if found is not None:
+            self._inline_bytes -= len(found[0])
+        return found
+
+    def _from_inline(
+        self, path: bytes, attr: proto.Attr, data: bytes, digest: bytes | None
+    ) -> CachedFile:
+        """A file whose content a listing carried: complete at once, then stored (the
+        store checks it against the client's hash, as for a file pulled whole)."""
+        self.store.misses += 1
+        fd, temp = self.store.new_temp(attr.size)
+        try:
+            hostos.pwrite(fd, data, 0)
+        except OSError:
+            os.close(fd)
+            self.store.discard_temp(temp)
+            raise
+        entry = CachedFile(self, path, attr, -1, fd, complete=True)
+        entry.temp = temp
+        entry.expect = digest
+        entry.users = 1
+        entry.fetched = attr.size
+        self.bytes_fetched += attr.size
+        self._entries[entry.key] = entry
+        self.nursery.start_soon(self.finished, entry)
         return entry
 
     async def on_hashed(self, handle: int, digest: bytes) -> None:
@@ -348,11 +398,58 @@ class ReadCache:
                 self.manifest_digests[(e.path, e.size, e.mtime_ns)] = e.blake3
 
     def remember_listing(self, directory: bytes, entries: list[proto.DirEntry]) -> None:
-        """Hashes a listing carried (the client's index): as a manifest's."""
+        """Hashes a listing carried (the client's index): as a manifest's; and the
+        content of small files it carried, which becomes store objects: the client
+        sends those files' hashes alone from now on, so the store must have them."""
+        carried = []
         for e in entries:
+            path = directory + b"/" + e.name if directory else e.name
+            key = (path, e.attr.size, e.attr.mtime_ns)
             if e.blake3 is not None:
-                path = directory + b"/" + e.name if directory else e.name
-                self.manifest_digests[(path, e.attr.size, e.attr.mtime_ns)] = e.blake3
+                self.manifest_digests[key] = e.blake3
+            if e.data is not None and len(e.data) == e.attr.size and e.blake3 is not None:
+                self._take_inline(key)
+                self._inline[key] = (e.data, e.blake3)
+                self._inline_bytes += len(e.data)
+                self._carried.add(key)
+                carried.append(key)
+        while self._inline_bytes > INLINE_KEEP:
+            key, (data, _digest) = self._inline.popitem(last=False)
+            self._inline_bytes -= len(data)
+            self._carried.discard(key)
+        if carried:
+            self._storing += 1
+            self.nursery.start_soon(self._store_carried, carried)
+
+    async def _store_carried(self, keys: list[tuple[bytes, int, int]]) -> None:
+        try:
+            found = [(key, self._inline[key]) for key in keys if key in self._inline]
+            stored = await trio.to_thread.run_sync(self._write_objects, [f[1] for f in found])
+            for (key, item), ok in zip(found, stored, strict=True):
+                if ok and self._inline.get(key) is item:
+                    self._take_inline(key)  # the store answers its open from now on
+        finally:
+            self._storing -= 1
+
+    def _write_objects(self, items: list[tuple[bytes, bytes | None]]) -> list[bool]:
+        """(In a thread.) Each content as a store object, checked against its hash."""
+        stored = []
+        for data, digest in items:
+            try:
+                if digest is not None and self.store.has(digest, len(data)):
+                    stored.append(True)
+                    continue
+                fd, temp = self.store.new_temp(len(data))
+                try:
+                    hostos.pwrite(fd, data, 0)
+                    self.store.add(temp, fd, digest)
+                finally:
+                    os.close(fd)
+                stored.append(True)
+            except OSError as e:
+                log.info("could not keep a file a listing carried: %s", e)
+                stored.append(False)
+        return stored
 
     async def follow(self, wanted: list[tuple[bytes, proto.Attr]]) -> None:
         """Pull files the job is expected to open next (follow.py), in that order.
@@ -433,6 +530,9 @@ class ReadCache:
         """Forget cached copies of ``path`` (the client changed or removed it)."""
         for key in [k for k in self.manifest_digests if k[0] == path]:
             del self.manifest_digests[key]
+        for key in [k for k in self._inline if k[0] == path]:
+            self._take_inline(key)
+        self._carried = {k for k in self._carried if k[0] != path}
         for key in [k for k in self._entries if k[0] == path]:
             entry = self._entries[key]
             if entry.users == 0:

@@ -58,6 +58,16 @@ DISK_SHARE = 0.75
 DISK_RESERVE_FRACTION = 0.05
 DISK_RESERVE_MAX = 1 << 30
 TEMP_MARK = b".tmcommit-"
+
+# A listing the agent asks with room for it (ListDir.inline: the job's own readdir, a
+# walk's next directory) carries the content of small files the client has not hashed
+# yet (see _inline), so a job that reads a directory of them needs no round trip per
+# file: files up to INLINE_FILE_MAX, at most INLINE_LISTING_MAX bytes (whatever the
+# agent asks) and INLINE_FILES_MAX files a listing. A file the index knows goes by its
+# hash alone (the agent's store keeps what listings carried).
+INLINE_FILE_MAX = 64 << 10
+INLINE_LISTING_MAX = 1 << 20
+INLINE_FILES_MAX = 512
 _TMPFILE_NAME = re.compile(rb"#\d+")
 # A named commit temporary (``.<name>.tmcommit-<12 hex>``) untouched for this long is a
 # killed client's leftover, not a live commit of another session: collected (see
@@ -126,14 +136,35 @@ class _Read:
 class TransferStats:
     """Counters kept where the bytes move, for ``--stats`` and the benchmarks."""
 
-    bytes_read: int = 0
+    bytes_read: int = 0  # content sent: chunks, and small files inline in listings
     files_opened: int = 0
+    files_inlined: int = 0
     bytes_committed: int = 0
     files_committed: int = 0
     # What the jobs' manifests announced, and the part the remote cache already had
     # (set by the session; the progress display's "expected" and "skipped" bytes).
     manifest_bytes: int = 0
     manifest_cached_bytes: int = 0
+
+
+@dataclass
+class _InlineBudget:
+    """What one listing may still carry inline."""
+
+    limit: int
+    used: int = 0
+    files: int = 0
+
+    def fits(self, size: int) -> bool:
+        return (
+            size <= INLINE_FILE_MAX
+            and self.used + size <= self.limit
+            and self.files < INLINE_FILES_MAX
+        )
+
+    def take(self, size: int) -> None:
+        self.used += size
+        self.files += 1
 
 
 class FileServer:
@@ -366,16 +397,47 @@ class FileServer:
     def _listdir(self, req: proto.ListDir) -> proto.Listing:
         self._visible(req.path)
         prefix = req.path + b"/" if req.path else b""
-        entries = [
-            proto.DirEntry(
-                name,
-                attr_of(st),
-                self.index.lookup(st) if stat.S_ISREG(st.st_mode) else None,
-            )
-            for name, st in self.jail.listdir(req.path)
-            if TEMP_MARK not in name and not self.policy.hidden(prefix + name)
-        ]
+        entries = []
+        inline = _InlineBudget(limit=min(max(req.inline, 0), INLINE_LISTING_MAX))
+        learned: list[tuple[os.stat_result, bytes]] = []
+        for name, st in sorted(self.jail.listdir(req.path)):
+            if TEMP_MARK in name or self.policy.hidden(prefix + name):
+                continue
+            digest = data = None
+            if stat.S_ISREG(st.st_mode):
+                digest = self.index.lookup(st)
+                if digest is None and inline.fits(st.st_size):
+                    data = self._inline(prefix + name, st)
+                    if data is not None:
+                        inline.take(len(data))
+                        digest = blake3.blake3(data).digest()
+                        learned.append((st, digest))
+            entries.append(proto.DirEntry(name, attr_of(st), digest, data))
+        self.index.remember_many(learned)  # the next listing sends their hashes alone
+        self.stats.files_inlined += len(learned)
+        self.stats.bytes_read += inline.used
         return proto.Listing(entries)
+
+    def _inline(self, rel: bytes, listed: os.stat_result) -> bytes | None:
+        """The whole content of a small file, if it is still what ``listed`` says."""
+        try:
+            fd = self.jail.open_read(rel)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+                listed.st_ino, listed.st_size, listed.st_mtime_ns, listed.st_ctime_ns
+            ):
+                return None
+            data = os.pread(fd, st.st_size + 1, 0)
+            if len(data) != st.st_size or os.fstat(fd).st_ctime_ns != st.st_ctime_ns:
+                return None  # changed while we read it
+            return data
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _open_read(self, req: proto.OpenRead) -> proto.Opened:
         if len(self._reads) >= self.caps.reads:

@@ -80,6 +80,23 @@ class HashIndex:
         except sqlite3.Error as e:
             log.debug("could not remember a hash: %s", e)
 
+    def remember_many(self, known: list[tuple[os.stat_result, bytes]]) -> None:
+        """As ``remember``, in one transaction (a listing's worth of small files)."""
+        if self._db is None or not known:
+            return
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, d)
+                        for st, d in known
+                    ],
+                )
+        except sqlite3.Error as e:
+            log.debug("could not remember hashes: %s", e)
+
     def hash_of(self, fd: int) -> bytes:
         """The file's hash, from memory if it is unchanged, else computed and remembered."""
         st = os.fstat(fd)

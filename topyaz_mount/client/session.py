@@ -500,6 +500,7 @@ class Session:
         sent_before = self.server.stats.bytes_read
         committed_before = self.server.stats.bytes_committed
         files_before = self.server.stats.files_committed
+        inlined_before = self.server.stats.files_inlined
         wire_before = (self.peer.bytes_sent, self.peer.bytes_received)
         hashed_before = self.server.index.hashed_bytes
         refusals_before = self.server.refusals.count
@@ -559,6 +560,7 @@ class Session:
             content_bytes_sent=self.server.stats.bytes_read - sent_before,
             content_bytes_received=self.server.stats.bytes_committed - committed_before,
             files_committed=self.server.stats.files_committed - files_before,
+            files_inlined=self.server.stats.files_inlined - inlined_before,
             wire_bytes_sent=self.peer.bytes_sent - wire_before[0],
             wire_bytes_received=self.peer.bytes_received - wire_before[1],
             hashed_bytes=self.server.index.hashed_bytes - hashed_before,

@@ -15,7 +15,7 @@ from typing import Union
 
 import msgspec
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # A Run sent behind the Hello, before the Welcome named the mountpoint, carries its
 # paths under this prefix, which the agent replaces by the mountpoint. Its NUL bytes
 # cannot be in any argument, working directory or environment value of a real command.
@@ -59,12 +59,15 @@ class KnownDir(msgspec.Struct, frozen=True, array_like=True):
 
 
 class DirEntry(msgspec.Struct, frozen=True, array_like=True):
-    """``blake3``: a regular file's content hash when the client's index knows it, so
-    the agent's store can serve the file without asking (an older peer ignores it)."""
+    """``blake3``: a regular file's content hash when the client knows it, so the
+    agent's store can serve the file without asking. ``data``: the whole content of a
+    small file the client had not hashed before (the store cannot have it then), so
+    the job's open of it costs no round trip (fileserver.INLINE_FILE_MAX)."""
 
     name: bytes
     attr: Attr
     blake3: bytes | None = None
+    data: bytes | None = None
 
 
 # --- requests the client answers (agent -> client) ------------------------------------
@@ -75,7 +78,11 @@ class Stat(_Msg):
 
 
 class ListDir(_Msg):
+    """``inline``: how many bytes of small files' content the listing may carry (the
+    client caps it; see DirEntry.data). 0 for a listing that only answers lookups."""
+
     path: bytes
+    inline: int = 0
 
 
 class OpenRead(_Msg):
