@@ -75,6 +75,7 @@ def test_opens_before_any_listing_ask_for_one_and_are_judged_when_it_comes():
     assert fw.opened(b"frames/00001.png").list_dir is None
     assert fw.opened(b"frames/00002.png").list_dir == b"frames"
     assert fw.opened(b"frames/00003.png").list_dir is None  # asked once
+
     ahead = fw.listed(b"frames", listing(*(f"{i:05d}.png" for i in range(1, 7))), by_job=False)
     assert names(ahead) == [b"frames/00004.png", b"frames/00005.png", b"frames/00006.png"]
 
@@ -103,3 +104,11 @@ def test_a_changed_directory_is_forgotten():
     fw.listed(b"d", listing("a.bin", "b.bin"), by_job=True)
     fw.forget(b"d")
     assert names(fw.opened(b"d/a.bin")) == []
+
+
+def test_one_file_opened_again_and_again_lists_nothing():
+    """Concurrent readers of one input: no order to learn, and a listing of the
+    directory would only carry its other small files over for nothing."""
+    fw = Follower()
+    assert [fw.opened(b"photo.png").list_dir for _ in range(4)] == [None] * 4
+    assert fw.opened(b"other.png").list_dir == b""  # a second file: list it, then judge

@@ -151,10 +151,14 @@ class Follower:
         d = self._dirs.get(directory)
         if d is None:
             seen = self._unlisted.setdefault(directory, [])
+            new = name not in seen
             seen.append(name)
             del seen[:-REPLAYED]
-            # A second open in a directory nobody listed: list it, then judge.
-            return Ahead(list_dir=directory if len(seen) == 2 else None)
+            # A second file opened in a directory nobody listed: list it, then judge (a
+            # file opened again says nothing of an order, and the listing may carry
+            # small files' content).
+            second = new and len(set(seen)) == 2
+            return Ahead(list_dir=directory if second else None)
         if name not in d.files:
             return Ahead()
         track = self._track(d, suffix(name))
