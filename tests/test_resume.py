@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import trio
 import trio.testing
 
@@ -159,3 +161,48 @@ async def _a_resume_past_what_was_sent_drops_the_transport():
     with trio.fail_after(5):
         await a.run_transport(ours)  # returns: the transport is given up
     assert not a.ended
+
+
+# --- the buffers under the stream ------------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(0, 200_000)),
+            st.tuples(st.just("drop"), st.integers(0, 300_000)),
+            st.tuples(st.just("peek"), st.integers(0, 300_000), st.integers(0, 300_000)),
+            st.tuples(st.just("take"), st.integers(0, 300_000)),
+        ),
+        max_size=40,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_byte_queue_is_a_fifo_of_bytes(ops):
+    """Against a plain bytearray: pieces of any size, joined or not, in any order."""
+    q = resume.ByteQueue()
+    ref = bytearray()
+    counter = 0
+    for op in ops:
+        if op[0] == "append":
+            data = bytes((counter + i) % 251 for i in range(op[1]))
+            counter += op[1]
+            q.append(data)
+            ref += data
+        elif op[0] == "drop":
+            q.drop(op[1])
+            del ref[: op[1]]
+        elif op[0] == "peek":
+            assert q.peek(op[1], op[2]) == bytes(ref[op[1] : op[1] + op[2]])
+        else:
+            assert q.take(op[1]) == bytes(ref[: op[1]])
+            del ref[: op[1]]
+        assert len(q) == len(ref)
+
+
+def test_byte_queue_keeps_small_pieces_together():
+    q = resume.ByteQueue()
+    for i in range(10_000):
+        q.append(bytes([i % 256]) * 10)
+    assert len(q._pieces) <= 2  # 100,000 bytes: one joined piece, and the tail
+    assert q.peek(99_990, 20) == bytes([9999 % 256]) * 10

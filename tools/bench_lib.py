@@ -169,6 +169,20 @@ def remote_users(pids: set[int]) -> set[int]:
     return uids
 
 
+def ours_detached() -> set[int]:
+    """topyaz-mount processes that left the run's process tree (a persisted session's
+    daemon double-forks away from the exec that started it): local too."""
+    me = os.getpid()
+    out = set()
+    for pid in all_pids():
+        if pid == me:
+            continue
+        argv = proc_argv(pid)
+        if any(b"topyaz_mount" in a or a.endswith(b"topyaz-mount") for a in argv[:3]):
+            out.add(pid)
+    return out
+
+
 def owned_by(uids: set[int]) -> set[int]:
     """Every live process of one of ``uids``."""
     if not uids:
@@ -254,6 +268,8 @@ class ProcSampler(threading.Thread):
         remote |= owned_by(remote_users(remote) | self._remote_uids)
         self._remote_uids |= remote_users(remote)
         local = set(self.local_roots) | descendants(set(self.local_roots))
+        detached = ours_detached()
+        local |= detached | descendants(detached)
         for side, pids in (("remote", remote), ("local", local)):
             for pid in pids:
                 if pid in self._live:

@@ -27,6 +27,7 @@ import hmac
 import logging
 import re
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,16 +89,93 @@ async def read_line(stream: trio.abc.ReceiveStream, limit: int = ATTACH_MAX) -> 
     raise ValueError("line too long")
 
 
+class ByteQueue:
+    """A FIFO of bytes, kept as the pieces it was given (small ones joined).
+
+    A bytearray appended to at the end and cut at the front was copied whole again and
+    again: CPython moves a bytearray whose front was cut every time it grows. With 32 MiB
+    in flight that was most of the agent's CPU while 1 GiB of output went home (an
+    18.5 s stage job that rsync staging does in 4.5-6.7 s)."""
+
+    JOIN_BELOW = 64 << 10  # smaller pieces go into one until it reaches this
+
+    def __init__(self) -> None:
+        self._pieces: deque[bytes] = deque()
+        self._tail = bytearray()  # small pieces not yet joined into one
+        self._skip = 0  # bytes of the first piece already dropped
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if not n:
+            return
+        self._size += n
+        if n < self.JOIN_BELOW:
+            self._tail += data
+            if len(self._tail) >= self.JOIN_BELOW:
+                self._close_tail()
+            return
+        self._close_tail()
+        self._pieces.append(bytes(data))
+
+    def _close_tail(self) -> None:
+        if self._tail:
+            self._pieces.append(bytes(self._tail))
+            self._tail = bytearray()
+
+    def peek(self, start: int, n: int) -> bytes:
+        """Up to ``n`` bytes from ``start`` bytes past the front."""
+        self._close_tail()
+        start += self._skip
+        parts = []
+        for piece in self._pieces:
+            if start >= len(piece):
+                start -= len(piece)
+                continue
+            part = piece[start : start + n] if start or n < len(piece) else piece
+            parts.append(part)
+            n -= len(part)
+            start = 0
+            if not n:
+                break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def drop(self, n: int) -> None:
+        """Forget the first ``n`` bytes."""
+        n = min(n, self._size)
+        self._size -= n
+        if n and not self._pieces:
+            self._close_tail()
+        while n:
+            left = len(self._pieces[0]) - self._skip
+            if n < left:
+                self._skip += n
+                return
+            self._pieces.popleft()
+            self._skip = 0
+            n -= left
+            if n and not self._pieces:
+                self._close_tail()
+
+    def take(self, n: int) -> bytes:
+        data = self.peek(0, n)
+        self.drop(len(data))
+        return data
+
+
 class ResumableStream(trio.abc.Stream):
     """One logical stream over a series of transports (see the module docstring)."""
 
     def __init__(self, timing: Timing, buffer_limit: int = BUFFER_LIMIT) -> None:
         self.timing = timing
         self._limit = buffer_limit
-        self._out = bytearray()  # sent by the Peer, not yet acknowledged
+        self._out = ByteQueue()  # sent by the Peer, not yet acknowledged
         self._out_base = 0  # stream offset of _out[0]
         self._send_pos = 0  # next offset to put on the current transport
-        self._in = bytearray()  # received, not yet taken by the Peer
+        self._in = ByteQueue()  # received, not yet taken by the Peer
         self._received = 0  # stream offset received so far
         self._acked = 0  # how far we last told the peer
         self._wake_writer = trio.Event()
@@ -116,7 +194,7 @@ class ResumableStream(trio.abc.Stream):
             await self._wait_change()
         if self._ended or self._closing:
             raise trio.BrokenResourceError("the session's stream has ended")
-        self._out += data
+        self._out.append(data)
         self._wake_writer.set()
         await trio.lowlevel.checkpoint()
 
@@ -128,8 +206,7 @@ class ResumableStream(trio.abc.Stream):
         while not self._in and not self._ended and not self.peer_closed:
             await self._wait_change()
         n = len(self._in) if max_bytes is None else min(max_bytes, len(self._in))
-        data = bytes(self._in[:n])
-        del self._in[:n]
+        data = self._in.take(n)
         if n:
             self._notify_change()  # room for the segment reader
         await trio.lowlevel.checkpoint()
@@ -217,7 +294,7 @@ class ResumableStream(trio.abc.Stream):
             end = self._out_base + len(self._out)
             if self._send_pos < end:
                 start = self._send_pos - self._out_base
-                chunk = bytes(self._out[start : start + SEGMENT])
+                chunk = self._out.peek(start, SEGMENT)
                 offset = self._send_pos
                 await self._send(transport, state, DATA, offset, chunk)
                 # The peer may have acknowledged the chunk before send_all returned
@@ -286,7 +363,7 @@ class ResumableStream(trio.abc.Stream):
                     raise TransportLost("a gap in the stream")
                 fresh = data[self._received - offset :]
                 if fresh:
-                    self._in += fresh
+                    self._in.append(fresh)
                     self._received += len(fresh)
                     self._notify_change()
                     self._wake_writer.set()
@@ -298,7 +375,7 @@ class ResumableStream(trio.abc.Stream):
     def _acknowledged(self, offset: int) -> None:
         done = min(offset, self._out_base + len(self._out)) - self._out_base
         if done > 0:
-            del self._out[:done]
+            self._out.drop(done)
             self._out_base += done
             self._send_pos = max(self._send_pos, self._out_base)
             self._notify_change()
