@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import blake3
@@ -775,3 +776,54 @@ def test_inline_content_never_includes_hidden_or_outside_files(world):
     assert b".ssh" not in entries  # hidden by the policy
     assert entries[b"filelink"].data is None  # a symlink to outside the root: never read
     assert entries[b"in.jpg"].data == b"input bytes"
+
+
+# --- big chunks written in a thread (receive_chunk) -------------------------------------
+
+
+def test_big_chunks_written_in_a_thread_land_whole(world):
+    server, root, _ = world
+    data = os.urandom(3 << 20) + b"tail"
+
+    async def body():
+        await server.handle(proto.CommitBegin(1, b"out/big.bin", 0o644))
+        for off in range(0, len(data), 1 << 20):
+            await server.receive_chunk(proto.CommitChunk(1, off, data[off : off + (1 << 20)]))
+        return await server.handle(proto.CommitEnd(1, len(data), digest(data), None))
+
+    trio.run(body)
+    assert (root / "out" / "big.bin").read_bytes() == data
+    assert all_temps(root) == []
+
+
+def test_an_abort_while_a_thread_writes_closes_after_it(world, monkeypatch):
+    """The session ends (or the agent aborts) while a chunk is being written: the fd
+    is not closed under the writing thread, and nothing is left once it returns."""
+    from topyaz_mount.client import fileserver
+
+    server, root, _ = world
+    started, release = threading.Event(), threading.Event()
+    write = fileserver._write_and_hash
+
+    def slow_write(fd, hasher, data):
+        started.set()
+        release.wait(10)
+        write(fd, hasher, data)
+
+    monkeypatch.setattr(fileserver, "_write_and_hash", slow_write)
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    async def body():
+        await server.handle(proto.CommitBegin(1, b"out/big.bin", 0o644))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.receive_chunk, proto.CommitChunk(1, 0, b"x" * (1 << 20)))
+            await trio.to_thread.run_sync(started.wait)
+            assert await server.handle(proto.CommitAbort(1)) == proto.Done()
+            release.set()
+        with pytest.raises(OSError):
+            await server.handle(proto.CommitEnd(1, 1 << 20, digest(b"x" * (1 << 20)), None))
+
+    trio.run(body)
+    assert all_temps(root) == []
+    assert not (root / "out" / "big.bin").exists()
+    assert len(os.listdir("/proc/self/fd")) == fds_before

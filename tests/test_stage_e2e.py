@@ -10,6 +10,7 @@ whose FUSE cannot be used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -428,3 +429,41 @@ def test_a_channel_moved_by_threads_carries_a_job_both_ways(testhost, client_roo
     assert b"typed\n" in r.stderr
     assert (client_root / "out.bin").read_bytes() == data + data
     assert (client_root / "in.bin").read_bytes() == data
+
+
+ORPHAN_APPENDS = """
+import os, sys, time
+data = os.urandom(30 << 20)
+with open("r.bin", "wb") as f:
+    f.write(data)
+print(__import__("hashlib").sha256(data).hexdigest(), flush=True)
+if os.fork() == 0:  # outlives the job, and changes its output while it goes home
+    os.setsid()  # out of the job's process group, which ends with the job
+    time.sleep(0.5)
+    with open("r.bin", "ab") as f:
+        f.write(b"tail")
+    os._exit(0)
+"""
+
+
+def test_an_output_changed_while_it_goes_home_lands_whole(testhost, client_root, tmp_path):
+    """Once the job has ended, the stage backend sends its outputs from the tree without
+    a copy; a process the job left behind appends to one while it is on the (slow)
+    link. What lands is one version of the file, whole, never a mix of two."""
+    from bench_wan import start_proxy, stop_proxy
+
+    before = sorted(os.listdir(client_root))
+    proxy, port = start_proxy(testhost.port, 10, 80, tmp_path / "wanproxy.log")
+    try:
+        r = run_exec(testhost, client_root, "python3", "-c", ORPHAN_APPENDS,
+                     remote=f"{testhost.remote_user}@127.0.0.1:{port}",
+                     options=["--backend", "stage"])  # fmt: skip
+    finally:
+        stop_proxy(proxy)
+    assert r.returncode == 0, describe(r)
+    first = r.stdout.decode().split()[0]
+    landed = (client_root / "r.bin").read_bytes()
+    whole_first = hashlib.sha256(landed).hexdigest() == first
+    whole_second = landed.endswith(b"tail") and hashlib.sha256(landed[:-4]).hexdigest() == first
+    assert whole_first or whole_second, f"{len(landed)} bytes: neither version of the file"
+    assert sorted(os.listdir(client_root)) == sorted([*before, "r.bin"])  # no temp file

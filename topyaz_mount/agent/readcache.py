@@ -589,17 +589,18 @@ class ReadCache:
             os.close(entry.fd)
             entry.fd = -1
 
-    def keep_output(self, fd: int, digest: bytes, size: int) -> None:
-        """A committed output becomes a store object too (copied in the background)."""
+    def keep_output(self, fd: int, digest: bytes, size: int, may_change: bool = False) -> None:
+        """A committed output becomes a store object too (copied in the background;
+        ``may_change``: fd is a file a job may still write, so the copy is hashed)."""
         if size > OUTPUT_COPY_LIMIT:
             return
         dup = os.dup(fd)  # the spool may close its fd while we copy
         self._storing += 1
-        self.nursery.start_soon(self._copy_output, dup, digest, size)
+        self.nursery.start_soon(self._copy_output, dup, digest, size, may_change)
 
-    async def _copy_output(self, fd: int, digest: bytes, size: int) -> None:
+    async def _copy_output(self, fd: int, digest: bytes, size: int, verify: bool) -> None:
         try:
-            await trio.to_thread.run_sync(self.store.copy_in, fd, digest, size)
+            await trio.to_thread.run_sync(self.store.copy_in, fd, digest, size, verify)
         except OSError as e:
             log.info("could not keep an output in the store: %s", e)
         finally:

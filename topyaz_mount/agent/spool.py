@@ -62,6 +62,17 @@ log = logging.getLogger(__name__)
 
 STREAM_AFTER = 8 << 20
 MAX_GAPS = 256  # writes ahead of the complete front: more, and the writer is not sequential
+OWN_COPY_TRIES = 3  # a file read in place that keeps changing: private copies tried
+
+
+class SourceChanged(Exception):
+    """A file the spool read in place changed before its commit ended."""
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes whenever a file's content may have (ctime: any write, even one that
+    restores the mtime)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 MAX_RESENDS = 4  # a commit cut off by clients taking the session over, sent again
 
 
@@ -126,6 +137,9 @@ class SpoolFile:
         # Held while a commit request naming ``path`` is in flight, and by renames.
         self.naming = trio.Lock()
         self.serial = 0  # the order renames take ``naming`` locks in
+        # Read in place from a file someone else owns (``Spool.borrow``): its identity
+        # then, checked before the commit's end. None: ``fd`` is our private copy.
+        self.borrowed: tuple[int, int, int, int] | None = None
 
     def raise_if_failed(self) -> None:
         """Why this copy is incomplete, as the job's close or fsync must hear it."""
@@ -156,9 +170,10 @@ class Spool:
         # job may free room and write the file again, and that commit withdraws it.
         self._refused: dict[bytes, tuple[int | None, str]] = {}
         self.notes: list[tuple[int | None, str]] = []
-        # Told of each committed output (fd, blake3, size), so the content store can
-        # keep a copy: a later job that reads this output needs no transfer.
-        self.on_committed: Callable[[int, bytes, int], None] | None = None
+        # Told of each committed output (fd, blake3, size, whether fd is read in place
+        # and may change), so the content store can keep a copy: a later job that
+        # reads this output needs no transfer.
+        self.on_committed: Callable[[int, bytes, int, bool], None] | None = None
         self.bytes_committed = 0
         self.frozen = False  # a forced unmount: start no more commits
 
@@ -180,10 +195,22 @@ class Spool:
         return fd
 
     def create(self, path: bytes, mode: int, expect: proto.Attr | None = None) -> SpoolFile:
+        return self._add(path, self._new_fd(), mode, expect)
+
+    def borrow(self, path: bytes, fd: int, mode: int, expect: proto.Attr | None) -> SpoolFile:
+        """A spool file read in place from ``fd`` (the stage tree's file once no job
+        runs), not from a private copy: the copy cost a full write of every output on
+        the remote disk. Its commit checks before its end that the file did not change,
+        and if it did, takes a private copy and sends that (``_own_copy``)."""
+        sf = self._add(path, fd, mode, expect)
+        sf.borrowed = identity(os.fstat(fd))
+        return sf
+
+    def _add(self, path: bytes, fd: int, mode: int, expect: proto.Attr | None) -> SpoolFile:
         old = self.files.get(path)
         if old is not None:
             old.path = None
-        sf = SpoolFile(path, self._new_fd(), mode, expect)
+        sf = SpoolFile(path, fd, mode, expect)
         sf.serial = next(self._ids)
         sf.dirty = True  # even an empty new file must appear on the client
         sf.streamable = expect is None
@@ -443,11 +470,17 @@ class Spool:
         """Commit; a new client taking the session over meanwhile (``attach``) gets the
         whole file again under a new id (the old client's half is gone with it, and a
         copy it finished is recognized by its content: fileserver._destination)."""
-        for _ in range(MAX_RESENDS):
+        for _ in range(MAX_RESENDS + OWN_COPY_TRIES):
             epoch = self.link.epoch
             try:
                 await self._commit(sf)
                 return
+            except SourceChanged:
+                if not await self._own_copy(sf):
+                    self._keep(sf, OSError(errno.EBUSY, "it kept changing while it was sent"))
+                    return
+                log.info("%r changed while it was sent: sending a private copy", sf.path)
+                continue
             except OSError as e:
                 if not await self.link.superseded_since(epoch):
                     self._keep(sf, e)
@@ -475,6 +508,8 @@ class Spool:
             offset = up.sent
             async with sf.naming:
                 path = sf.path
+                if sf.borrowed is not None and identity(os.fstat(sf.fd)) != sf.borrowed:
+                    raise SourceChanged()  # what was sent may mix two versions
                 if path is not None:
                     end = proto.CommitEnd(cid, offset, up.hasher.digest(), sf.mtime_ns, path)
                     res = await self.link.call(end, proto.PRIO_BULK, after_bulk=True)
@@ -491,7 +526,7 @@ class Spool:
         if refused in self.lost:
             self.lost.remove(refused)  # written again since, and home now
         if self.on_committed is not None:
-            self.on_committed(sf.fd, up.hasher.digest(), offset)
+            self.on_committed(sf.fd, up.hasher.digest(), offset, sf.borrowed is not None)
         if res.path != path:
             note = (
                 f"{os.fsdecode(path)} changed on the client during the job; "
@@ -500,6 +535,22 @@ class Spool:
             self.notes.append((sf.owner, note))
         sf.expect = res.attr
         sf.check = True
+
+    async def _own_copy(self, sf: SpoolFile) -> bool:
+        """Replace a borrowed fd by a private copy taken while it did not change."""
+        for _ in range(OWN_COPY_TRIES):
+            fd = self._new_fd()
+            try:
+                before = identity(os.fstat(sf.fd))
+                await trio.to_thread.run_sync(clone_or_copy, sf.fd, fd, before[1])
+                if identity(os.fstat(sf.fd)) == before:
+                    os.close(sf.fd)
+                    sf.fd, sf.borrowed = fd, None
+                    return True
+            except OSError as e:
+                log.info("could not copy %r: %s", sf.path, e)
+            os.close(fd)
+        return False
 
     async def _abort(self, cid: int) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -405,13 +405,15 @@ class StageBackend:
             for rel in dirs:
                 if rel not in self.dirs:
                     await self._make_client_dir(rel)
+            # No job runs: nothing writes the tree, so outputs are read in place.
+            in_place = final and not self.ctx.running_jobs()
             for rel, st in files:
                 now = Seen.of(st)
                 if self.seen.get(rel) == now:
                     continue
                 if not final and not self._finished(rel, now):
                     continue
-                await self._commit(rel, st, owner)
+                await self._commit(rel, st, owner, in_place)
 
     def _finished(self, rel: bytes, now: Seen) -> bool:
         """Whether a changed file looks whole: no writer has it open, or (where that
@@ -436,8 +438,11 @@ class StageBackend:
             return
         self.dirs.add(rel)
 
-    async def _commit(self, rel: bytes, st: os.stat_result, owner: int | None) -> None:
-        """Snapshot one output into the spool and schedule its commit."""
+    async def _commit(
+        self, rel: bytes, st: os.stat_result, owner: int | None, in_place: bool = False
+    ) -> None:
+        """Snapshot one output into the spool and schedule its commit (``in_place``:
+        no snapshot, the spool reads the tree's file and checks it did not change)."""
         spool = self.ctx.spool
         previous = self.sent.get(rel)
         if previous is not None and (previous.dirty or previous.lock.locked()):
@@ -451,18 +456,32 @@ class StageBackend:
             # A new file. Should the client have one of that name the job never saw
             # (no argument named it), it is not replaced: the output lands beside it.
             expect = None
-        sf = spool.create(rel, stat.S_IMODE(st.st_mode), expect)
-        sf.dirty = False
         source = self.tree / os.fsdecode(rel)
-        try:
-            taken = await trio.to_thread.run_sync(_snapshot, source, sf.fd)
-        except OSError as e:
-            spool.forget(sf)
-            log.info("could not take %r for its commit: %s", rel, e)
-            return
-        if taken is None:  # changed while copied: a later scan takes it whole
-            spool.forget(sf)
-            return
+        if in_place:
+            try:
+                fd = os.open(source, os.O_RDONLY | hostos.CLOEXEC | hostos.NOFOLLOW)
+            except OSError as e:
+                log.info("could not open %r for its commit: %s", rel, e)
+                return
+            taken = os.fstat(fd)
+            if not stat.S_ISREG(taken.st_mode):
+                os.close(fd)
+                return
+            sf = spool.borrow(rel, fd, stat.S_IMODE(taken.st_mode), expect)
+            sf.dirty = False
+        else:
+            sf = spool.create(rel, stat.S_IMODE(st.st_mode), expect)
+            sf.dirty = False
+            try:
+                snapshot = await trio.to_thread.run_sync(_snapshot, source, sf.fd)
+            except OSError as e:
+                spool.forget(sf)
+                log.info("could not take %r for its commit: %s", rel, e)
+                return
+            if snapshot is None:  # changed while copied: a later scan takes it whole
+                spool.forget(sf)
+                return
+            taken = snapshot
         sf.mtime_ns = taken.st_mtime_ns
         sf.owner = owner
         # The session ends and a killed job was still writing it: not a whole output.

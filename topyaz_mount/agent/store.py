@@ -147,13 +147,16 @@ class ContentStore:
             self.enforce_cap()
         return digest
 
-    def copy_in(self, fd: int, digest: bytes, size: int) -> None:
-        """Keep a copy of an output we hashed ourselves (no second hash needed)."""
+    def copy_in(self, fd: int, digest: bytes, size: int, verify: bool = False) -> None:
+        """Keep a copy of an output we hashed ourselves (``verify``: hash the copy again,
+        its source may have changed since)."""
         if self.has(digest, size):
             return
         temp_fd, temp = self.new_temp(size)
         try:
             clone_or_copy(fd, temp_fd, size)
+            if verify and hash_fd(temp_fd) != digest:
+                raise OSError(errno.EIO, "the output changed before it was kept")
             final = self.path(digest)
             final.parent.mkdir(exist_ok=True, mode=0o700)
             os.rename(temp, final)

@@ -61,6 +61,7 @@ TEMP_MARK = b".tmcommit-"
 # A commit's data is sent to the disk every FLUSH_AHEAD bytes as it arrives (osapi's
 # start_flush), not all at its end's fsync (1 GiB took seconds there).
 FLUSH_AHEAD = 8 << 20
+THREAD_WRITE_MIN = 256 << 10  # chunks from this size are written in a thread
 
 # A listing the agent asks with room for it (ListDir.inline: the job's own readdir, a
 # walk's next directory) carries the content of small files the client has not hashed
@@ -96,6 +97,8 @@ class _Commit:
     hasher: blake3.blake3 = field(default_factory=blake3.blake3)
     written: int = 0
     flushed: int = 0  # written bytes already on their way to the disk
+    writing: bool = False  # a thread is writing a chunk into fd (receive_chunk)
+    abandoned: bool = False  # aborted meanwhile: closed once that write returns
     error: OSError | None = None
 
 
@@ -306,21 +309,65 @@ class FileServer:
         return method(self, req)
 
     def handle_chunk(self, msg: proto.CommitChunk) -> None:
+        """A commit's data, written and hashed here and now."""
+        c = self._accept_chunk(msg)
+        if c is None:
+            return
+        try:
+            _write_and_hash(c.fd, c.hasher, msg.data)
+        except OSError as e:
+            self._chunk_failed(c, e)
+            return
+        self._chunk_written(c, len(msg.data))
+
+    async def receive_chunk(self, msg: proto.CommitChunk) -> None:
+        """As ``handle_chunk``, but a big chunk is written and hashed in a thread: the
+        session reads the link on meanwhile (one thread did both in turn, and a 1 GiB
+        output's writes took seconds of it). Chunks still land one after the other:
+        the session hands over the next one only when this returns."""
+        if len(msg.data) < THREAD_WRITE_MIN:
+            self.handle_chunk(msg)
+            return
+        c = self._accept_chunk(msg)
+        if c is None:
+            return
+        error = None
+        c.writing = True
+        try:
+            await trio.to_thread.run_sync(_write_and_hash, c.fd, c.hasher, msg.data)
+        except OSError as e:
+            error = e
+        finally:
+            c.writing = False
+            if c.abandoned:  # aborted while the thread wrote: its fds are ours to close
+                self._dispose(c)
+        if c.abandoned:
+            return
+        if error is not None:
+            self._chunk_failed(c, error)
+            return
+        self._chunk_written(c, len(msg.data))
+
+    def _accept_chunk(self, msg: proto.CommitChunk) -> _Commit | None:
         c = self._commits.get(msg.commit)
         if c is None or c.error is not None:
-            return
+            return None
         try:
             if msg.offset != c.written:
                 raise OSError(errno.EIO, "commit data out of order")
             self._check_room(c.fd, len(msg.data))
-            _write_all(c.fd, msg.data)
         except OSError as e:
-            # Failed for good (its end reports it): give the space back now.
-            c.error = e
-            self._drop_temp(c)
-            return
-        c.hasher.update(msg.data)
-        c.written += len(msg.data)
+            self._chunk_failed(c, e)
+            return None
+        return c
+
+    def _chunk_failed(self, c: _Commit, error: OSError) -> None:
+        """Failed for good (its end reports it): give the space back now."""
+        c.error = error
+        self._drop_temp(c)
+
+    def _chunk_written(self, c: _Commit, size: int) -> None:
+        c.written += size
         if c.written - c.flushed >= FLUSH_AHEAD:  # the end's fsync then waits for little
             OS.start_flush(c.fd, c.flushed, c.written - c.flushed)
             c.flushed = c.written
@@ -707,6 +754,12 @@ class FileServer:
         c = self._commits.pop(cid, None)
         if c is None:
             return
+        if c.writing:
+            c.abandoned = True  # a thread writes into its fd: receive_chunk closes it
+            return
+        self._dispose(c)
+
+    def _dispose(self, c: _Commit) -> None:
         if c.fd >= 0:
             os.close(c.fd)
         if c.temp_name:
@@ -722,6 +775,11 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _write_and_hash(fd: int, hasher: blake3.blake3, data: bytes) -> None:
+    _write_all(fd, data)
+    hasher.update(data)
 
 
 def _fsync_dir(dir_path_fd: int) -> None:

@@ -330,7 +330,7 @@ class Session:
             self.closed = msg.closed
             self._closed_notice.set()
         elif isinstance(msg, proto.CommitChunk):
-            self.server.handle_chunk(msg)
+            await self.server.receive_chunk(msg)
         elif isinstance(msg, proto.Output):
             job = self._job(msg.job)
             sink = job.sinks.get(msg.fd) if job is not None else None
