@@ -405,8 +405,11 @@ class StageBackend:
             for rel in dirs:
                 if rel not in self.dirs:
                     await self._make_client_dir(rel)
-            # No job runs: nothing writes the tree, so outputs are read in place.
-            in_place = final and not self.ctx.running_jobs()
+            # A final scan comes when the job that ran alone has ended, or when the
+            # session ends with its jobs killed: no job writes the tree, so outputs are
+            # read in place (one that a process they left behind changes is caught by
+            # the commit's check).
+            in_place = final
             for rel, st in files:
                 now = Seen.of(st)
                 if self.seen.get(rel) == now:
