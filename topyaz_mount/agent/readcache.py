@@ -244,9 +244,7 @@ class ReadCache:
         self.named: set[bytes] = set()  # paths a manifest announced (see follow.py)
         # Content listings carried, by key: (data, the client's hash of it), until stored;
         # and the keys it came for (their first open is a miss: the bytes crossed).
-        self._inline: OrderedDict[tuple[bytes, int, int], tuple[bytes, bytes | None]] = (
-            OrderedDict()
-        )
+        self._inline: OrderedDict[tuple[bytes, int, int], tuple[bytes, bytes]] = OrderedDict()
         self._inline_bytes = 0
         self._carried: set[tuple[bytes, int, int]] = set()
         self._follow_slots = trio.Semaphore(FOLLOW_PARALLEL)
@@ -338,25 +336,28 @@ class ReadCache:
         self._entries[entry.key] = entry
         return entry
 
-    def _take_inline(self, key: tuple[bytes, int, int]) -> tuple[bytes, bytes | None] | None:
+    def _take_inline(self, key: tuple[bytes, int, int]) -> tuple[bytes, bytes] | None:
         found = self._inline.pop(key, None)
         if found is not None:
             self._inline_bytes -= len(found[0])
         return found
 
-    def _from_inline(
-        self, path: bytes, attr: proto.Attr, data: bytes, digest: bytes | None
-    ) -> CachedFile:
-        """A file whose content a listing carried: complete at once, then stored (the
-        store checks it against the client's hash, as for a file pulled whole)."""
-        self.store.misses += 1
-        fd, temp = self.store.new_temp(attr.size)
+    def _temp_holding(self, data: bytes) -> tuple[int, Path]:
+        """A store temp file with ``data`` in it."""
+        fd, temp = self.store.new_temp(len(data))
         try:
             hostos.pwrite(fd, data, 0)
         except OSError:
             os.close(fd)
             self.store.discard_temp(temp)
             raise
+        return fd, temp
+
+    def _from_inline(self, path: bytes, attr: proto.Attr, data: bytes, digest: bytes) -> CachedFile:
+        """A file whose content a listing carried: complete at once, then stored (the
+        store checks it against the client's hash, as for a file pulled whole)."""
+        self.store.misses += 1
+        fd, temp = self._temp_holding(data)
         entry = CachedFile(self, path, attr, -1, fd, complete=True)
         entry.temp = temp
         entry.expect = digest
@@ -431,17 +432,16 @@ class ReadCache:
         finally:
             self._storing -= 1
 
-    def _write_objects(self, items: list[tuple[bytes, bytes | None]]) -> list[bool]:
+    def _write_objects(self, items: list[tuple[bytes, bytes]]) -> list[bool]:
         """(In a thread.) Each content as a store object, checked against its hash."""
         stored = []
         for data, digest in items:
             try:
-                if digest is not None and self.store.has(digest, len(data)):
+                if self.store.has(digest, len(data)):
                     stored.append(True)
                     continue
-                fd, temp = self.store.new_temp(len(data))
+                fd, temp = self._temp_holding(data)
                 try:
-                    hostos.pwrite(fd, data, 0)
                     self.store.add(temp, fd, digest)
                 finally:
                     os.close(fd)

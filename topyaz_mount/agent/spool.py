@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 STREAM_AFTER = 8 << 20
 MAX_GAPS = 256  # writes ahead of the complete front: more, and the writer is not sequential
 OWN_COPY_TRIES = 3  # a file read in place that keeps changing: private copies tried
+MAX_RESENDS = 4  # a commit cut off by clients taking the session over, sent again
 
 
 class SourceChanged(Exception):
@@ -73,7 +74,6 @@ def identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """What changes whenever a file's content may have (ctime: any write, even one that
     restores the mtime)."""
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-MAX_RESENDS = 4  # a commit cut off by clients taking the session over, sent again
 
 
 class Upload:
@@ -470,7 +470,7 @@ class Spool:
         """Commit; a new client taking the session over meanwhile (``attach``) gets the
         whole file again under a new id (the old client's half is gone with it, and a
         copy it finished is recognized by its content: fileserver._destination)."""
-        for _ in range(MAX_RESENDS + OWN_COPY_TRIES):
+        for _ in range(MAX_RESENDS + 1):  # +1: a borrowed file that changed, from a copy
             epoch = self.link.epoch
             try:
                 await self._commit(sf)

@@ -70,18 +70,10 @@ class HashIndex:
         return None
 
     def remember(self, st: os.stat_result, digest: bytes) -> None:
-        if self._db is None:
-            return
-        try:
-            self._db.execute(
-                "INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?)",
-                (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest),
-            )
-        except sqlite3.Error as e:
-            log.debug("could not remember a hash: %s", e)
+        self.remember_many([(st, digest)])
 
     def remember_many(self, known: list[tuple[os.stat_result, bytes]]) -> None:
-        """As ``remember``, in one transaction (a listing's worth of small files)."""
+        """Each file's hash, in one transaction (a listing's worth of small files)."""
         if self._db is None or not known:
             return
         try:

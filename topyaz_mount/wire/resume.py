@@ -147,9 +147,9 @@ class ByteQueue:
         """Forget the first ``n`` bytes."""
         n = min(n, self._size)
         self._size -= n
-        if n and not self._pieces:
-            self._close_tail()
         while n:
+            if not self._pieces:
+                self._close_tail()  # only then: small pieces stay joined meanwhile
             left = len(self._pieces[0]) - self._skip
             if n < left:
                 self._skip += n
@@ -157,8 +157,6 @@ class ByteQueue:
             self._pieces.popleft()
             self._skip = 0
             n -= left
-            if n and not self._pieces:
-                self._close_tail()
 
     def take(self, n: int) -> bytes:
         data = self.peek(0, n)
