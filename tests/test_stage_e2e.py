@@ -207,6 +207,41 @@ def test_a_job_appending_to_an_input_leaves_the_store_copy_intact(testhost, clie
     assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
 
+def test_outputs_become_store_objects_when_the_session_ends(testhost, client_root):
+    """Moved, not copied, into the store as the tree goes: a later job reading one
+    moves no content. One a process left behind still holds open for writing is not
+    taken, and if the store held changed bytes, a later job would still read right."""
+    r = run_on(testhost, client_root, "stage", "sh", "-c",
+               "head -c 3000000 /dev/urandom > kept.bin")
+    assert r.returncode == 0, describe(r)
+    objects = remote_home() / ".cache" / "topyaz-mount" / "objects"
+    data = (client_root / "kept.bin").read_bytes()
+    digest = blake3.blake3(data).hexdigest()
+    assert (objects / digest[:2] / digest).read_bytes() == data
+    r = run_on(testhost, client_root, "stage", "sha256sum", "kept.bin",
+               options=["--stats=json"])
+    assert r.returncode == 0, describe(r)
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert stats_of(r)["content_bytes_sent"] == 0
+
+    # A process the job left behind keeps the output open and appends to it once
+    # the session has ended.
+    late = ("head -c 2000000 /dev/urandom > late.bin; "
+            "setsid sh -c 'exec 3>>late.bin; : > opened; sleep 2; printf more >&3' "
+            "> /dev/null 2>&1 & while [ ! -e opened ]; do sleep 0.05; done")
+    r = run_on(testhost, client_root, "stage", "sh", "-c", late)
+    assert r.returncode == 0, describe(r)
+    committed = (client_root / "late.bin").read_bytes()
+    assert len(committed) == 2000000
+    digest = blake3.blake3(committed).hexdigest()
+    obj = objects / digest[:2] / digest
+    assert not obj.exists()  # held open for writing: not taken
+    (client_root / "again.bin").write_bytes(committed)
+    r = run_on(testhost, client_root, "stage", "sha256sum", "again.bin")
+    assert r.returncode == 0, describe(r)
+    assert r.stdout.split()[0].decode() == hashlib.sha256(committed).hexdigest()
+
+
 def test_outputs_go_home_while_the_job_runs(testhost, client_root):
     script = "for i in 1 2 3; do echo $i > out$i.txt; done; echo ready; exec sleep 60"
     with start_exec(testhost, client_root, "sh", "-c", script,

@@ -31,7 +31,7 @@ from ..wire import proto
 from .fusecheck import fuse_problem
 from .link import ClientLink
 from .readcache import ReadCache
-from .spool import Spool
+from .spool import Spool, SpoolFile
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ class Backend(Protocol):
         """``job`` ended: commit its outputs and wait for the commits.
 
         ``alone``: no other job runs, so every pending output is this job's."""
+
+    def committed(self, sf: SpoolFile, digest: bytes, size: int) -> None:
+        """An output is home: the content store may keep it, so a later job that
+        reads it needs no transfer."""
 
     def take_refused(self, job: int, *, everyone: bool) -> list[proto.Refused]:
         """Writes the backend refused for ``job`` under the client's policy."""

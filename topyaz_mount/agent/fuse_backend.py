@@ -18,6 +18,7 @@ import trio
 
 from ..wire import proto
 from .backend import BackendContext
+from .spool import SpoolFile
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,10 @@ class FuseBackend:
                     log.warning("committing %r although it is still open", sf.path)
                 spool.schedule(sf)
         await spool.wait_idle(job, everyone=alone)
+
+    def committed(self, sf: SpoolFile, digest: bytes, size: int) -> None:
+        """A copy into the store (the spool file goes with the session)."""
+        self.ctx.cache.keep_output(sf.fd, digest, size)
 
     def take_refused(self, job: int, *, everyone: bool) -> list[proto.Refused]:
         return self.ops.take_refused(job, everyone=everyone)

@@ -28,14 +28,10 @@ import trio
 from ..wire import proto
 from . import hostos
 from .bulkwindow import BulkWindow
-from .store import ContentStore
+from .store import OUTPUT_KEEP_LIMIT, ContentStore
 
 log = logging.getLogger(__name__)
 
-
-# Outputs up to this size are copied into the store when committed; bigger ones (a long
-# video) would cost more disk and time than a later transfer saves.
-OUTPUT_COPY_LIMIT = 1 << 30
 
 # Prefetch bytes requested and not yet arrived, over all files: a 200 Mbit/s link with
 # 20 ms of round trip holds 0.5 MB, a 1 Gbit/s one with 50 ms 6 MB.
@@ -589,18 +585,17 @@ class ReadCache:
             os.close(entry.fd)
             entry.fd = -1
 
-    def keep_output(self, fd: int, digest: bytes, size: int, may_change: bool = False) -> None:
-        """A committed output becomes a store object too (copied in the background;
-        ``may_change``: fd is a file a job may still write, so the copy is hashed)."""
-        if size > OUTPUT_COPY_LIMIT:
+    def keep_output(self, fd: int, digest: bytes, size: int) -> None:
+        """A committed output becomes a store object too (copied in the background)."""
+        if size > OUTPUT_KEEP_LIMIT:
             return
         dup = os.dup(fd)  # the spool may close its fd while we copy
         self._storing += 1
-        self.nursery.start_soon(self._copy_output, dup, digest, size, may_change)
+        self.nursery.start_soon(self._copy_output, dup, digest, size)
 
-    async def _copy_output(self, fd: int, digest: bytes, size: int, verify: bool) -> None:
+    async def _copy_output(self, fd: int, digest: bytes, size: int) -> None:
         try:
-            await trio.to_thread.run_sync(self.store.copy_in, fd, digest, size, verify)
+            await trio.to_thread.run_sync(self.store.copy_in, fd, digest, size)
         except OSError as e:
             log.info("could not keep an output in the store: %s", e)
         finally:

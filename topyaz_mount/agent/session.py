@@ -411,7 +411,6 @@ class AgentSession:
         self.cache = ReadCache(self.store, self.link, self.nursery)
         kept = KeptSession(self.base_dir, self.dir.name, self.client_root)
         self.spool = Spool(self.dir / "spool", kept, self.link, self.nursery)
-        self.spool.on_committed = self.cache.keep_output
         ctx = BackendContext(
             self.link,
             self.cache,
@@ -425,6 +424,7 @@ class AgentSession:
             lambda: list(self.jobs),
         )
         self.backend, self.backend_note = open_backend(self.backend_choice, ctx)
+        self.spool.on_committed = self.backend.committed
 
     def job_of_pid(self, pid: int) -> int | None:
         """The job a process belongs to: the nearest ancestor that is a job's leader.

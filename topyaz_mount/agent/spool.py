@@ -170,10 +170,9 @@ class Spool:
         # job may free room and write the file again, and that commit withdraws it.
         self._refused: dict[bytes, tuple[int | None, str]] = {}
         self.notes: list[tuple[int | None, str]] = []
-        # Told of each committed output (fd, blake3, size, whether fd is read in place
-        # and may change), so the content store can keep a copy: a later job that
-        # reads this output needs no transfer.
-        self.on_committed: Callable[[int, bytes, int, bool], None] | None = None
+        # Told of each committed output (its spool file, blake3, size), so the content
+        # store can keep it: a later job that reads this output needs no transfer.
+        self.on_committed: Callable[[SpoolFile, bytes, int], None] | None = None
         self.bytes_committed = 0
         self.frozen = False  # a forced unmount: start no more commits
 
@@ -526,7 +525,7 @@ class Spool:
         if refused in self.lost:
             self.lost.remove(refused)  # written again since, and home now
         if self.on_committed is not None:
-            self.on_committed(sf.fd, up.hasher.digest(), offset, sf.borrowed is not None)
+            self.on_committed(sf, up.hasher.digest(), offset)
         if res.path != path:
             note = (
                 f"{os.fsdecode(path)} changed on the client during the job; "

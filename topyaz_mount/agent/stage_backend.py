@@ -39,6 +39,7 @@ from . import hostos, winhost
 from .backend import BackendContext
 from .filecopy import clone_or_copy
 from .spool import SpoolFile
+from .store import OUTPUT_KEEP_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ class Seen:
     mtime_ns: int
     ctime_ns: int
     ino: int
+    links: int = 1
 
     @classmethod
     def of(cls, st: os.stat_result) -> Seen:
-        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink)
 
 
 def open_for_writing_elsewhere(path: Path) -> bool | None:
@@ -102,6 +104,9 @@ class StageBackend:
         self.stale: set[bytes] = set()  # changed on the client since staged
         self.dirs: set[bytes] = {b""}  # directories that exist on the client too
         self.sent: dict[bytes, SpoolFile] = {}  # each path's last commit
+        # Tree files whose content is known (committed outputs): blake3, and the file
+        # as it was then. Unchanged at the session's end, they become store objects.
+        self.known: dict[bytes, tuple[bytes, Seen]] = {}
         self.quiet: dict[bytes, Seen] = {}  # candidates as the previous scan saw them
         self.writing: set[bytes] = set()  # a writer had these open at the last look
         self.modes: dict[bytes, int] = {}  # client modes of programs run from the tree
@@ -166,6 +171,13 @@ class StageBackend:
         closed (or to its own job's end), so no half-written version goes home."""
         await self._final_scan(job if alone else None, force=alone)
 
+    def committed(self, sf: SpoolFile, digest: bytes, size: int) -> None:
+        """Noted, not copied: the file goes into the store when the session ends
+        (``_give_to_store``), where a copy now would cost a full write of it."""
+        rel = sf.path
+        if rel is not None and self.sent.get(rel) is sf and rel in self.seen:
+            self.known[rel] = (digest, self.seen[rel])
+
     def take_refused(self, job: int, *, everyone: bool) -> list[proto.Refused]:
         """None: the policy refuses staged outputs at their commit (named as lost)."""
         return []
@@ -189,8 +201,26 @@ class StageBackend:
 
     async def quiesce(self) -> None:
         """Every changed file to the spool: committed, or kept (as partial where
-        ``ending`` saw a writer)."""
+        ``ending`` saw a writer); then the outputs that went home to the store."""
         await self._final_scan(None, force=True)
+        await trio.to_thread.run_sync(self._give_to_store)
+
+    def _give_to_store(self) -> None:
+        """Move each committed output the jobs left as it was into the content store:
+        the tree is deleted next, so this costs no byte of copying (where the FUSE
+        backend copies each output as it is committed). Not before: a later command
+        of the session may still read or change it."""
+        for rel, (digest, seen) in self.known.items():
+            path = self.tree / os.fsdecode(rel)
+            try:
+                if seen.size > OUTPUT_KEEP_LIMIT or Seen.of(os.lstat(path)) != seen:
+                    continue
+                if open_for_writing_elsewhere(path):
+                    continue  # a process the jobs left behind may change it yet
+                self.ctx.cache.store.take(path, digest, seen.size)
+            except OSError as e:
+                log.info("could not keep %r in the store: %s", rel, e)
+        self.known.clear()
 
     async def stop(self) -> None:
         """Stop watching; the session removes the tree with its directory."""

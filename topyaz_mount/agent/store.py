@@ -25,6 +25,10 @@ from ..wire.hashing import hash_fd
 from . import hostos, kept
 from .filecopy import clone_or_copy
 
+# Committed outputs up to this size become store objects too; bigger ones (a long
+# video) would cost more disk than a later transfer saves.
+OUTPUT_KEEP_LIMIT = 1 << 30
+
 log = logging.getLogger(__name__)
 
 
@@ -147,16 +151,13 @@ class ContentStore:
             self.enforce_cap()
         return digest
 
-    def copy_in(self, fd: int, digest: bytes, size: int, verify: bool = False) -> None:
-        """Keep a copy of an output we hashed ourselves (``verify``: hash the copy again,
-        its source may have changed since)."""
+    def copy_in(self, fd: int, digest: bytes, size: int) -> None:
+        """Keep a copy of an output we hashed ourselves."""
         if self.has(digest, size):
             return
         temp_fd, temp = self.new_temp(size)
         try:
             clone_or_copy(fd, temp_fd, size)
-            if verify and hash_fd(temp_fd) != digest:
-                raise OSError(errno.EIO, "the output changed before it was kept")
             final = self.path(digest)
             final.parent.mkdir(exist_ok=True, mode=0o700)
             os.rename(temp, final)
@@ -168,6 +169,22 @@ class ContentStore:
         self._verified.add(digest)
         if self._add_to_total(size) + self.kept_bytes > self.cap:
             self.enforce_cap()
+
+    def take(self, path: Path, digest: bytes, size: int) -> bool:
+        """Make a file whose content we know an object by moving it, no byte copied
+        (a staged tree's file at its session's end, which would be deleted anyway).
+
+        Not marked verified: as any object, it is hashed at its first open in a
+        session, so a file that changed unseen is found damaged there, not served."""
+        if self.has(digest, size):
+            return False
+        final = self.path(digest)
+        final.parent.mkdir(exist_ok=True, mode=0o700)
+        os.replace(path, final)
+        self._verified.discard(digest)
+        if self._add_to_total(size) + self.kept_bytes > self.cap:
+            self.enforce_cap()
+        return True
 
     def discard_temp(self, temp: Path) -> None:
         self._remove(temp)
