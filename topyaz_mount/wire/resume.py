@@ -41,6 +41,7 @@ VERSION = 1
 HEADER = struct.Struct(">BQI")
 DATA, ACK, PING, CLOSE, RESUME = range(5)
 SEGMENT = 256 << 10
+SEND_APART = 16 << 10  # segments this big go out as header, then data: no copy
 BUFFER_LIMIT = 32 << 20  # bytes sent and not yet acknowledged; send_all waits past it
 ATTACH_MAX = 256
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -100,7 +101,7 @@ class ByteQueue:
     JOIN_BELOW = 64 << 10  # smaller pieces go into one until it reaches this
 
     def __init__(self) -> None:
-        self._pieces: deque[bytes] = deque()
+        self._pieces: deque[bytes | bytearray] = deque()
         self._tail = bytearray()  # small pieces not yet joined into one
         self._skip = 0  # bytes of the first piece already dropped
         self._size = 0
@@ -119,23 +120,26 @@ class ByteQueue:
                 self._close_tail()
             return
         self._close_tail()
-        self._pieces.append(bytes(data))
+        # Kept as it is, not copied: the stream's writer (the Peer) never changes a
+        # buffer it has sent. A view may be of something that changes: copied.
+        self._pieces.append(bytes(data) if isinstance(data, memoryview) else data)
 
     def _close_tail(self) -> None:
         if self._tail:
             self._pieces.append(bytes(self._tail))
             self._tail = bytearray()
 
-    def peek(self, start: int, n: int) -> bytes:
-        """Up to ``n`` bytes from ``start`` bytes past the front."""
+    def peek(self, start: int, n: int) -> bytes | bytearray | memoryview:
+        """Up to ``n`` bytes from ``start`` bytes past the front (a view where they
+        lie in one piece: a segment cut from a megabyte chunk is not copied)."""
         self._close_tail()
         start += self._skip
-        parts = []
+        parts: list[bytes | bytearray | memoryview] = []
         for piece in self._pieces:
             if start >= len(piece):
                 start -= len(piece)
                 continue
-            part = piece[start : start + n] if start or n < len(piece) else piece
+            part = memoryview(piece)[start : start + n] if start or n < len(piece) else piece
             parts.append(part)
             n -= len(part)
             start = 0
@@ -158,7 +162,7 @@ class ByteQueue:
             self._skip = 0
             n -= left
 
-    def take(self, n: int) -> bytes:
+    def take(self, n: int) -> bytes | bytearray | memoryview:
         data = self.peek(0, n)
         self.drop(len(data))
         return data
@@ -200,11 +204,12 @@ class ResumableStream(trio.abc.Stream):
         while len(self._out) >= self._limit and not self._ended:
             await self._wait_change()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         while not self._in and not self._ended and not self.peer_closed:
             await self._wait_change()
         n = len(self._in) if max_bytes is None else min(max_bytes, len(self._in))
-        data = self._in.take(n)
+        taken = self._in.take(n)
+        data = bytes(taken) if isinstance(taken, memoryview) else taken
         if n:
             self._notify_change()  # room for the segment reader
         await trio.lowlevel.checkpoint()
@@ -275,11 +280,20 @@ class ResumableStream(trio.abc.Stream):
                 await trio.aclose_forcefully(transport)
 
     async def _send(
-        self, transport: trio.abc.Stream, state: dict, kind: int, offset: int, data: bytes = b""
+        self,
+        transport: trio.abc.Stream,
+        state: dict,
+        kind: int,
+        offset: int,
+        data: bytes | bytearray | memoryview = b"",
     ) -> None:
-        segment = HEADER.pack(kind, offset, len(data)) + data
-        await transport.send_all(segment)
-        self.bytes_on_transports += len(segment)
+        header = HEADER.pack(kind, offset, len(data))
+        if len(data) < SEND_APART:
+            await transport.send_all(header + data)
+        else:  # two writes cost less than copying the data behind the header
+            await transport.send_all(header)
+            await transport.send_all(data)
+        self.bytes_on_transports += len(header) + len(data)
         state["sent"] = trio.current_time()
 
     async def _write_segments(
@@ -316,15 +330,19 @@ class ResumableStream(trio.abc.Stream):
             await self._wake_writer.wait()
 
     async def _read_exactly(self, transport: trio.abc.Stream, n: int, state: dict) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            data = await transport.receive_some(n - len(buf))
+        parts = []
+        got = 0
+        while got < n:
+            data = await transport.receive_some(n - got)
             if not data:
                 raise TransportLost("the transport ended")
-            buf += data
+            parts.append(data)
+            got += len(data)
             state["heard"] = trio.current_time()
             self.bytes_on_transports += len(data)
-        return bytes(buf)
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)  # one copy (appending to a buffer made two)
 
     async def _read_segments(
         self, transport: trio.abc.Stream, resumed: trio.Event, state: dict

@@ -104,7 +104,7 @@ class Peer:
         for rid in range(1, calls_sent + 1):
             self._pending[rid] = _Pending()
         self._next_rid = calls_sent + 1
-        self._queues: list[deque[bytes]] = [deque(), deque(), deque()]
+        self._queues: list[deque[bytes | bytearray]] = [deque(), deque(), deque()]
         self._queued = 0
         self._sending = 0  # the batch the writer is handing to the stream
         self._queue_limit = queue_limit
@@ -270,7 +270,7 @@ class Peer:
                     f"held for {self._stall_timeout:g} s); giving up"
                 )
 
-    async def _enqueue(self, frame: bytes, prio: int) -> None:
+    async def _enqueue(self, frame: bytes | bytearray, prio: int) -> None:
         limit = self._limit_for(prio)
         await self._wait_room(lambda: self._queued + self._sending >= limit)
         if self._closed is not None:
@@ -279,8 +279,8 @@ class Peer:
         self._queued += len(frame)
         self._has_frames.set()
 
-    def _take_batch(self, limit: int = 1 << 20) -> bytes:
-        parts: list[bytes] = []
+    def _take_batch(self, limit: int = 1 << 20) -> bytes | bytearray:
+        parts: list[bytes | bytearray] = []
         size = 0
         for queue in self._queues:
             while queue and size < limit:
@@ -290,7 +290,7 @@ class Peer:
             if size >= limit:
                 break
         self._queued -= size
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # a chunk: not copied
 
     async def _write_loop(self) -> None:
         while True:
@@ -312,7 +312,7 @@ class Peer:
             self.bytes_sent += len(batch)
             self._room_changed()
 
-    async def _send_paced(self, batch: bytes, pacer: TokenBucket) -> None:
+    async def _send_paced(self, batch: bytes | bytearray, pacer: TokenBucket) -> None:
         """``batch`` a piece at a time, each when the bucket allows (``--bwlimit``)."""
         view = memoryview(batch)
         for start in range(0, len(batch), pacer.quantum):
