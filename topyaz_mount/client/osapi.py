@@ -20,7 +20,9 @@ calls where they are better; everything else (macOS, the BSDs, and Linux with
 - who is at the other end of the control socket: ``SO_PEERCRED`` on Linux,
   ``LOCAL_PEERCRED`` (an xucred) on macOS and the BSDs;
 - waiting for ssh to exit (a pidfd on Linux, polling elsewhere) and widening its pipes
-  (``F_SETPIPE_SZ`` exists on Linux only).
+  (``F_SETPIPE_SZ`` exists on Linux only);
+- whether the CPU has AES instructions (ciphers.py): ``/proc/cpuinfo`` on Linux; every
+  Mac has them.
 
 Callers use ``OS`` and never look at the platform themselves.
 """
@@ -108,6 +110,11 @@ class PortableCalls:
     def widen_pipe(self, fd: int, size: int) -> None:
         """Give a pipe a bigger buffer if the OS lets us choose (harmless if not)."""
 
+    def has_hardware_aes(self) -> bool:
+        """Whether this CPU has AES instructions (ciphers.py). Every Mac a supported
+        macOS runs on has them (Intel since 2010, Apple Silicon)."""
+        return True
+
 
 def _ucred_uid(sock: PeerSocket) -> int | None:
     """The peer's uid by Linux's SO_PEERCRED (a struct ucred)."""
@@ -166,6 +173,18 @@ if sys.platform == "linux":
 
         def widen_pipe(self, fd: int, size: int) -> None:
             pipes.widen(fd, size)
+
+        def has_hardware_aes(self) -> bool:
+            """The ``aes`` CPU flag (x86 ``flags``, ARM ``Features``)."""
+            try:
+                with open("/proc/cpuinfo") as f:
+                    for line in f:
+                        key, _, value = line.partition(":")
+                        if key.strip() in ("flags", "Features"):
+                            return "aes" in value.split()
+            except OSError:
+                pass
+            return False
 
 
 def choose() -> PortableCalls:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import AgentUnavailable, AuthenticationFailed, ConnectionFailed, UsageError
 from ..wire import liveness
+from .ciphers import cipher_options
 from .osapi import OS
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class SshSettings:
         # ssh takes the first value it sees for an option, so the user's come first
         # and these only fill in what the user left unset.
         for opt in self.keepalive.ssh_options():
+            argv += ["-o", opt]
+        for opt in cipher_options(self.config_file, self.options):
             argv += ["-o", opt]
         argv += ["--", self.remote.destination, command]
         return argv
