@@ -1,5 +1,6 @@
 """The stage backend's pieces that need no host: copies that are never links, the
-open-writer check, and which argument names a path in the tree."""
+open-writer check, which argument names a path in the tree, and store objects lent
+to the tree and taken back."""
 
 from __future__ import annotations
 
@@ -93,3 +94,57 @@ def test_the_stage_path_runs_without_pyfuse3():
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "pyfuse3 is not installed"
+
+
+def _store_with(tmp_path: Path, data: bytes):
+    """A content store holding ``data`` as an object; and its digest."""
+    from topyaz_mount.agent.store import ContentStore
+
+    store = ContentStore(tmp_path / "store", cap=1 << 30)
+    fd, temp = store.new_temp(len(data))
+    os.pwrite(fd, data, 0)
+    digest = store.add(temp, fd, None)
+    os.close(fd)
+    return store, digest
+
+
+def test_the_store_lends_an_object_nobody_reads_and_takes_it_back(tmp_path):
+    data = os.urandom(100_000)
+    store, digest = _store_with(tmp_path, data)
+    staged = tmp_path / "tree-file"
+    assert store.lend(digest, len(data), staged)
+    assert staged.read_bytes() == data and not store.has(digest, len(data))
+    assert store.open(digest, len(data)) is None  # lent: a session fetches it again
+    assert store.take(staged, digest, len(data))
+    fd = store.open(digest, len(data))
+    assert fd is not None
+    assert os.pread(fd, len(data) + 1, 0) == data
+    os.close(fd)
+
+
+def test_an_object_another_session_reads_is_not_lent(tmp_path):
+    data = os.urandom(100_000)
+    store, digest = _store_with(tmp_path, data)
+    reader = store.open(digest, len(data))  # holds a shared lock, as a session's open
+    assert reader is not None
+    try:
+        assert not store.lend(digest, len(data), tmp_path / "tree-file")
+        assert store.has(digest, len(data)) and not (tmp_path / "tree-file").exists()
+    finally:
+        os.close(reader)
+
+
+def test_a_taken_back_file_that_changed_unseen_is_not_served(tmp_path):
+    """take() trusts the caller's check; the first open in a session hashes it."""
+    from topyaz_mount.agent.store import ContentStore
+
+    data = os.urandom(100_000)
+    store, digest = _store_with(tmp_path, data)
+    staged = tmp_path / "tree-file"
+    assert store.lend(digest, len(data), staged)
+    with open(staged, "r+b") as f:  # a job writes into its input, size unchanged
+        f.write(b"XXXX")
+    assert store.take(staged, digest, len(data))
+    fresh = ContentStore(tmp_path / "store", cap=1 << 30)  # the next session's store
+    assert fresh.open(digest, len(data)) is None
+    assert not fresh.has(digest, len(data))  # removed as damaged

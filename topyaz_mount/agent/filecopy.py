@@ -18,18 +18,26 @@ from . import hostos
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
+def clone(src_fd: int, dst_fd: int) -> bool:
+    """Make ``dst`` a reflink of all of ``src`` where the file system has them (Linux
+    btrfs, XFS): shared extents, copy-on-write. False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError:
+        return False
+    return True
+
+
 def clone_or_copy(src_fd: int, dst_fd: int, size: int) -> None:
     """``dst`` gets the first ``size`` bytes of ``src``: a reflink where the file
-    system has one (Linux btrfs, XFS), else ``copy_file_range`` (Linux), else
-    reads and writes. Raises EIO if ``src`` holds fewer bytes."""
-    if sys.platform.startswith("linux") and os.fstat(src_fd).st_size == size:
-        import fcntl
-
-        try:
-            fcntl.ioctl(dst_fd, FICLONE, src_fd)
-            return
-        except OSError:
-            pass
+    system has one, else ``copy_file_range`` (Linux), else reads and writes. Raises
+    EIO if ``src`` holds fewer bytes."""
+    if os.fstat(src_fd).st_size == size and clone(src_fd, dst_fd):
+        return
     offset = 0
     while offset < size:
         n = 0

@@ -86,6 +86,8 @@ class CachedFile:
         self.done = trio.Event()
         self.temp: Path | None = None  # where the bytes go until they become an object
         self.expect: bytes | None = None  # the client's hash of them, if it sent one
+        self.digest: bytes | None = None  # known once they are a store object
+        self.stored = trio.Event()  # set once they are a store object, or never will be
         self.opened_by_job = False
         self.prefetched = 0  # bytes of prefetch window this entry holds until opened
         self.switched = False
@@ -97,6 +99,11 @@ class CachedFile:
             self.arrived = self.count
         if self.arrived == self.count:
             self.done.set()
+
+    async def wait_stored(self) -> bytes | None:
+        """The content's blake3 once it is a store object; None if it never will be."""
+        await self.stored.wait()
+        return self.digest
 
     @property
     def key(self) -> tuple[bytes, int, int]:
@@ -329,6 +336,8 @@ class ReadCache:
             self.store.bytes_saved += attr.size
         entry = CachedFile(self, path, attr, handle, fd, complete=True)
         entry.users = 1
+        entry.digest = digest
+        entry.stored.set()
         self._entries[entry.key] = entry
         return entry
 
@@ -377,6 +386,8 @@ class ReadCache:
             os.close(fd)
             return
         entry.switch_to(fd)
+        entry.digest = digest
+        entry.stored.set()
         self.store.misses -= 1
         self.store.hits += 1
         self.store.bytes_saved += entry.size - entry.fetched
@@ -522,6 +533,15 @@ class ReadCache:
             self._idle.move_to_end(entry.key)
             self._evict()
 
+    def let_go(self, entry: CachedFile) -> bool:
+        """Forget ``entry`` and close its fd, if nobody else uses it: the stage backend
+        then lends its store object to the tree (store.lend). False if in use."""
+        if entry.users != 1 or not entry.done.is_set():
+            return False
+        entry.users = 0
+        self._discard(entry)
+        return True
+
     def drop_path(self, path: bytes) -> None:
         """Forget cached copies of ``path`` (the client changed or removed it)."""
         for key in [k for k in self.manifest_digests if k[0] == path]:
@@ -545,7 +565,9 @@ class ReadCache:
             temp, entry.temp = entry.temp, None
             if entry.error is None and temp is not None:
                 try:
-                    await trio.to_thread.run_sync(self.store.add, temp, entry.fd, entry.expect)
+                    entry.digest = await trio.to_thread.run_sync(
+                        self.store.add, temp, entry.fd, entry.expect
+                    )
                 except OSError as e:
                     entry.fail(e)
                     return
@@ -553,6 +575,7 @@ class ReadCache:
                 self.store.discard_temp(temp)
         finally:
             self._storing -= 1
+            entry.stored.set()
         if entry.error is not None and self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
             if entry.users == 0:

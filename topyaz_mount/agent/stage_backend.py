@@ -1,14 +1,18 @@
 """The stage backend: the root as a plain directory tree, for hosts without FUSE.
 
 Before a job starts, every input its manifest names is materialized at the session
-mountpoint from the content store (a reflink where the file system has one, else a
-copy), with the chain of directories down to its working directory and the
-directories its arguments name. Transfers go through the shared read cache, so the
-window, the prefetch and the store are the FUSE backend's: warm inputs move no bytes.
+mountpoint from the content store, with the chain of directories down to its working
+directory and the directories its arguments name. Transfers go through the shared
+read cache, so the window, the prefetch and the store are the FUSE backend's: warm
+inputs move no bytes.
 
-A staged file is never a hardlink to a store object: a job that writes into an input
-would write through into the store, and the store would hand the changed bytes out
-as the old content later.
+A staged file is a reflink of its store object where the file system has them, else
+the object itself, lent: moved out of the store into the tree, and moved back when
+the session ends if the tree still holds it unchanged (a copy was a full write of
+every input on the remote disk). Never a hardlink: a job that writes into an input
+would write through into the store, which would hand the changed bytes out as the old
+content later. A lent object is simply absent from the store meanwhile (another
+session fetches it again); an object another session is reading is copied instead.
 
 Outputs are found by comparing the tree with what was staged or committed: a regular
 file that is new or changed is snapshotted into the spool and committed home through
@@ -37,7 +41,7 @@ from ..client.inputs import path_word
 from ..wire import proto
 from . import hostos, winhost
 from .backend import BackendContext
-from .filecopy import clone_or_copy
+from .filecopy import clone, clone_or_copy
 from .spool import SpoolFile
 from .store import OUTPUT_KEEP_LIMIT
 
@@ -104,8 +108,9 @@ class StageBackend:
         self.stale: set[bytes] = set()  # changed on the client since staged
         self.dirs: set[bytes] = {b""}  # directories that exist on the client too
         self.sent: dict[bytes, SpoolFile] = {}  # each path's last commit
-        # Tree files whose content is known (committed outputs): blake3, and the file
-        # as it was then. Unchanged at the session's end, they become store objects.
+        # Tree files whose content is known (committed outputs, inputs the store
+        # lent): blake3, and the file as it was then. Unchanged at the session's end,
+        # they become store objects (again).
         self.known: dict[bytes, tuple[bytes, Seen]] = {}
         self.quiet: dict[bytes, Seen] = {}  # candidates as the previous scan saw them
         self.writing: set[bytes] = set()  # a writer had these open at the last look
@@ -175,7 +180,7 @@ class StageBackend:
         """Noted, not copied: the file goes into the store when the session ends
         (``_give_to_store``), where a copy now would cost a full write of it."""
         rel = sf.path
-        if rel is not None and self.sent.get(rel) is sf and rel in self.seen:
+        if size <= OUTPUT_KEEP_LIMIT and rel is not None and self.sent.get(rel) is sf:
             self.known[rel] = (digest, self.seen[rel])
 
     def take_refused(self, job: int, *, everyone: bool) -> list[proto.Refused]:
@@ -206,14 +211,15 @@ class StageBackend:
         await trio.to_thread.run_sync(self._give_to_store)
 
     def _give_to_store(self) -> None:
-        """Move each committed output the jobs left as it was into the content store:
-        the tree is deleted next, so this costs no byte of copying (where the FUSE
-        backend copies each output as it is committed). Not before: a later command
-        of the session may still read or change it."""
+        """Move into the content store each committed output, and each input the
+        store lent, that the jobs left as it was: the tree is deleted next, so this
+        costs no byte of copying (where the FUSE backend copies each output as it is
+        committed). Not before: a later command of the session may still read or
+        change it."""
         for rel, (digest, seen) in self.known.items():
             path = self.tree / os.fsdecode(rel)
             try:
-                if seen.size > OUTPUT_KEEP_LIMIT or Seen.of(os.lstat(path)) != seen:
+                if Seen.of(os.lstat(path)) != seen:
                     continue
                 if open_for_writing_elsewhere(path):
                     continue  # a process the jobs left behind may change it yet
@@ -307,17 +313,7 @@ class StageBackend:
                 pass
         await self._ensure_dir(path.rpartition(b"/")[0])
         attr = proto.Attr(stat.S_IFREG | 0o644, e.size, e.mtime_ns, 0, 0)
-        cache = self.ctx.cache
-        cached = await cache.open(path, attr)
-        cache.job_opened(cached)
-        try:
-            await cached.wait_complete()
-            mode = (self.modes.get(path, cached.attr.mode) & 0o777) | 0o600
-            temp = await trio.to_thread.run_sync(
-                self._materialize, cached.fd, cached.size, cached.attr.mtime_ns, mode
-            )
-        finally:
-            cache.release(cached)
+        temp, lent = await self._bring(path, attr)
         # Into place and on record in one step of this thread: a scan never sees a
         # staged input that is not on record (it would take it for an output).
         try:
@@ -325,34 +321,86 @@ class StageBackend:
             st = os.lstat(target)
         except OSError:
             temp.unlink(missing_ok=True)
-            raise
+            raise  # (a lent object is lost to the store: fetched again when needed)
         self.seen[path] = Seen.of(st)
-        self.origin[path] = (cached.size, cached.attr.mtime_ns)
+        self.origin[path] = (e.size, e.mtime_ns)
+        if lent is not None:  # back to the store at the session's end, if unchanged
+            self.known[path] = (lent, self.seen[path])
+        else:
+            self.known.pop(path, None)
         self.stale.discard(path)
         self.quiet.pop(path, None)
 
-    def _materialize(self, src_fd: int, size: int, mtime_ns: int, mode: int) -> Path:
-        """A private copy of the content, with the client's mtime, beside the tree."""
-        fd = -1
+    async def _bring(self, path: bytes, attr: proto.Attr) -> tuple[Path, bytes | None]:
+        """A new file beside the tree with the content of ``path``, and the digest of
+        the store object lent for it, if one was.
+
+        A reflink of the store object where the file system has them; else the object
+        itself, lent by the store (a rename: a copy was a full write of every input on
+        the remote disk), when no other session reads it; else a copy. The content
+        was fetched into the store first if it lacked it."""
+        cache = self.ctx.cache
+        may_lend = True
+        while True:
+            cached = await cache.open(path, attr)
+            cache.job_opened(cached)
+            held = True
+            temp: Path | None = None
+            fd = -1
+            try:
+                await cached.wait_complete()
+                mode = (self.modes.get(path, cached.attr.mode) & 0o777) | 0o600
+                temp, fd = self._new_temp(mode)
+                if await trio.to_thread.run_sync(clone, cached.fd, fd):
+                    self._finish_temp(fd, temp, mode, attr.mtime_ns)
+                    return temp, None
+                digest = await cached.wait_stored() if may_lend else None
+                if digest is not None and cache.let_go(cached):
+                    held = False
+                    os.close(fd)
+                    fd = -1
+                    if await trio.to_thread.run_sync(cache.store.lend, digest, attr.size, temp):
+                        self._finish_temp(-1, temp, mode, attr.mtime_ns)
+                        return temp, digest
+                    temp.unlink(missing_ok=True)  # a session reads it: open it again, copy
+                    temp = None
+                    may_lend = False
+                    continue
+                await trio.to_thread.run_sync(clone_or_copy, cached.fd, fd, attr.size)
+                self._finish_temp(fd, temp, mode, attr.mtime_ns)
+                return temp, None
+            except BaseException:
+                if temp is not None:
+                    temp.unlink(missing_ok=True)
+                raise
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+                if held:
+                    cache.release(cached)
+
+    def _new_temp(self, mode: int) -> tuple[Path, int]:
+        """An empty file of ours beside the tree (same file system: reflinks and
+        renames work)."""
         for n in range(1000):
             temp = self.temp_dir / f"{os.getpid()}-{n}"
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | hostos.CLOEXEC, mode)
-                break
+                return temp, os.open(
+                    temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | hostos.CLOEXEC, mode
+                )
             except FileExistsError:
                 continue
-        if fd < 0:
-            raise OSError(errno.EEXIST, "no free staging name")
-        try:
-            clone_or_copy(src_fd, fd, size)
+        raise OSError(errno.EEXIST, "no free staging name")
+
+    @staticmethod
+    def _finish_temp(fd: int, temp: Path, mode: int, mtime_ns: int) -> None:
+        """The client's mode bits and mtime (``fd`` -1: by path, for a lent object)."""
+        if fd >= 0:
             hostos.fchmod(fd, temp, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
-        except OSError:
-            os.close(fd)
-            temp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return temp
+        else:
+            os.chmod(temp, mode)
+            os.utime(temp, ns=(mtime_ns, mtime_ns))
 
     # --- outputs --------------------------------------------------------------------
 

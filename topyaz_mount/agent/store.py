@@ -32,6 +32,15 @@ OUTPUT_KEEP_LIMIT = 1 << 30
 log = logging.getLogger(__name__)
 
 
+def _still_at(path: Path, st: os.stat_result) -> bool:
+    """Whether ``path`` still names the file ``st`` is of (not lent or replaced)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
 def default_cap(path: Path) -> int:
     """A sensible default: a quarter of the free space, at most 50 GiB."""
     try:
@@ -102,7 +111,11 @@ class ContentStore:
             return None
         try:
             hostos.lock(fd, exclusive=False)
-            if os.fstat(fd).st_size != size or not self._verify(fd, digest):
+            st = os.fstat(fd)
+            if not _still_at(path, st):
+                os.close(fd)  # lent to a session's tree while we waited for the lock
+                return None
+            if st.st_size != size or not self._verify(fd, digest):
                 log.warning("cache object %s is damaged; fetching it again", path.name)
                 os.close(fd)
                 self._remove(path)
@@ -169,6 +182,31 @@ class ContentStore:
         self._verified.add(digest)
         if self._add_to_total(size) + self.kept_bytes > self.cap:
             self.enforce_cap()
+
+    def lend(self, digest: bytes, size: int, dest: Path) -> bool:
+        """Move the object to ``dest`` (a stage tree's file: no byte copied, where the
+        file system has no reflink) if no session holds it open; False otherwise.
+
+        The store lacks it until ``take`` brings it back unchanged at the session's
+        end: a job that writes into its input never writes into the store."""
+        path = self.path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | hostos.CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            hostos.lock(fd, exclusive=True, wait=False)  # as eviction: nobody reads it
+            st = os.fstat(fd)
+            if st.st_size != size or not _still_at(path, st):
+                return False
+            os.replace(path, dest)
+        except OSError:  # BlockingIOError: a session reads it; it stays, a copy goes
+            return False
+        finally:
+            os.close(fd)
+        self._verified.discard(digest)
+        self._add_to_total(-size)
+        return True
 
     def take(self, path: Path, digest: bytes, size: int) -> bool:
         """Make a file whose content we know an object by moving it, no byte copied
