@@ -77,7 +77,7 @@ class KeptSession:
                 if not data:
                     break
                 hasher.update(data)
-                _write_all(out, data, offset)
+                hostos.pwrite_all(out, data, offset)
                 offset += len(data)
             os.fsync(out)
         finally:
@@ -274,14 +274,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = hostos.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _tree_size(top: Path) -> int:

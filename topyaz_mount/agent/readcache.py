@@ -181,7 +181,7 @@ class CachedFile:
             return False  # the store had this content after all; see switch_to
         if len(data) != length:
             raise OSError(errno.EIO, f"{self.path!r} changed on the client while being read")
-        hostos.pwrite(self.fd, data, offset)
+        hostos.pwrite_all(self.fd, data, offset)
         self.fetched += length
         self.cache.bytes_fetched += length
         self.have[i] = 1
