@@ -70,6 +70,14 @@ def test_parse_refuses(text):
         Remote.parse(text)
 
 
+@pytest.fixture(autouse=True)
+def no_cipher_choice(monkeypatch):
+    """The command lines here without the AES-GCM preference (tests/test_ciphers.py)."""
+    from topyaz_mount.client import ciphers
+
+    monkeypatch.setattr(ciphers.OS, "has_hardware_aes", lambda: False)
+
+
 def test_parse_refuses_option_after_leading_space():
     with pytest.raises(UsageError):
         Remote.parse(" -oProxyCommand=id")
