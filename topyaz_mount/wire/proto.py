@@ -10,9 +10,7 @@ are bytes, and pyfuse3 hands us bytes, so nothing is decoded on the way.
 
 from __future__ import annotations
 
-import itertools
 import struct
-from collections import deque
 from typing import Union
 
 import msgspec
@@ -550,82 +548,44 @@ def encode(frame: Frame) -> bytearray:
 
 
 class FrameDecoder:
-    """Turns a byte stream into frames: ``feed(data)`` then iterate ``frames()``.
-
-    The pieces fed are kept as they came, not appended to one buffer: a frame that
-    lies in one piece is decoded in place, one that spans several is joined once.
-    (One growing buffer copied every byte in, and again to drop what was decoded.)"""
+    """Turns a byte stream into frames: ``feed(data)`` then iterate ``frames()``."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._pieces: deque[bytes | bytearray | memoryview] = deque()
-        self._skip = 0  # bytes of the first piece already decoded
-        self._size = 0  # bytes buffered, past _skip
+        self._buf = bytearray()
         self._max = max_frame
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if data:
-            self._pieces.append(data)
-            self._size += len(data)
+    def feed(self, data: bytes | bytearray) -> None:
+        self._buf += data
 
     def frames(self) -> list[Frame]:
         return [frame for frame, _ in self.sized_frames()]
 
-    def _take(self, n: int) -> memoryview:
-        """The next ``n`` buffered bytes (``n`` <= what is buffered)."""
-        if not n:
-            return memoryview(b"")
-        first = memoryview(self._pieces[0])[self._skip :]
-        if len(first) >= n:
-            out = first[:n]
-            self._skip += n
-        else:
-            parts = [first]
-            got = len(first)
-            self._pieces.popleft()
-            self._skip = 0
-            while got < n:
-                piece = memoryview(self._pieces[0])
-                part = piece[: n - got]
-                parts.append(part)
-                got += len(part)
-                if len(part) == len(piece):
-                    self._pieces.popleft()
-                else:
-                    self._skip = len(part)
-            out = memoryview(b"".join(parts))
-        if self._pieces and self._skip == len(self._pieces[0]):
-            self._pieces.popleft()
-            self._skip = 0
-        self._size -= n
-        return out
-
     def sized_frames(self) -> list[tuple[Frame, int]]:
         """The complete frames buffered, each with its size on the wire."""
         out: list[tuple[Frame, int]] = []
-        while self._size >= _LEN.size:
-            (size,) = _LEN.unpack(self._peek_prefix())
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 4:
+            (size,) = _LEN.unpack_from(buf, pos)
             if size > self._max:
                 raise ProtocolError(f"peer announced a {size}-byte frame (cap {self._max})")
-            if self._size - _LEN.size < size:
+            if len(buf) - pos - 4 < size:
                 break
-            self._take(_LEN.size)
-            body = self._take(size)
+            body = memoryview(buf)[pos + 4 : pos + 4 + size]
             try:
-                out.append((_decoder.decode(body), _LEN.size + size))
+                out.append((_decoder.decode(body), 4 + size))
             except msgspec.DecodeError as e:
                 raise ProtocolError(f"malformed frame: {e}") from None
+            finally:
+                body.release()
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
         return out
-
-    def _peek_prefix(self) -> bytes:
-        first = self._pieces[0]
-        if len(first) - self._skip >= _LEN.size:
-            return bytes(first[self._skip : self._skip + _LEN.size])
-        joined = b"".join(bytes(p) for p in itertools.islice(self._pieces, 0, _LEN.size))
-        return joined[self._skip : self._skip + _LEN.size]
 
     @property
     def buffered(self) -> int:
-        return self._size
+        return len(self._buf)
 
 
 def strip_preamble(buf: bytearray, limit: int = 1 << 16) -> tuple[bool, bytes]:
