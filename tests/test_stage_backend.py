@@ -148,3 +148,11 @@ def test_a_taken_back_file_that_changed_unseen_is_not_served(tmp_path):
     fresh = ContentStore(tmp_path / "store", cap=1 << 30)  # the next session's store
     assert fresh.open(digest, len(data)) is None
     assert not fresh.has(digest, len(data))  # removed as damaged
+
+
+def test_the_reflink_probe_leaves_nothing_behind(tmp_path):
+    from topyaz_mount.agent.filecopy import reflinks_work
+
+    assert reflinks_work(tmp_path) in (True, False)  # ext4 here: False, inputs are lent
+    assert list(tmp_path.iterdir()) == []
+    assert reflinks_work(tmp_path / "missing") is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from pathlib import Path
 
 from ..wire import proto
 from . import hostos
@@ -30,6 +31,25 @@ def clone(src_fd: int, dst_fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def reflinks_work(directory: Path) -> bool:
+    """Whether the file system of ``directory`` makes reflinks (tried once, on two
+    small files of ours)."""
+    src, dst = directory / ".reflink-probe-a", directory / ".reflink-probe-b"
+    fds = []
+    try:
+        for path in (src, dst):
+            fds.append(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | hostos.CLOEXEC, 0o600))
+        os.write(fds[0], b"probe")
+        return clone(fds[0], fds[1])
+    except OSError:
+        return False
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for path in (src, dst):
+            path.unlink(missing_ok=True)
 
 
 def clone_or_copy(src_fd: int, dst_fd: int, size: int) -> None:

@@ -41,7 +41,7 @@ from ..client.inputs import path_word
 from ..wire import proto
 from . import hostos, winhost
 from .backend import BackendContext
-from .filecopy import clone, clone_or_copy
+from .filecopy import clone_or_copy, reflinks_work
 from .spool import SpoolFile
 from .store import OUTPUT_KEEP_LIMIT
 
@@ -123,12 +123,14 @@ class StageBackend:
         self._stop_watching = trio.Event()  # watchfiles' thread reads it to stop
         self.poll_every = POLL_EVERY
         self.windows = sys.platform == "win32"  # refuse names Windows cannot hold
+        self.reflinks = False  # whether the tree's file system makes them (start)
 
     # --- the seam -------------------------------------------------------------------
 
     def start(self) -> None:
         self.tree.mkdir(mode=0o700, exist_ok=True)
         self.temp_dir.mkdir(mode=0o700, exist_ok=True)
+        self.reflinks = reflinks_work(self.temp_dir)  # else inputs are lent (_bring)
         self._started = True
         self.ctx.nursery.start_soon(self._watch)
 
@@ -340,44 +342,31 @@ class StageBackend:
         the remote disk), when no other session reads it; else a copy. The content
         was fetched into the store first if it lacked it."""
         cache = self.ctx.cache
-        may_lend = True
-        while True:
-            cached = await cache.open(path, attr)
-            cache.job_opened(cached)
-            held = True
-            temp: Path | None = None
-            fd = -1
-            try:
-                await cached.wait_complete()
-                mode = (self.modes.get(path, cached.attr.mode) & 0o777) | 0o600
-                temp, fd = self._new_temp(mode)
-                if await trio.to_thread.run_sync(clone, cached.fd, fd):
-                    self._finish_temp(fd, temp, mode, attr.mtime_ns)
-                    return temp, None
-                digest = await cached.wait_stored() if may_lend else None
+        cached = await cache.open(path, attr)
+        cache.job_opened(cached)
+        held = True  # released at the end, unless let go for a lend
+        try:
+            await cached.wait_complete()
+            mode = (self.modes.get(path, cached.attr.mode) & 0o777) | 0o600
+            if not self.reflinks:
+                digest = await cached.wait_stored()
                 if digest is not None and cache.let_go(cached):
                     held = False
-                    os.close(fd)
-                    fd = -1
-                    if await trio.to_thread.run_sync(cache.store.lend, digest, attr.size, temp):
-                        self._finish_temp(-1, temp, mode, attr.mtime_ns)
-                        return temp, digest
-                    temp.unlink(missing_ok=True)  # a session reads it: open it again, copy
-                    temp = None
-                    may_lend = False
-                    continue
-                await trio.to_thread.run_sync(clone_or_copy, cached.fd, fd, attr.size)
-                self._finish_temp(fd, temp, mode, attr.mtime_ns)
-                return temp, None
-            except BaseException:
-                if temp is not None:
-                    temp.unlink(missing_ok=True)
-                raise
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-                if held:
-                    cache.release(cached)
+                    lent = await trio.to_thread.run_sync(
+                        self._lend, digest, attr.size, attr.mtime_ns, mode
+                    )
+                    if lent is not None:
+                        return lent, digest
+                    cached = await cache.open(path, attr)  # a session reads it: a copy
+                    held = True
+                    await cached.wait_complete()
+            temp = await trio.to_thread.run_sync(
+                self._materialize, cached.fd, attr.size, attr.mtime_ns, mode
+            )
+            return temp, None
+        finally:
+            if held:
+                cache.release(cached)
 
     def _new_temp(self, mode: int) -> tuple[Path, int]:
         """An empty file of ours beside the tree (same file system: reflinks and
@@ -392,15 +381,36 @@ class StageBackend:
                 continue
         raise OSError(errno.EEXIST, "no free staging name")
 
-    @staticmethod
-    def _finish_temp(fd: int, temp: Path, mode: int, mtime_ns: int) -> None:
-        """The client's mode bits and mtime (``fd`` -1: by path, for a lent object)."""
-        if fd >= 0:
+    def _materialize(self, src_fd: int, size: int, mtime_ns: int, mode: int) -> Path:
+        """A private copy of the content (a reflink where the file system has them),
+        with the client's mtime, beside the tree."""
+        temp, fd = self._new_temp(mode)
+        try:
+            clone_or_copy(src_fd, fd, size)
             hostos.fchmod(fd, temp, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
-        else:
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return temp
+
+    def _lend(self, digest: bytes, size: int, mtime_ns: int, mode: int) -> Path | None:
+        """The store object itself beside the tree, with the client's mode and mtime;
+        None if the store would not lend it."""
+        temp, fd = self._new_temp(mode)
+        os.close(fd)
+        try:
+            if not self.ctx.cache.store.lend(digest, size, temp):
+                temp.unlink(missing_ok=True)
+                return None
             os.chmod(temp, mode)
             os.utime(temp, ns=(mtime_ns, mtime_ns))
+        except OSError:
+            temp.unlink(missing_ok=True)  # (a lent object is lost to the store)
+            raise
+        return temp
 
     # --- outputs --------------------------------------------------------------------
 
